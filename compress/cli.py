@@ -1,0 +1,305 @@
+"""The `compress` command: a thin Typer layer over the Python API.
+
+Errors meant for users (CompressError) print as one line on stderr with exit code 1; Ctrl-C
+exits 130. Progress goes to stderr, results to stdout (tables, or JSON with --json).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import CompressError
+
+app = typer.Typer(help="Make large language models smaller and faster.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+models_app = typer.Typer(help="Prepare and list the packaged real models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with the model.")]
+
+
+def main() -> None:
+    app()
+
+
+def _friendly(fn):
+    """Turn user errors, Ctrl-C and out-of-memory into one line and a non-zero exit code."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except CompressError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; no partial output was left behind")
+            raise typer.Exit(130) from None
+        except MemoryError:
+            err.print("[bold red]error:[/] out of memory; use a smaller model, fewer eval windows, or a GPU")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _progress(quiet: bool):
+    from .progress import NullProgress
+    from .report import RichProgress
+
+    return NullProgress() if quiet else RichProgress(err)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _show(*tables: Table) -> None:
+    for t in tables:
+        out.print(t)
+
+
+# --- models --------------------------------------------------------------------------------
+@models_app.command("prepare")
+@_friendly
+def models_prepare(name: Annotated[str, typer.Argument(help="A packaged model name (see `compress models list`).")],
+                   quiet: Quiet = False, json_: Json = False) -> None:
+    """Build the cached Hugging Face folder of a packaged model (idempotent); print where it is."""
+    from .models import prepare, prepared_dir
+
+    existed = (prepared_dir(name) / "config.json").is_file()
+    path = prepare(name, _progress(quiet))
+    if json_:
+        _print_json({"name": name, "path": str(path), "already_prepared": existed})
+    else:
+        out.print(f"{name} {'already prepared' if existed else 'prepared'} at {path}", highlight=False)
+
+
+@models_app.command("list")
+@_friendly
+def models_list(json_: Json = False) -> None:
+    """Show the packaged models and where the prepared ones are."""
+    from .models import KNOWN_MODELS, prepared_models
+
+    rows = [{"name": n, "prepared": p is not None, "path": str(p) if p else None,
+             "description": KNOWN_MODELS[n].description} for n, p in prepared_models()]
+    if json_:
+        return _print_json(rows)
+    t = Table(title="Models")
+    for col in ("name", "prepared", "path", "description"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], "yes" if r["prepared"] else "no", r["path"] or "-", r["description"])
+    _show(t)
+
+
+# --- compressing ---------------------------------------------------------------------------
+def _run_and_report(pipeline, output: Optional[str], overwrite: bool, quiet: bool, json_: bool) -> None:
+    from .report import run_tables
+    from .runner import run
+
+    result = run(pipeline, output, overwrite, _progress(quiet or json_))
+    if json_:
+        return _print_json(result.to_dict())
+    _show(*run_tables(result))
+    if result.output:
+        out.print(f"checkpoint written to {result.output}", highlight=False)
+    else:
+        out.print("no output folder given: nothing was written", highlight=False)
+
+
+@app.command()
+@_friendly
+def quantize(
+    model: Annotated[str, typer.Argument(help="Prepared name, model folder, .gguf file or hub id.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Checkpoint folder to write.")],
+    method: Annotated[str, typer.Option(help="Quantization method (see `compress methods`).")] = "rtn",
+    bits: Annotated[int, typer.Option(help="Bits per weight, 2 to 8.")] = 4,
+    group_size: Annotated[int, typer.Option(help="Columns per scale; -1 for per-channel.")] = 128,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Grid around zero, or min/max.")] = True,
+    ignore: Annotated[Optional[list[str]], typer.Option(help="Modules to leave alone (repeatable).")] = None,
+    targets: Annotated[Optional[list[str]], typer.Option(help="Modules to quantize (repeatable).")] = None,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Run the evaluation protocol too.")] = False,
+    device: Device = "cpu",
+    trust_remote_code: TrustRemote = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Quantize a model's Linear layers and write a compressed checkpoint."""
+    from .pipeline import parse
+
+    step: dict[str, Any] = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric}
+    if ignore is not None:
+        step["ignore"] = ignore
+    if targets is not None:
+        step["targets"] = targets
+    raw = {"model": model, "device": device, "trust_remote_code": trust_remote_code, "steps": [step],
+           "output": output, **({} if evaluate else {"eval": None})}
+    _run_and_report(parse(raw, "quantize"), None, overwrite, quiet, json_)
+
+
+Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. steps.0.bits=3 (repeatable).")]
+
+
+@app.command("run")
+@_friendly
+def run_cmd(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.")],
+    set_: Sets = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Overrides the file's output.")] = None,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Run a pipeline file: load, evaluate, compress step by step, save, evaluate."""
+    from .pipeline import load_file
+
+    _run_and_report(load_file(pipeline, set_ or []), output, overwrite, quiet, json_)
+
+
+@app.command()
+@_friendly
+def validate(pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.")], set_: Sets = None,
+             json_: Json = False) -> None:
+    """Check a pipeline file without loading any model."""
+    from .pipeline import load_file
+
+    p = load_file(pipeline, set_ or [])
+    if json_:
+        return _print_json(p.model_dump(mode="json"))
+    out.print(f"{pipeline}: valid ({len(p.steps)} step(s): {', '.join(s.method for s in p.steps)}; "
+              f"model {p.model}; output {p.output or 'none'})", highlight=False)
+
+
+@app.command()
+@_friendly
+def methods(name: Annotated[Optional[str], typer.Argument(help="Show this method's fields.")] = None,
+            json_: Json = False) -> None:
+    """List the registered methods, or one method's fields with help and defaults."""
+    from .registry import method_config, methods as registered
+
+    if name is None:
+        rows = [{"name": n, "description": (c.__doc__ or "").strip().splitlines()[0],
+                 "needs_calibration": c.needs_calibration, "version": c.version} for n, c in registered().items()]
+        if json_:
+            return _print_json(rows)
+        t = Table(title="Methods")
+        for col in ("name", "description", "calibration", "version"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["name"], r["description"], "yes" if r["needs_calibration"] else "no", str(r["version"]))
+        return _show(t)
+    cls = method_config(name)
+    fields = [{"name": f, "type": _type_name(info.annotation), "default": info.get_default(call_default_factory=True),
+               "description": info.description or ""} for f, info in cls.model_fields.items() if f != "method"]
+    if json_:
+        return _print_json({"name": name, "description": (cls.__doc__ or "").strip(), "fields": fields})
+    t = Table(title=f"{name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+    for col in ("field", "type", "default", "description"):
+        t.add_column(col)
+    for f in fields:
+        t.add_row(f["name"], f["type"], repr(f["default"]), f["description"])
+    _show(t)
+
+
+def _type_name(annotation: Any) -> str:
+    from typing import Literal, get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(a) for a in get_args(annotation))
+    if get_origin(annotation) is not None:
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+# --- using checkpoints ---------------------------------------------------------------------
+@app.command("eval")
+@_friendly
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Checkpoint or model (any model reference).")],
+    base: Annotated[Optional[str], typer.Option(help="Uncompressed model to measure KL and top-1 against.")] = None,
+    data: Annotated[str, typer.Option(help="wiki, news, a text file or folder, or hf:<dataset>.")] = "wiki",
+    windows: Annotated[int, typer.Option(help="Perplexity windows.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure prefill and decode tokens/s.")] = True,
+    device: Device = "cpu",
+    trust_remote_code: TrustRemote = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Evaluate with the protocol of EVAL.md (perplexity; with --base, KL divergence and top-1 agreement)."""
+    from pydantic import ValidationError
+
+    from .commands import eval_model
+    from .evaluate import EvalConfig
+    from .pipeline import describe_error
+    from .report import eval_table
+
+    try:
+        config = EvalConfig(data=data, windows=windows, seq_len=seq_len, speed=speed)
+    except ValidationError as e:
+        raise CompressError(f"eval options: {describe_error(e, EvalConfig)}") from None
+    evals = eval_model(model, base, config, device, trust_remote_code, _progress(quiet or json_))
+    if json_:
+        return _print_json([{"model": e.label, "path": str(e.path), "disk_bytes": e.disk_bytes,
+                             "bits_per_weight": e.bits_per_weight, **e.result.to_dict()} for e in evals])
+    _show(eval_table([(e.label, e.result, e.disk_bytes, e.bits_per_weight) for e in evals],
+                     title=f"{data} on {evals[-1].result.device}"))
+
+
+@app.command()
+@_friendly
+def info(checkpoint: Annotated[str, typer.Argument(help="Compressed checkpoint folder.")], json_: Json = False) -> None:
+    """Show a checkpoint's manifest: steps, configs, versions, per-layer formats and sizes."""
+    from .commands import info as read_info
+    from .report import manifest_tables
+
+    manifest = read_info(checkpoint)
+    if json_:
+        return _print_json(manifest)
+    _show(*manifest_tables(manifest))
+
+
+@app.command()
+@_friendly
+def generate(
+    model: Annotated[str, typer.Argument(help="Checkpoint or model.")],
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    device: Device = "cpu",
+    trust_remote_code: TrustRemote = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Generate text greedily with a (compressed) model."""
+    from .commands import generate as run_generate
+
+    result = run_generate(model, prompt, max_new_tokens, chat, device, trust_remote_code, _progress(quiet or json_))
+    if json_:
+        return _print_json(result)
+    out.print(result["text"], highlight=False, markup=False)
+    err.print(f"[dim]{result['new_tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s[/]")

@@ -1,0 +1,73 @@
+"""Python API behind the CLI's evaluation and inspection commands."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from .evaluate import EvalConfig, EvalResult, evaluate
+from .loading import load_model
+from .models import is_checkpoint, resolve
+from .progress import NullProgress, Progress
+from .runner import folder_tensor_bytes
+from .sizes import size_report
+
+
+@dataclass
+class ModelEval:
+    label: str
+    path: Path
+    result: EvalResult
+    disk_bytes: int
+    bits_per_weight: float | None
+
+
+def eval_model(
+    ref: str, base: str | None, config: EvalConfig, device: str = "cpu", trust_remote_code: bool = False,
+    progress: Progress = NullProgress(),
+) -> list[ModelEval]:
+    """Evaluate `ref` (and first `base`, for KL and top-1 against it). One model in memory at a time."""
+    out = []
+    reference = None
+    for label, r in ([("base", base)] if base else []) + [("model", ref)]:
+        model, tokenizer, path = load_model(r, "float32", device, trust_remote_code, progress=progress)
+        result, kept = evaluate(model, tokenizer, config, reference=reference, keep_reference=label == "base",
+                                progress=progress, label=r)
+        reference = kept if label == "base" else reference
+        out.append(ModelEval(r, path, result, folder_tensor_bytes(path), size_report(model).bits_per_weight))
+        del model
+        gc.collect()
+    return out
+
+
+def info(ref: str) -> dict[str, Any]:
+    """The manifest of a compressed checkpoint."""
+    return checkpoint.read_manifest(resolve(ref))
+
+
+def generate(ref: str, prompt: str, max_new_tokens: int, chat: bool, device: str = "cpu",
+             trust_remote_code: bool = False, progress: Progress = NullProgress()) -> dict[str, Any]:
+    """Greedy continuation of `prompt` (wrapped in the model's chat template if `chat`)."""
+    model, tokenizer, path = load_model(ref, "float32", device, trust_remote_code, progress=progress)
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = ids.to(model.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    return {"model": ref, "compressed": is_checkpoint(path), "prompt": prompt,
+            "text": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": int(new.numel()),
+            "seconds": seconds, "tokens_per_s": new.numel() / seconds}

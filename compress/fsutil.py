@@ -1,0 +1,54 @@
+"""Output folders that appear whole or not at all."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import CompressError
+
+
+def check_output(target: Path, overwrite: bool) -> None:
+    """Fail early (before any long work) if `target` cannot be written."""
+    if target.exists() and not overwrite:
+        raise CompressError(f"output {target} already exists; choose another path or pass --overwrite")
+    if target.exists() and not target.is_dir():
+        raise CompressError(f"output {target} exists and is not a folder")
+    parent = _existing_ancestor(target.parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CompressError(f"output folder {target.parent} is not writable (no write permission on {parent})")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+@contextmanager
+def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; on success it is renamed to `target`
+    (replacing it only if `overwrite`), on failure it is removed."""
+    check_output(target, overwrite)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:
+        raise CompressError(f"cannot write output folder {target}: {e.strerror}") from None
+    try:
+        yield tmp
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(old / "previous")
+            tmp.rename(target)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Dense-to-mixture-of-experts conversion. Not implemented yet."""

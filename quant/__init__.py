@@ -1,0 +1,1 @@
+"""Quantization methods: configs, pure tensor math and the packed module format."""

@@ -1,0 +1,128 @@
+"""`QuantLinear`: a Linear layer whose weight is stored as packed low-bit integer codes.
+
+State (registered buffers, so the state dict is the checkpoint format):
+    qweight  uint8 [out, packed_row_bytes(in, bits)]       codes, bit-packed per row (packing.py)
+    scales   scale_dtype [out, n_groups]                   one scale per (row, group)
+    qzeros   uint8 [out, packed_row_bytes(n_groups, bits)] zero points, packed the same way
+                                                           (asymmetric only; absent if symmetric)
+    bias     [out] (optional), kept in the original dtype
+
+Forward is the reference path: unpack, dequantize in fp32, cast to the activation dtype, matmul.
+GPU kernels plug in behind the same state later, selected per module by `kernel`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .packing import pack_codes, packed_row_bytes, unpack_codes
+from .quantize import QuantGrid, dequantize, num_groups
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        bias: bool,
+        scale_dtype: str = "float16",
+        bias_dtype: str = "float32",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {bits}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.scale_dtype, self.bias_dtype = scale_dtype, bias_dtype
+        groups = num_groups(in_features, group_size)
+        self.register_buffer(
+            "qweight", torch.empty(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=_DTYPES[scale_dtype], device=device))
+        if symmetric:
+            self.qzeros = None
+        else:
+            self.register_buffer(
+                "qzeros", torch.empty(out_features, packed_row_bytes(groups, bits), dtype=torch.uint8, device=device)
+            )
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=_DTYPES[bias_dtype], device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_codes(
+        cls, codes: torch.Tensor, grid: QuantGrid, bias: torch.Tensor | None, scale_dtype: str
+    ) -> QuantLinear:
+        """Build from codes uint8 [out, in] on `grid` (whose scales are already representable in
+        `scale_dtype`, see quantize.cast_grid)."""
+        out, n = codes.shape
+        bias_dtype = str(bias.dtype).removeprefix("torch.") if bias is not None else "float32"
+        m = cls(n, out, grid.bits, grid.group_size, grid.symmetric, bias is not None, scale_dtype, bias_dtype,
+                device=codes.device)
+        m.qweight.copy_(pack_codes(codes, grid.bits))
+        m.scales.copy_(grid.scales)
+        if grid.zeros is not None:
+            m.qzeros.copy_(pack_codes(grid.zeros.to(torch.uint8), grid.bits))
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    # --- the reference semantics -------------------------------------------------------------
+    def grid(self) -> QuantGrid:
+        zeros = None
+        if self.qzeros is not None:
+            zeros = unpack_codes(self.qzeros, self.bits, self.scales.shape[1]).float()
+        return QuantGrid(self.bits, self.group_size, self.scales.float(), zeros)
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight [out, in] this module computes with."""
+        return dequantize(self.codes(), self.grid(), dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, w, bias)
+
+    # --- CompressedModule ----------------------------------------------------------------------
+    def format_spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "bias": self.bias is not None,
+            "scale_dtype": self.scale_dtype,
+            "bias_dtype": self.bias_dtype,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], device: torch.device | str = "meta") -> QuantLinear:
+        return cls(**spec, device=device)
+
+    def num_weights(self) -> int:
+        return self.in_features * self.out_features
+
+    def storage_bytes(self) -> int:
+        tensors = [self.qweight, self.scales] + ([self.qzeros] if self.qzeros is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def describe(self) -> str:
+        group = "per-channel" if self.group_size >= self.in_features else f"g{self.group_size}"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"

@@ -1,0 +1,98 @@
+"""Pure tensor math of uniform integer weight quantization (round-to-nearest and its grid).
+
+Shapes: a weight is [out, in]; it is split along `in` into groups of `group_size` columns
+(the last group may be shorter); each (row, group) pair has one scale and, when asymmetric,
+one integer zero point. Codes are unsigned integers in [0, 2**bits).
+
+    dequantized = (code - zero) * scale
+
+Symmetric grids use the fixed zero point 2**(bits-1) and scale = absmax / (2**(bits-1) - 1),
+so the largest magnitude is represented exactly and nothing is clipped. Asymmetric grids span
+[min(w, 0), max(w, 0)] so that zero stays representable (as in GPTQ and AWQ formats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """Per-(row, group) quantization parameters.
+
+    scales: [out, n_groups] float; zeros: [out, n_groups] integer-valued float (None if symmetric).
+    """
+
+    bits: int
+    group_size: int
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return -(-in_features // group_size)
+
+
+def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, n_groups, group_size]; a short last group is padded by repeating its
+    first column, which changes neither its min, its max nor its absmax."""
+    out, n = weight.shape
+    pad = (-n) % group_size
+    if pad:
+        last_start = n - (n % group_size)
+        filler = weight[:, last_start : last_start + 1].expand(out, pad)
+        weight = torch.cat([weight, filler], dim=1)
+    return weight.view(out, -1, group_size)
+
+
+def compute_grid(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantGrid:
+    """Min/max grid of each (row, group) of `weight` [out, in], computed in fp32."""
+    g = _grouped(weight.float(), group_size)  # [out, G, gs]
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        absmax = g.abs().amax(dim=-1)
+        scales = absmax / qmax
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        return QuantGrid(bits, group_size, scales, None)
+    lo = g.amin(dim=-1).clamp(max=0)
+    hi = g.amax(dim=-1).clamp(min=0)
+    scales = (hi - lo) / (2**bits - 1)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    zeros = torch.round(-lo / scales).clamp(0, 2**bits - 1)
+    return QuantGrid(bits, group_size, scales, zeros)
+
+
+def cast_grid(grid: QuantGrid, scale_dtype: torch.dtype) -> QuantGrid:
+    """Round scales to their storage dtype *before* codes are chosen, so that the stored
+    checkpoint dequantizes to exactly what the codes were optimised against."""
+    info = torch.finfo(scale_dtype)
+    scales = grid.scales.clamp(info.tiny, info.max).to(scale_dtype).float()  # never 0 or inf once stored
+    return QuantGrid(grid.bits, grid.group_size, scales, grid.zeros)
+
+
+def _zero_points(grid: QuantGrid) -> torch.Tensor | float:
+    return 2 ** (grid.bits - 1) if grid.zeros is None else grid.zeros.unsqueeze(-1)
+
+
+def quantize(weight: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+    """Round-to-nearest codes uint8 [out, in] of `weight` on `grid`."""
+    out, n = weight.shape
+    g = _grouped(weight.float(), grid.group_size)
+    q = torch.round(g / grid.scales.unsqueeze(-1)) + _zero_points(grid)
+    q = q.clamp(0, 2**grid.bits - 1).to(torch.uint8)
+    return q.view(out, -1)[:, :n]
+
+
+def dequantize(codes: torch.Tensor, grid: QuantGrid, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """codes uint8 [out, in] -> weight [out, in] in `dtype` (arithmetic in fp32)."""
+    out, n = codes.shape
+    g = _grouped(codes.float(), grid.group_size)
+    w = (g - _zero_points(grid)) * grid.scales.unsqueeze(-1)
+    return w.view(out, -1)[:, :n].to(dtype)
+
