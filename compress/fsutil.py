@@ -19,6 +19,8 @@ def check_output(target: Path, overwrite: bool) -> None:
     if target.exists() and not target.is_dir():
         raise CompressError(f"output {target} exists and is not a folder")
     parent = _existing_ancestor(target.parent)
+    if not parent.is_dir():
+        raise CompressError(f"cannot write output folder {target}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CompressError(f"output folder {target.parent} is not writable (no write permission on {parent})")
 

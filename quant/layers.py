@@ -3,7 +3,8 @@
 State (registered buffers, so the state dict is the checkpoint format):
     qweight  uint8 [out, packed_row_bytes(in, bits)]       codes, bit-packed per row (packing.py)
     scales   scale_dtype [out, n_groups]                   one scale per (row, group)
-    qzeros   uint8 [out, packed_row_bytes(n_groups, bits)] zero points, packed the same way
+    qzeros   uint8 [n_groups, packed_row_bytes(out, bits)] zero points, packed along `out` (rows of
+                                                           groups are short; columns of outputs are not)
                                                            (asymmetric only; absent if symmetric)
     bias     [out] (optional), kept in the original dtype
 
@@ -52,7 +53,7 @@ class QuantLinear(nn.Module):
             self.qzeros = None
         else:
             self.register_buffer(
-                "qzeros", torch.empty(out_features, packed_row_bytes(groups, bits), dtype=torch.uint8, device=device)
+                "qzeros", torch.empty(groups, packed_row_bytes(out_features, bits), dtype=torch.uint8, device=device)
             )
         if bias:
             self.register_buffer("bias", torch.empty(out_features, dtype=_DTYPES[bias_dtype], device=device))
@@ -72,7 +73,7 @@ class QuantLinear(nn.Module):
         m.qweight.copy_(pack_codes(codes, grid.bits))
         m.scales.copy_(grid.scales)
         if grid.zeros is not None:
-            m.qzeros.copy_(pack_codes(grid.zeros.to(torch.uint8), grid.bits))
+            m.qzeros.copy_(pack_codes(grid.zeros.to(torch.uint8).T, grid.bits))
         if bias is not None:
             m.bias.copy_(bias.detach())
         return m
@@ -81,7 +82,7 @@ class QuantLinear(nn.Module):
     def grid(self) -> QuantGrid:
         zeros = None
         if self.qzeros is not None:
-            zeros = unpack_codes(self.qzeros, self.bits, self.scales.shape[1]).float()
+            zeros = unpack_codes(self.qzeros, self.bits, self.out_features).T.float()  # [out, n_groups]
         return QuantGrid(self.bits, self.group_size, self.scales.float(), zeros)
 
     def codes(self) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Layout: each row is one little-endian bit stream. Code i of a row occupies bits
 [i*bits, (i+1)*bits) of the stream, byte j holds stream bits [8j, 8j+8). For 4 bits this is
 the usual "low nibble first" layout; for 2 bits four codes per byte, lowest first. Rows are
-padded with zero codes to a multiple of 8 codes, so a row of n codes takes ceil(n/8)*bits bytes.
+padded with zero codes to a multiple of 8 codes, so a row of n codes takes ceil(n/8)*bits bytes
+(8-bit rows are not padded).
 Kernels may re-pack at load time; this layout is the checkpoint format.
 """
 
@@ -15,7 +16,9 @@ CODES_PER_CHUNK = 8  # 8 codes of b bits fill exactly b bytes, for every b
 
 
 def packed_row_bytes(n: int, bits: int) -> int:
-    """Bytes one row of `n` codes takes when packed."""
+    """Bytes one row of `n` codes takes when packed (8-bit codes are stored as they are)."""
+    if bits == 8:
+        return n
     return -(-n // CODES_PER_CHUNK) * bits
 
 
@@ -42,16 +45,17 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed[:, :n]
     if 8 % bits == 0:  # 2 and 4 bits: codes never straddle a byte, so stay in uint8
-        per_byte = 8 // bits
-        shifts = torch.arange(per_byte, dtype=torch.uint8, device=packed.device) * bits
-        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        mask = (1 << bits) - 1
+        codes = torch.stack([(packed >> shift) & mask for shift in range(0, 8, bits)], dim=-1)
         return codes.reshape(rows, -1)[:, :n]
-    b = packed.to(torch.int64).view(rows, -1, bits)  # [rows, chunks, bits bytes]
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
-    stream = (b << byte_shifts).sum(dim=-1, keepdim=True)  # [rows, chunks, 1]
-    shifts = torch.arange(CODES_PER_CHUNK, dtype=torch.int64, device=packed.device) * bits
-    codes = (stream >> shifts) & ((1 << bits) - 1)  # [rows, chunks, 8]
-    return codes.to(torch.uint8).reshape(rows, -1)[:, :n]
+    # 3, 5, 6, 7 bits: code i of a chunk starts at bit i*bits and may straddle two bytes.
+    b = torch.nn.functional.pad(packed.view(rows, -1, bits).to(torch.int32), (0, 1))  # [rows, chunks, bits+1]
+    mask = (1 << bits) - 1
+    codes = []
+    for i in range(CODES_PER_CHUNK):
+        byte, shift = divmod(i * bits, 8)
+        codes.append(((b[..., byte] | (b[..., byte + 1] << 8)) >> shift) & mask)
+    return torch.stack(codes, dim=-1).to(torch.uint8).reshape(rows, -1)[:, :n]
 
 
 def _check_bits(bits: int) -> None:

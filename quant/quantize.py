@@ -6,8 +6,9 @@ one integer zero point. Codes are unsigned integers in [0, 2**bits).
 
     dequantized = (code - zero) * scale
 
-Symmetric grids use the fixed zero point 2**(bits-1) and scale = absmax / (2**(bits-1) - 1),
-so the largest magnitude is represented exactly and nothing is clipped. Asymmetric grids span
+Symmetric grids use the fixed zero point 2**(bits-1) and scale = 2*absmax / (2**bits - 1) (the GPTQ
+convention): all 2**bits levels are used, at the cost of clipping the largest positive weight by at
+most half a step. (absmax / (2**(bits-1) - 1) would waste a level: 3 of 4 levels at 2 bits.) Asymmetric grids span
 [min(w, 0), max(w, 0)] so that zero stays representable (as in GPTQ and AWQ formats).
 """
 
@@ -55,9 +56,8 @@ def compute_grid(weight: torch.Tensor, bits: int, group_size: int, symmetric: bo
     """Min/max grid of each (row, group) of `weight` [out, in], computed in fp32."""
     g = _grouped(weight.float(), group_size)  # [out, G, gs]
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
         absmax = g.abs().amax(dim=-1)
-        scales = absmax / qmax
+        scales = 2 * absmax / (2**bits - 1)
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         return QuantGrid(bits, group_size, scales, None)
     lo = g.amin(dim=-1).clamp(max=0)
@@ -90,9 +90,8 @@ def quantize(weight: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
 
 
 def dequantize(codes: torch.Tensor, grid: QuantGrid, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """codes uint8 [out, in] -> weight [out, in] in `dtype` (arithmetic in fp32)."""
+    """codes uint8 [out, in] -> weight [out, in] in `dtype` (arithmetic in fp32, in place)."""
     out, n = codes.shape
-    g = _grouped(codes.float(), grid.group_size)
-    w = (g - _zero_points(grid)) * grid.scales.unsqueeze(-1)
+    w = _grouped(codes, grid.group_size).float()  # [out, G, gs], a fresh tensor
+    w.sub_(_zero_points(grid)).mul_(grid.scales.unsqueeze(-1))
     return w.view(out, -1)[:, :n].to(dtype)
-

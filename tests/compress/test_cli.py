@@ -1,0 +1,225 @@
+"""The CLI through Typer's runner: the happy paths on the tiny model, and every bad input of the
+spine issue giving one line, a non-zero exit and nothing written."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from compress.cli import app
+
+runner = CliRunner()
+G32 = ["--group-size", "32"]
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def one_line_error(result, pattern):
+    import re
+
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "int4"
+    r = cli("quantize", tiny_dir, "-o", out, "--bits", "4", *G32, "--quiet")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_quantize_writes_checkpoint_and_reports(ckpt):
+    assert (ckpt / "compress.json").is_file() and (ckpt / "model.safetensors").is_file()
+    assert (ckpt / "tokenizer.json").is_file() and (ckpt / "config.json").is_file()
+
+
+def test_quantize_json(tiny_dir, tmp_path):
+    r = cli("quantize", tiny_dir, "-o", tmp_path / "o", "--bits", "3", *G32, "--asymmetric", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["steps"][0]["formats"] == ["int3 g32 asym"] and data["steps"][0]["modules"] == 14
+
+
+def test_info(ckpt):
+    r = cli("info", ckpt, "--json")
+    assert r.exit_code == 0
+    manifest = json.loads(r.stdout)
+    assert manifest["steps"][0]["config"]["bits"] == 4 and len(manifest["modules"]) == 14
+    r = cli("info", ckpt)
+    assert "model.layers.1.mlp.down_proj" in r.stdout and "int4 g32 sym" in r.stdout
+
+
+def test_eval_against_base(ckpt, tiny_dir):
+    r = cli("eval", ckpt, "--base", tiny_dir, "--windows", 2, "--seq-len", 32, "--no-speed", "--json")
+    assert r.exit_code == 0, r.output
+    base, model = json.loads(r.stdout)
+    assert base["kl"] is None and model["kl"] > 0 and model["bits_per_weight"] == pytest.approx(4.5)
+    assert model["disk_bytes"] < base["disk_bytes"]
+
+
+def test_eval_table(ckpt):
+    r = cli("eval", ckpt, "--windows", 2, "--seq-len", 32, "--no-speed", "--quiet")
+    assert r.exit_code == 0 and "perplexity" in r.stdout
+
+
+def test_generate(ckpt):
+    r = cli("generate", ckpt, "The fire", "--max-new-tokens", 5, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["new_tokens"] == 5
+
+
+def test_methods():
+    r = cli("methods")
+    assert r.exit_code == 0 and "rtn" in r.stdout
+    r = cli("methods", "rtn", "--json")
+    fields = {f["name"]: f for f in json.loads(r.stdout)["fields"]}
+    assert fields["bits"]["default"] == 4 and "2 to 8" in fields["bits"]["description"]
+    one_line_error(cli("methods", "gptqq"), "unknown method 'gptqq'")
+
+
+def write_pipeline(tmp_path, tiny_dir, **extra):
+    import yaml
+
+    raw = {"model": str(tiny_dir), "steps": [{"method": "rtn", "bits": 4, "group_size": 32}],
+           "eval": {"windows": 2, "seq_len": 32, "fidelity_windows": 1, "speed": False}, **extra}
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    return f
+
+
+def test_run_with_overrides(tmp_path, tiny_dir):
+    f = write_pipeline(tmp_path, tiny_dir)
+    r = cli("run", f, "--set", "steps.0.bits=3", "-o", tmp_path / "o", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["steps"][0]["formats"] == ["int3 g32 sym"] and data["compressed"]["kl"] > 0
+    assert (tmp_path / "o" / "compress.json").is_file()
+
+
+def test_run_table(tmp_path, tiny_dir):
+    r = cli("run", write_pipeline(tmp_path, tiny_dir), "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "KL vs base" in r.stdout and "nothing was written" in r.stdout
+
+
+def test_validate(tmp_path, tiny_dir):
+    r = cli("validate", write_pipeline(tmp_path, tiny_dir))
+    assert r.exit_code == 0 and "valid" in r.stdout
+
+
+def test_models_list():
+    r = cli("models", "list", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)[0]["name"] == "smollm2-135m"
+
+
+# --- bad input: one line, non-zero exit, nothing written ----------------------------------------
+def assert_nothing_written(folder):
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "model, pattern",
+    [
+        ("/no/such/model", "model path /no/such/model does not exist"),
+        ("./missing-folder", "model path ./missing-folder does not exist"),
+        ("llama-7b", "unknown model 'llama-7b': not a prepared name"),
+        ("compress-tests/no-such-model", "cannot download 'compress-tests/no-such-model'|does not exist on the"),
+    ],
+)
+def test_bad_model_arguments(tmp_path, model, pattern):
+    out = tmp_path / "out"
+    one_line_error(cli("quantize", model, "-o", out), pattern)
+    assert_nothing_written(tmp_path)
+
+
+def test_folder_without_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    one_line_error(cli("quantize", tmp_path / "empty", "-o", tmp_path / "o"), "has no config.json")
+
+
+def test_pickle_checkpoint_refused_unless_opted_in(tiny_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, src)
+    state = AutoModelForCausalLM.from_pretrained(src).state_dict()
+    (src / "model.safetensors").unlink()
+    torch.save(state, src / "pytorch_model.bin")
+    one_line_error(cli("quantize", src, "-o", tmp_path / "o", *G32), r"only pickle weights .* --allow-pickle")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--method", "rtm"], r"steps\[0\]\.method: unknown method 'rtm'.*did you mean 'rtn'"),
+        (["--bits", "9"], r"steps\[0\]\.bits: Input should be less than or equal to 8 \(got 9\)"),
+        (["--bits", "1"], r"steps\[0\]\.bits: Input should be greater than or equal to 2"),
+        (["--group-size", "128"], r"group size 128 cannot apply to model.layers.0.self_attn.q_proj \(Linear 64 -> 64\)"),
+        (["--group-size", "3"], r"group_size: .*-1 \(per-channel\) or at least 8"),
+        (["--targets", "gate_prj"], "target 'gate_prj' matches no module"),
+    ],
+)
+def test_bad_quantize_settings(tiny_dir, tmp_path, extra, pattern):
+    out = tmp_path / "out"
+    one_line_error(cli("quantize", tiny_dir, "-o", out, *extra), pattern)
+    assert_nothing_written(tmp_path)
+
+
+def test_bad_pipeline_files(tmp_path, tiny_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\nsteps:\n  - method: rtn\n   bits: 3\n")
+    one_line_error(cli("run", bad), r"bad.yaml:4:4: malformed YAML")
+    one_line_error(cli("validate", bad), r"bad.yaml:4:4: malformed YAML")
+    f = write_pipeline(tmp_path, tiny_dir)
+    one_line_error(cli("run", f, "--set", "steps.0.bitz=3"), r"steps\[0\]\.bitz: unknown key .*did you mean 'bits'")
+    one_line_error(cli("run", tmp_path / "nope.yaml"), "pipeline file .*nope.yaml does not exist")
+
+
+def test_existing_output_refused_before_work(ckpt, tiny_dir):
+    before = (ckpt / "model.safetensors").read_bytes()
+    one_line_error(cli("quantize", tiny_dir, "-o", ckpt, *G32), r"already exists; choose another path or pass --overwrite")
+    assert (ckpt / "model.safetensors").read_bytes() == before
+
+
+def test_overwrite_replaces(tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    assert cli("quantize", tiny_dir, "-o", out, "--bits", "8", *G32, "-q").exit_code == 0
+    assert cli("quantize", tiny_dir, "-o", out, "--bits", "2", *G32, "-q", "--overwrite").exit_code == 0
+    assert json.loads((out / "compress.json").read_text())["steps"][0]["config"]["bits"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporary folders left
+
+
+def test_unwritable_output(tiny_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    one_line_error(cli("quantize", tiny_dir, "-o", blocker / "out", *G32), r"cannot write output folder .*file/out")
+    one_line_error(cli("quantize", tiny_dir, "-o", "/proc/compress-out", *G32), r"output folder|cannot write")
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    ("truncate", r"model.safetensors is truncated or corrupt"),
+    ("delete", r"has no weight files"),
+    ("version", r"manifest version 7; this compress reads version 1"),
+])
+def test_damaged_checkpoints(ckpt, tmp_path, damage, pattern):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    f = bad / "model.safetensors"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:1000])
+    elif damage == "delete":
+        f.unlink()
+    else:
+        m = json.loads((bad / "compress.json").read_text())
+        (bad / "compress.json").write_text(json.dumps({**m, "version": 7}))
+    for cmd in (["eval", bad, "--windows", 1, "--no-speed"], ["generate", bad, "hi"]):
+        one_line_error(cli(*cmd), pattern)
