@@ -136,9 +136,11 @@ def quantize(
     model: Annotated[str, typer.Argument(help="Prepared name, model folder, .gguf file or hub id.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Checkpoint folder to write.")],
     method: Annotated[str, typer.Option(help="Quantization method (see `compress methods`).")] = "rtn",
-    bits: Annotated[int, typer.Option(help="Bits per weight, 2 to 8.")] = 4,
-    group_size: Annotated[int, typer.Option(help="Columns per scale; -1 for per-channel.")] = 128,
-    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Grid around zero, or min/max.")] = True,
+    bits: Annotated[Optional[int], typer.Option(help="Bits per weight, 2 to 8 [method's default: 4].")] = None,
+    group_size: Annotated[Optional[int], typer.Option(
+        help="Columns per scale; -1 for per-channel [method's default: 128].")] = None,
+    symmetric: Annotated[Optional[bool], typer.Option(
+        "--symmetric/--asymmetric", help="Grid around zero, or min/max [method's default: symmetric].")] = None,
     ignore: Annotated[Optional[list[str]], typer.Option(help="Modules to leave alone (repeatable).")] = None,
     targets: Annotated[Optional[list[str]], typer.Option(help="Modules to quantize (repeatable).")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Run the evaluation protocol too.")] = False,
@@ -148,14 +150,15 @@ def quantize(
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
-    """Quantize a model's Linear layers and write a compressed checkpoint."""
+    """Quantize a model's Linear layers and write a compressed checkpoint.
+
+    Options left out take the method's defaults (`compress methods METHOD`); calibrated methods
+    use the protocol's calibration data (news, 64 x 512 tokens).
+    """
     from .pipeline import parse
 
-    step: dict[str, Any] = {"method": method, "bits": bits, "group_size": group_size, "symmetric": symmetric}
-    if ignore is not None:
-        step["ignore"] = ignore
-    if targets is not None:
-        step["targets"] = targets
+    given = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "ignore": ignore, "targets": targets}
+    step: dict[str, Any] = {"method": method, **{k: v for k, v in given.items() if v is not None}}
     raw = {"model": model, "device": device, "trust_remote_code": trust_remote_code, "steps": [step],
            "output": output, **({} if evaluate else {"eval": None})}
     _run_and_report(parse(raw, "quantize"), None, overwrite, quiet, json_)

@@ -37,6 +37,10 @@ class CalibrationConfig(BaseModel):
     text_field: str = Field("text", description="Text column of an hf: dataset.")
     samples: int = Field(64, ge=1, description="Number of calibration sequences.")
     seq_len: int = Field(512, ge=2, description="Tokens per calibration sequence.")
+    layers: str | None = Field(
+        None, description="The decoder layers, when they cannot be found automatically: their class name or a "
+        "'re:' pattern of their module names.",
+    )
 
 
 class Pipeline(BaseModel):
@@ -115,8 +119,9 @@ def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def load_file(path: Path, overrides: list[str] = ()) -> Pipeline:
+def load_file(path: str | Path, overrides: list[str] = ()) -> Pipeline:
     """Read, override (`key.path=value`) and validate a pipeline YAML file."""
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -16,12 +16,14 @@ import torch
 from torch import nn
 
 from . import checkpoint, targets
+from .calibration import CalibratedStep, calibrate
+from .data import load_text, token_windows
 from .errors import CompressError
 from .evaluate import EvalResult, evaluate
 from .fsutil import check_output
 from .interfaces import MethodConfig
-from .loading import load_model
-from .pipeline import Pipeline
+from .loading import load_model, pick_device
+from .pipeline import CalibrationConfig, Pipeline
 from .progress import NullProgress, Progress
 from .sizes import SizeReport, dense_weight_bytes, size_report
 
@@ -127,7 +129,7 @@ def run(
             progress=progress, label="base model",
         )
     base_size = size_report(model)
-    reports = [apply_step(model, step, i, progress) for i, step in enumerate(pipeline.steps)]
+    reports = compress_model(model, tokenizer, pipeline, progress)
     manifest: dict[str, Any] = {}
     disk_bytes = None
     if target is not None:
@@ -151,6 +153,66 @@ def run(
     )
 
 
+def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Progress = NullProgress()
+                   ) -> list[StepReport]:
+    """Apply the pipeline's steps in order. Consecutive calibrated steps share one layer-by-layer
+    pass (each layer: step after step, then the layer's compressed outputs feed the next)."""
+    reports: list[StepReport] = []
+    indexed = list(enumerate(pipeline.steps))
+    while indexed:
+        calibrated = type(indexed[0][1]).needs_calibration
+        n = next((k for k, (_, s) in enumerate(indexed) if type(s).needs_calibration != calibrated), len(indexed))
+        group, indexed = indexed[:n], indexed[n:]
+        if calibrated:
+            reports += apply_calibrated_steps(model, tokenizer, group, pipeline, progress)
+        else:
+            reports += [apply_step(model, step, i, progress) for i, step in group]
+    return reports
+
+
+def calibration_samples(tokenizer, config: CalibrationConfig, model_config) -> torch.Tensor:
+    """The calibration token windows [samples, seq_len]; refuses lengths the model cannot take."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and config.seq_len > limit:
+        raise CompressError(
+            f"calibration.seq_len {config.seq_len} is above the model's limit of {limit} positions "
+            "(max_position_embeddings); use a shorter seq_len"
+        )
+    text = load_text(config.data, config.split, config.text_field)
+    return token_windows(tokenizer, text, config.samples, config.seq_len, f"calibration data '{config.data}'")
+
+
+def apply_calibrated_steps(model: nn.Module, tokenizer, group: list[tuple[int, MethodConfig]], pipeline: Pipeline,
+                           progress: Progress = NullProgress()) -> list[StepReport]:
+    """Run calibrated steps through the layer-by-layer engine; report and verify each."""
+    samples = calibration_samples(tokenizer, pipeline.calibration, model.config)
+    claimed: set[str] = set()
+    steps = []
+    for index, step in group:
+        where = f"steps[{index}] ({step.method})"
+        names = [n for n in targets.resolve(model, step.targets, step.ignore, step.supported_modules, where)
+                 if n not in claimed]
+        if not names:
+            raise CompressError(f"{where}: every module it targets is already taken by an earlier step")
+        claimed.update(names)
+        steps.append(CalibratedStep(index, step, step.build(), names))
+    changes: dict[int, list[ModuleChange]] = {s.index: [] for s in steps}
+
+    def on_compressed(step: CalibratedStep, name: str, old: nn.Module, new: nn.Module) -> None:
+        changes[step.index].append(_measure(name, old, new))
+        _untie_if_shared(model, name)
+        model.set_submodule(name, new)
+
+    seconds = calibrate(model, steps, samples, pick_device(pipeline.device), on_compressed,
+                        pipeline.calibration.layers, progress)
+    reports = []
+    for s in steps:
+        _verify(f"steps[{s.index}] ({s.config.method})", changes[s.index])
+        reports.append(StepReport(s.index, s.config.method, s.config.model_dump(mode="json"), changes[s.index],
+                                  seconds[s.index]))
+    return reports
+
+
 @torch.no_grad()
 def apply_step(model: nn.Module, step: MethodConfig, index: int, progress: Progress = NullProgress()) -> StepReport:
     """Compress the modules `step` targets, in place in `model`; report and verify the effect."""
@@ -167,13 +229,18 @@ def apply_step(model: nn.Module, step: MethodConfig, index: int, progress: Progr
             _untie_if_shared(model, name)
             model.set_submodule(name, new)
             advance(1)
+    _verify(where, changes)
+    return StepReport(index, step.method, step.model_dump(mode="json"), changes, time.perf_counter() - start)
+
+
+def _verify(where: str, changes: list[ModuleChange]) -> None:
+    """A step must have an effect on every module it was given."""
     unchanged = [c.name for c in changes if c.bytes_after == c.bytes_before and c.rel_error == 0.0]
     if unchanged:
         raise CompressError(
             f"{where}: changed nothing in {len(unchanged)} module(s), e.g. {unchanged[0]}; "
             "check the step's settings (a step must have an effect)"
         )
-    return StepReport(index, step.method, step.model_dump(mode="json"), changes, time.perf_counter() - start)
 
 
 def _measure(name: str, old: nn.Module, new: nn.Module) -> ModuleChange:

@@ -127,3 +127,73 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"
+
+
+class FP8Linear(nn.Module):
+    """A Linear layer whose weight is stored in float8 e4m3 with one scale per output channel.
+
+    State:
+        weight_fp8  float8_e4m3fn [out, in]   weight / scale, rounded to e4m3 (max 448)
+        scales      scale_dtype [out, 1]      per-output-channel absmax / 448
+        bias        [out] (optional)
+
+    Forward is the reference path: upcast, rescale in fp32, cast to the activation dtype, matmul.
+    """
+
+    E4M3_MAX = 448.0
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scale_dtype: str = "float32",
+                 bias_dtype: str = "float32", device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scale_dtype, self.bias_dtype = scale_dtype, bias_dtype
+        self.register_buffer("weight_fp8", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn,
+                                                       device=device))
+        self.register_buffer("scales", torch.empty(out_features, 1, dtype=_DTYPES[scale_dtype], device=device))
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=_DTYPES[bias_dtype], device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, scale_dtype: str) -> FP8Linear:
+        """Quantize weight [out, in] per output channel (the scales are rounded to their storage dtype first)."""
+        out, n = weight.shape
+        bias_dtype = str(bias.dtype).removeprefix("torch.") if bias is not None else "float32"
+        m = cls(n, out, bias is not None, scale_dtype, bias_dtype, device=weight.device)
+        info = torch.finfo(_DTYPES[scale_dtype])
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1, keepdim=True) / cls.E4M3_MAX).clamp(info.tiny, info.max)
+        scales = scales.to(_DTYPES[scale_dtype]).float()
+        m.weight_fp8.copy_((w / scales).clamp(-cls.E4M3_MAX, cls.E4M3_MAX).to(torch.float8_e4m3fn))
+        m.scales.copy_(scales)
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight_fp8.float() * self.scales.float()).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+
+    def format_spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "scale_dtype": self.scale_dtype, "bias_dtype": self.bias_dtype}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], device: torch.device | str = "meta") -> FP8Linear:
+        return cls(**spec, device=device)
+
+    def num_weights(self) -> int:
+        return self.in_features * self.out_features
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight_fp8, self.scales))
+
+    def describe(self) -> str:
+        return "fp8 e4m3 per-channel"
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"

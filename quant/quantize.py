@@ -80,12 +80,17 @@ def _zero_points(grid: QuantGrid) -> torch.Tensor | float:
     return 2 ** (grid.bits - 1) if grid.zeros is None else grid.zeros.unsqueeze(-1)
 
 
+def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """The one rounding rule every method shares: codes (as float) of values `w` on a grid, all
+    broadcast together (e.g. w [out, G, gs] with scales [out, G, 1], or one column w [out])."""
+    return (torch.round(w / scales) + zero_points).clamp(0, 2**bits - 1)
+
+
 def quantize(weight: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     """Round-to-nearest codes uint8 [out, in] of `weight` on `grid`."""
     out, n = weight.shape
     g = _grouped(weight.float(), grid.group_size)
-    q = torch.round(g / grid.scales.unsqueeze(-1)) + _zero_points(grid)
-    q = q.clamp(0, 2**grid.bits - 1).to(torch.uint8)
+    q = round_to_grid(g, grid.scales.unsqueeze(-1), _zero_points(grid), grid.bits).to(torch.uint8)
     return q.view(out, -1)[:, :n]
 
 

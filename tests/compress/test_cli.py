@@ -166,6 +166,8 @@ def test_pickle_checkpoint_refused_unless_opted_in(tiny_dir, tmp_path):
         (["--group-size", "128"], r"group size 128 cannot apply to model.layers.0.self_attn.q_proj \(Linear 64 -> 64\)"),
         (["--group-size", "3"], r"group_size: .*-1 \(per-channel\) or at least 8"),
         (["--targets", "gate_prj"], "target 'gate_prj' matches no module"),
+        (["--method", "fp8", "--bits", "4"], r"steps\[0\]\.bits: unknown key \(valid keys: method, targets, ignore, "
+                                             r"scale_dtype\)"),
     ],
 )
 def test_bad_quantize_settings(tiny_dir, tmp_path, extra, pattern):

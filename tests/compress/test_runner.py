@@ -9,10 +9,13 @@ from compress.errors import CompressError
 from compress.registry import methods
 
 X = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(1))
+TINY_CALIBRATION = {"samples": 4, "seq_len": 32}
 TINY_EVAL = {"windows": 2, "seq_len": 32, "fidelity_windows": 1, "speed": False}
 
-# Per-method step settings that apply to the tiny model (hidden 64, intermediate 96).
-STEP_SETTINGS = {"rtn": {"bits": 3, "group_size": 32}}
+# Per-method step settings that apply to the tiny model (hidden 64, intermediate 96), and the
+# largest fraction of the float32 layers' bytes the compressed layers may take.
+STEP_SETTINGS = {"rtn": ({"bits": 3, "group_size": 32}, 0.11), "fp8": ({}, 0.27),
+                 "gptq": ({"bits": 3, "group_size": 32}, 0.11)}
 
 
 def test_every_method_has_matrix_settings():
@@ -24,17 +27,19 @@ def test_method_runs_saves_reloads_identically(method, tiny_dir, tmp_path):
     from compress import checkpoint
     from compress.loading import load_model
     from compress.pipeline import parse
-    from compress.runner import apply_step
+    from compress.runner import compress_model
 
-    step = {"method": method, **STEP_SETTINGS[method]}
-    result = compress.run({"model": str(tiny_dir), "steps": [step], "eval": TINY_EVAL, "output": str(tmp_path / "a")})
+    settings, max_ratio = STEP_SETTINGS[method]
+    step = {"method": method, **settings}
+    result = compress.run({"model": str(tiny_dir), "steps": [step], "calibration": TINY_CALIBRATION,
+                           "eval": TINY_EVAL, "output": str(tmp_path / "a")})
     report = result.steps[0]
-    assert len(report.modules) == 14 and report.bytes_after < report.bytes_before / 4
+    assert len(report.modules) == 14 and report.bytes_after < report.bytes_before * max_ratio
     assert result.eval.kl > 0 and result.base_eval.kl is None
     assert compress.load(tmp_path / "a") is not None
 
-    model, _, _ = load_model(str(tiny_dir))
-    apply_step(model, parse({"model": "x", "steps": [step]}).steps[0], 0)
+    model, tokenizer, _ = load_model(str(tiny_dir))
+    compress_model(model, tokenizer, parse({"model": "x", "steps": [step], "calibration": TINY_CALIBRATION}))
     checkpoint.save(model, None, tmp_path / "b", {}, False)
     with torch.no_grad():
         expected = model(X).logits

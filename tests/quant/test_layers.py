@@ -4,7 +4,12 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.quant.layers import QuantLinear
-from compress.quant.rtn import RTNConfig, quantize_linear
+from compress.quant.rtn import RTNConfig
+
+
+def quantize_linear(name, linear, bits, group_size, symmetric, scale_dtype):
+    config = RTNConfig(bits=bits, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
+    return config.build().compress(name, linear)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -1,0 +1,89 @@
+"""The quantization quality table: every method x bits on one model, with the EVAL.md protocol.
+
+Each compression runs as its own `compress quantize` process under /usr/bin/time -v (wall time
+and peak resident memory of the run itself); then the base model is evaluated once (keeping its
+reference distributions) and every checkpoint is scored against it: perplexity, KL, top-1,
+bits per weight. Prints one JSON line per row, then a markdown table.
+
+    python benchmarks/quant_table.py                          # smollm2-135m, rtn/gptq at 3/4/8 bits + fp8
+    python benchmarks/quant_table.py --methods gptq --bits 4 --out /tmp/qt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from compress.evaluate import EvalConfig, evaluate
+from compress.loading import load_model
+from compress.sizes import size_report
+
+
+def timed_quantize(model: str, method: str, bits: int | None, group_size: int, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "compress", "quantize", model, "-o", str(out), "--method", method,
+           "--overwrite", "--quiet", "--json"]
+    if bits is not None:
+        cmd += ["--bits", str(bits), "--group-size", str(group_size), "--symmetric"]
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
+    seconds = sum(float(p) * 60**i for i, p in enumerate(reversed(wall.split(":"))))
+    return {"run_seconds": seconds, "peak_rss_mb": peak_kb / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    ap.add_argument("--bits", nargs="+", type=int, default=[3, 4, 8])
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="add an fp8 row")
+    ap.add_argument("--out", type=Path, default=Path("out/quant_table"))
+    args = ap.parse_args()
+
+    rows = [(m, b) for b in args.bits for m in args.methods] + ([("fp8", None)] if args.fp8 else [])
+    runs = {}
+    for method, bits in rows:
+        out = args.out / f"{method}{bits or ''}"
+        runs[(method, bits)] = {"path": out, **timed_quantize(args.model, method, bits, args.group_size, out)}
+        print(f"# compressed {method} {bits or ''}: {runs[(method, bits)]['run_seconds']:.0f} s", file=sys.stderr)
+
+    config = EvalConfig(speed=False)
+    model, tokenizer, _ = load_model(args.model)
+    base, reference = evaluate(model, tokenizer, config, keep_reference=True)
+    del model
+    results = [{"method": "none", "bits": None, "perplexity": base.perplexity, "kl": 0.0, "top1": 1.0}]
+    print(json.dumps(results[0]), flush=True)
+    for (method, bits), run in runs.items():
+        start = time.perf_counter()
+        model, tokenizer, _ = load_model(str(run["path"]))
+        result, _ = evaluate(model, tokenizer, config, reference=reference)
+        row = {"method": method, "bits": bits, "group_size": args.group_size if bits else None,
+               "perplexity": result.perplexity, "kl": result.kl, "top1": result.top1,
+               "bits_per_weight": size_report(model).bits_per_weight,
+               "run_seconds": run["run_seconds"], "peak_rss_mb": run["peak_rss_mb"]}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+        del model
+        print(f"# evaluated {method} {bits or ''} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+    print("\n| method | bits | perplexity | KL vs base | top-1 | bits/weight | run time | peak memory |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        if r["method"] == "none":
+            print(f"| uncompressed (fp32) | 32 | {r['perplexity']:.3f} | - | - | 32 | - | - |")
+            continue
+        bits = r["bits"] if r["bits"] else "8 (e4m3)"
+        print(f"| {r['method']} | {bits} | {r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1'] * 100:.2f}% | "
+              f"{r['bits_per_weight']:.3f} | {r['run_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The layer-by-layer calibration engine that every data-driven method runs through.
+
+1. Find the decoder layers without naming model attributes: modules of the classes the model
+   declares unsplittable (`_no_split_modules`), else the longest ModuleList of repeated blocks,
+   or the pipeline's `calibration.layers` override.
+2. Capture the first layer's inputs for every calibration sample, with all keyword arguments
+   (attention mask, position embeddings, cache flags), by a pre-hook that stops the forward.
+3. For each layer: move it to the compute device; for each calibrated step, attach observers
+   (forward hooks owned by the engine) to the step's modules in this layer, run every captured
+   input through the layer, and let the step compress those modules; then re-run the layer so
+   the next layer sees the *compressed* layer's outputs; move it back.
+
+Only one layer's weights and the activations in flight are on the compute device; the captured
+activations are kept on the offload device (CPU), one [1, seq_len, hidden] tensor per sample.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CompressError
+from .interfaces import MethodConfig
+from .progress import NullProgress, Progress
+from .targets import select
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: nothing past the first decoder layer needs to run."""
+
+
+@dataclass
+class LayerCall:
+    """The inputs of one decoder-layer call: hidden states [1, seq, hidden] plus everything else."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    def to(self, device: torch.device) -> LayerCall:
+        return LayerCall(_move(self.args, device), _move(self.kwargs, device))
+
+    def with_hidden(self, hidden: torch.Tensor) -> LayerCall:
+        if self.args:
+            return LayerCall((hidden, *self.args[1:]), self.kwargs)
+        return LayerCall(self.args, {**self.kwargs, "hidden_states": hidden})
+
+
+def _move(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_move(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_move(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
+
+
+def find_layers(model: nn.Module, override: str | None = None) -> list[tuple[str, nn.Module]]:
+    """The decoder layers, in execution order, as (name, module)."""
+    if override:
+        names = select(model, [override], [], (nn.Module,)).names
+        layers = [(n, model.get_submodule(n)) for n in names if not any(n.startswith(o + ".") for o in names)]
+        if not layers:
+            raise CompressError(f"calibration.layers '{override}' matches no module of the model")
+        return layers
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ in classes]
+    if layers:
+        return layers
+    lists = [(n, m) for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1]
+    if lists:
+        name, longest = max(lists, key=lambda item: len(item[1]))
+        return [(f"{name}.{i}", layer) for i, layer in enumerate(longest)]
+    raise CompressError(
+        f"cannot find the decoder layers of {type(model).__name__}: looked for modules of the classes in "
+        f"_no_split_modules ({sorted(classes) or 'none declared'}) and for a ModuleList of repeated blocks; "
+        "set calibration.layers to the layer class name or a 're:' pattern of their names"
+    )
+
+
+def _place_outside_layers(model: nn.Module, layer_names: list[str], device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside a decoder layer to `device`."""
+    prefixes = tuple(n + "." for n in layer_names)
+    for name, module in model.named_modules():
+        if name in layer_names or name.startswith(prefixes):
+            continue
+        module._apply(lambda t: t.to(device), recurse=False)
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, first_layer: nn.Module, samples: torch.Tensor, device: torch.device,
+                   offload: torch.device) -> list[LayerCall]:
+    """Inputs of `first_layer` for each sample of `samples` [n, seq_len], kept on `offload`."""
+    calls: list[LayerCall] = []
+
+    def hook(_module, args, kwargs):
+        calls.append(LayerCall(args, kwargs).to(offload))
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for sample in samples:
+            try:
+                model(input_ids=sample[None].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return calls
+
+
+@dataclass
+class CalibratedStep:
+    """A calibrated step ready to run: its config, compressor and the module names it targets."""
+
+    index: int
+    config: MethodConfig
+    compressor: Any  # has observe(name, module, x) and compress(name, module)
+    names: list[str]
+
+
+def _call(layer: nn.Module, call: LayerCall, device: torch.device) -> torch.Tensor:
+    c = call.to(device)
+    out = layer(*c.args, **c.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    steps: list[CalibratedStep],
+    samples: torch.Tensor,
+    device: torch.device,
+    on_compressed: Callable[[CalibratedStep, str, nn.Module, nn.Module], None],
+    layers_override: str | None = None,
+    progress: Progress = NullProgress(),
+) -> dict[int, float]:
+    """Run `steps` layer by layer over `samples` [n, seq_len]; return seconds spent per step index.
+
+    `on_compressed(step, name, old, new)` is called for every module replaced (the runner measures
+    it and swaps it in).
+    """
+    offload = torch.device("cpu")  # where captured activations wait between layers
+    home = next(model.parameters()).device  # where layers go back to
+    layers = find_layers(model, layers_override)
+    layer_names = [n for n, _ in layers]
+    prefixes = tuple(n + "." for n in layer_names)
+    for step in steps:
+        outside = [n for n in step.names if not n.startswith(prefixes)]
+        if outside:
+            raise CompressError(
+                f"steps[{step.index}] ({step.config.method}): {outside[0]} is outside the decoder layers, where "
+                "calibrated methods work; add it to ignore (or quantize it with a data-free step)"
+            )
+    _place_outside_layers(model, layer_names, device)
+    calls = capture_inputs(model, layers[0][1], samples, device, offload)
+    seconds = {s.index: 0.0 for s in steps}
+    with progress.task("Calibrating layers", total=len(layers)) as advance:
+        for layer_name, layer in layers:
+            layer.to(device)
+            for step in steps:
+                start = time.perf_counter()
+                names = [n for n in step.names if n.startswith(layer_name + ".")]
+                if names:
+                    _observe_and_compress(model, layer, step, names, calls, device, on_compressed)
+                seconds[step.index] += time.perf_counter() - start
+            calls = [c.with_hidden(_call(layer, c, device).to(offload)) for c in calls]
+            layer.to(home)
+            advance(1)
+    _place_outside_layers(model, layer_names, home)
+    return seconds
+
+
+def _observe_and_compress(model, layer, step: CalibratedStep, names: list[str], calls: list[LayerCall],
+                          device: torch.device, on_compressed) -> None:
+    handles = []
+    for name in names:
+        def hook(module, inputs, _output, name=name):
+            step.compressor.observe(name, module, inputs[0])
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        for call in calls:
+            _call(layer, call, device)
+    finally:
+        for h in handles:
+            h.remove()
+    for name in names:
+        old = model.get_submodule(name)
+        on_compressed(step, name, old, step.compressor.compress(name, old))

@@ -1,0 +1,107 @@
+import pytest
+import torch
+from torch import nn
+
+import compress
+from compress.calibration import CalibratedStep, calibrate, capture_inputs, find_layers
+from compress.errors import CompressError
+from compress.pipeline import parse
+from tests.conftest import tiny_model
+
+SAMPLES = torch.randint(0, 320, (3, 20), generator=torch.Generator().manual_seed(0))
+
+
+class Recorder:
+    """Observes like a calibrated method and compresses by copying (so outputs are unchanged)."""
+
+    def __init__(self):
+        self.seen: dict[str, list[torch.Tensor]] = {}
+
+    def observe(self, name, module, x):
+        self.seen.setdefault(name, []).append(x.clone())
+
+    def compress(self, name, module):
+        new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        new.load_state_dict(module.state_dict())
+        return new
+
+
+def test_find_layers_from_no_split_modules_and_fallback():
+    model = tiny_model()
+    assert [n for n, _ in find_layers(model)] == ["model.layers.0", "model.layers.1"]
+    model._no_split_modules = None
+    assert [n for n, _ in find_layers(model)] == ["model.layers.0", "model.layers.1"]  # longest ModuleList
+    assert [n for n, _ in find_layers(model, r"re:model\.layers\.\d+")] == ["model.layers.0", "model.layers.1"]
+
+
+def test_undiscoverable_layers_name_what_was_looked_for():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(CompressError, match=r"cannot find the decoder layers of Sequential: .*calibration.layers"):
+        find_layers(model)
+
+
+def test_capture_keeps_every_keyword_argument():
+    model = tiny_model()
+    calls = capture_inputs(model, model.model.layers[0], SAMPLES, torch.device("cpu"), torch.device("cpu"))
+    assert len(calls) == 3
+    hidden = calls[0].args[0] if calls[0].args else calls[0].kwargs["hidden_states"]
+    assert hidden.shape == (1, 20, 64)
+    assert "position_embeddings" in calls[0].kwargs  # rotary cos/sin computed by the model, not by us
+
+
+def test_observers_see_what_the_full_model_feeds_each_module():
+    model = tiny_model()
+    name = "model.layers.1.mlp.down_proj"
+    expected = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, i, o: expected.append(i[0].clone()))
+    with torch.no_grad():
+        for s in SAMPLES:
+            model(s[None])
+    handle.remove()
+    rec = Recorder()
+    step = CalibratedStep(0, parse({"model": "x", "steps": [{"method": "gptq"}]}).steps[0], rec,
+                          [name, "model.layers.0.self_attn.q_proj"])
+    swapped = []
+    calibrate(model, [step], SAMPLES, torch.device("cpu"), lambda s, n, old, new: swapped.append(n))
+    assert swapped == ["model.layers.0.self_attn.q_proj", name]  # layer by layer, in order
+    assert len(rec.seen[name]) == 3
+    for got, want in zip(rec.seen[name], expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_targets_outside_layers_are_refused():
+    model = tiny_model()
+    step = CalibratedStep(0, parse({"model": "x", "steps": [{"method": "gptq"}]}).steps[0], Recorder(), ["lm_head"])
+    with pytest.raises(CompressError, match="lm_head is outside the decoder layers"):
+        calibrate(model, [step], SAMPLES, torch.device("cpu"), lambda *a: None)
+
+
+def test_gptq_beats_rtn_on_layer_outputs_of_the_tiny_model(tiny_dir):
+    """End to end through the engine: 3-bit GPTQ is more faithful than 3-bit RTN."""
+    ev = {"windows": 2, "seq_len": 64, "fidelity_windows": 2, "speed": False}
+    kl = {}
+    for method in ("rtn", "gptq"):
+        r = compress.run({"model": str(tiny_dir), "calibration": {"samples": 8, "seq_len": 64}, "eval": ev,
+                          "steps": [{"method": method, "bits": 3, "group_size": 32}]})
+        kl[method] = r.eval.kl
+    assert kl["gptq"] < 0.8 * kl["rtn"]
+
+
+@pytest.mark.parametrize("calibration, pattern", [
+    ({"samples": 4, "seq_len": 512}, r"calibration.seq_len 512 is above the model's limit of 256"),
+    ({"samples": 100000, "seq_len": 200}, r"calibration data 'news': the text has \d+ tokens, enough for \d+ windows"),
+    ({"samples": 2, "seq_len": 16, "layers": "Conv2d"}, r"calibration.layers 'Conv2d' matches no module"),
+])
+def test_bad_calibration_settings(tiny_dir, calibration, pattern):
+    with pytest.raises(CompressError, match=pattern):
+        compress.run({"model": str(tiny_dir), "calibration": calibration, "eval": None,
+                      "steps": [{"method": "gptq", "group_size": 32}]})
+
+
+def test_mixed_precision_in_one_calibrated_pass(tiny_dir):
+    r = compress.run({"model": str(tiny_dir), "calibration": {"samples": 2, "seq_len": 16}, "eval": None, "steps": [
+        {"method": "gptq", "bits": 8, "group_size": 32, "targets": ["down_proj"]},
+        {"method": "gptq", "bits": 4, "group_size": 32},
+    ]})
+    assert [len(s.modules) for s in r.steps] == [2, 12]
+    assert [s.summary()["formats"] for s in r.steps] == [["int8 g32 sym"], ["int4 g32 sym"]]
