@@ -119,11 +119,18 @@ def capture_inputs(model: nn.Module, first_layer: nn.Module, samples: torch.Tens
 
 @dataclass
 class CalibratedStep:
-    """A calibrated step ready to run: its config, compressor and the module names it targets."""
+    """A calibrated step ready to run: its config, compressor and the module names it targets.
+
+    The compressor has `observe(name, module, x)` (x: the module's input [..., in] for one
+    sample), `compress(name, module) -> nn.Module`, and optionally
+    `prepare_layer(model, layer_name, names, producers, consumers)`, called once per layer between
+    observing and compressing, with the module whose output each module of the layer consumes
+    (or None) and, for each producing module, the modules that consume its output.
+    """
 
     index: int
     config: MethodConfig
-    compressor: Any  # has observe(name, module, x) and compress(name, module)
+    compressor: Any
     names: list[str]
 
 
@@ -170,7 +177,7 @@ def calibrate(
                 start = time.perf_counter()
                 names = [n for n in step.names if n.startswith(layer_name + ".")]
                 if names:
-                    _observe_and_compress(model, layer, step, names, calls, device, on_compressed)
+                    _observe_and_compress(model, layer_name, layer, step, names, calls, device, on_compressed)
                 seconds[step.index] += time.perf_counter() - start
             calls = [c.with_hidden(_call(layer, c, device).to(offload)) for c in calls]
             layer.to(home)
@@ -179,20 +186,53 @@ def calibrate(
     return seconds
 
 
-def _observe_and_compress(model, layer, step: CalibratedStep, names: list[str], calls: list[LayerCall],
-                          device: torch.device, on_compressed) -> None:
+def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: CalibratedStep, names: list[str],
+                          calls: list[LayerCall], device: torch.device, on_compressed) -> None:
+    """One observation pass over the layer, then compress the step's modules of this layer.
+
+    While observing, the engine also notes which module of the layer produced each target's input
+    (the very same tensor), so a method that rescales across operations (AWQ) can fold into the
+    producer without naming model attributes. Outputs are held for the duration of one call, so
+    their memory cannot be reused by another tensor and mistaken for it.
+    """
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # data_ptr -> (module name, its output), one call
+    producers: dict[str, str | None] = {}  # module name -> name of the module whose output it consumes
+    consumers: dict[str, set[str]] = {}  # module name -> modules that consume its output
     handles = []
+
+    def source_of(x) -> str | None:
+        found = outputs.get(x.data_ptr()) if isinstance(x, torch.Tensor) else None
+        return found[0] if found is not None and found[1].shape == x.shape else None
+
+    for sub_name, sub in layer.named_modules():
+        if not sub_name:
+            continue
+
+        def link(_m, inputs, name=f"{layer_name}.{sub_name}"):
+            producers[name] = source_of(inputs[0]) if inputs else None
+            if producers[name] is not None:
+                consumers.setdefault(producers[name], set()).add(name)
+
+        def record(_m, _inputs, output, name=f"{layer_name}.{sub_name}"):
+            if isinstance(output, torch.Tensor):
+                outputs[output.data_ptr()] = (name, output)
+
+        handles += [sub.register_forward_pre_hook(link), sub.register_forward_hook(record)]
     for name in names:
-        def hook(module, inputs, _output, name=name):
+        def observe(module, inputs, name=name):
             step.compressor.observe(name, module, inputs[0])
 
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(observe))
     try:
         for call in calls:
             _call(layer, call, device)
+            outputs.clear()
     finally:
         for h in handles:
             h.remove()
+    prepare = getattr(step.compressor, "prepare_layer", None)
+    if prepare is not None:  # e.g. AWQ: search and fold scales across the layer's modules
+        prepare(model, layer_name, names, producers, consumers)
     for name in names:
         old = model.get_submodule(name)
         on_compressed(step, name, old, step.compressor.compress(name, old))

@@ -18,7 +18,7 @@ from torch import nn
 from .errors import CompressError
 
 
-def _matches(pattern: str, name: str, module: nn.Module) -> bool:
+def matches(pattern: str, name: str, module: nn.Module) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     if any(cls.__name__ == pattern for cls in type(module).__mro__):
@@ -54,10 +54,10 @@ def select(
         if not name:
             continue
         for p in targets:
-            if _matches(p, name, module):
+            if matches(p, name, module):
                 hit_targets.add(p)
                 selected_prefixes.append(name)
-        if any(_matches(p, name, module) for p in ignore):
+        if any(matches(p, name, module) for p in ignore):
             ignored_prefixes.append(name)
         if not isinstance(module, supported):
             continue

@@ -40,7 +40,7 @@ def num_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size)
 
 
-def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """[out, in] -> [out, n_groups, group_size]; a short last group is padded by repeating its
     first column, which changes neither its min, its max nor its absmax."""
     out, n = weight.shape
@@ -54,7 +54,7 @@ def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def compute_grid(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> QuantGrid:
     """Min/max grid of each (row, group) of `weight` [out, in], computed in fp32."""
-    g = _grouped(weight.float(), group_size)  # [out, G, gs]
+    g = grouped(weight.float(), group_size)  # [out, G, gs]
     if symmetric:
         absmax = g.abs().amax(dim=-1)
         scales = 2 * absmax / (2**bits - 1)
@@ -89,7 +89,7 @@ def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tens
 def quantize(weight: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     """Round-to-nearest codes uint8 [out, in] of `weight` on `grid`."""
     out, n = weight.shape
-    g = _grouped(weight.float(), grid.group_size)
+    g = grouped(weight.float(), grid.group_size)
     q = round_to_grid(g, grid.scales.unsqueeze(-1), _zero_points(grid), grid.bits).to(torch.uint8)
     return q.view(out, -1)[:, :n]
 
@@ -97,6 +97,6 @@ def quantize(weight: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
 def dequantize(codes: torch.Tensor, grid: QuantGrid, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """codes uint8 [out, in] -> weight [out, in] in `dtype` (arithmetic in fp32, in place)."""
     out, n = codes.shape
-    w = _grouped(codes, grid.group_size).float()  # [out, G, gs], a fresh tensor
+    w = grouped(codes, grid.group_size).float()  # [out, G, gs], a fresh tensor
     w.sub_(_zero_points(grid)).mul_(grid.scales.unsqueeze(-1))
     return w.view(out, -1)[:, :n].to(dtype)

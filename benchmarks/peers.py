@@ -1,0 +1,190 @@
+"""Our quantization beside llm-compressor's: the same schemes, model, data and protocol.
+
+For each scheme (symmetric int weights, group size 64, every decoder Linear, lm_head and the
+tied embeddings left in float):
+
+- ours: `compress quantize` in its own process under /usr/bin/time -v (benchmarks/quant_table.py's
+  `timed_quantize`);
+- llm-compressor: benchmarks/peers_worker.py, run with the Python of its own virtual environment
+  (benchmarks/.venv-peers, made by benchmarks/peers_setup.sh: it pins its own transformers and
+  compressed-tensors), also under /usr/bin/time -v; it writes the fake-quantized weights as a
+  plain float32 Hugging Face folder;
+
+then the base model is evaluated once with the protocol of ../shared/EVAL.md (keeping its
+reference distributions) and every result of both toolkits is scored against that one reference
+in this process (our venv): perplexity on wiki (64 x 512), KL(base || model) and top-1 agreement
+on the first 8 windows. Prints one JSON line per (toolkit, scheme), then a markdown table.
+
+Schemes: gptq-w4, gptq-w3 (GPTQ, dampening 0.01 of mean diag(H), act-order, blocks of 128 on both
+sides) and rtn-w4, rtn-w3 (round to nearest: llm-compressor's QuantizationModifier with no
+calibration data).
+
+Fairness:
+- same model file: both sides load the same prepared folder (safetensors, fp32, CPU);
+- same calibration tokens: the `news` text tokenized here by our own code (the first 64
+  consecutive 512-token chunks, exactly what `compress quantize` uses), saved with torch.save
+  and handed to llm-compressor as pre-tokenized input_ids (no shuffling, no truncation);
+- same protocol and code for scoring, against the same single base evaluation;
+- same machine, measured in the same run, one process at a time, torch's default thread count;
+  the wall time and peak RSS are of each whole process (Python start, imports, model load,
+  quantization, writing the result), so llm-compressor's heavier imports count against it and
+  our packed checkpoint writing against us.
+Known differences (see the report in the README): llm-compressor computes every group's grid
+from the original weights up front (its observer), ours when GPTQ reaches the group's first
+column (from the error-compensated weights; `static_groups: true` would match theirs); its
+scales stay float32 here (the model's dtype), ours are rounded to float16 before the codes are
+chosen; on a Hessian that cannot be factorised it falls back to round-to-nearest for that module,
+ours raises the dampening. The grid itself is the same: scale = 2*absmax/(2^bits - 1), codes in
+[-2^(bits-1), 2^(bits-1) - 1] (ours stored with zero point 2^(bits-1)).
+
+Another process using the CPU at the same time inflates both sides' times; compare the two only
+within one run.
+
+    benchmarks/peers_setup.sh                              # once: benchmarks/.venv-peers
+    .venv/bin/python benchmarks/peers.py                   # all four schemes (~35 min on 2 cores)
+    .venv/bin/python benchmarks/peers.py --schemes gptq-w4 --out /tmp/peers
+    .venv/bin/python benchmarks/peers.py --skip-peers      # ours only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # benchmarks/ is not a package
+from quant_table import timed_quantize  # noqa: E402
+
+from compress.evaluate import EvalConfig, evaluate  # noqa: E402
+from compress.loading import load_model  # noqa: E402
+from compress.models import resolve  # noqa: E402
+from compress.pipeline import CalibrationConfig  # noqa: E402
+from compress.runner import calibration_samples  # noqa: E402
+from compress.sizes import size_report  # noqa: E402
+
+SCHEMES = {"gptq-w4": ("gptq", 4), "gptq-w3": ("gptq", 3), "rtn-w4": ("rtn", 4), "rtn-w3": ("rtn", 3)}
+PEERS_PYTHON = HERE / ".venv-peers" / "bin" / "python"
+WORKER = HERE / "peers_worker.py"
+TOOLKITS = {"ours": "compress", "peers": "llm-compressor"}
+
+
+def timed_run(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
+    """(stdout, wall seconds, peak RSS MB) of `cmd` run under /usr/bin/time -v."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
+    seconds = sum(float(p) * 60**i for i, p in enumerate(reversed(wall.split(":"))))
+    return proc.stdout, seconds, peak_kb / 1024
+
+
+def peer_quantize(model_dir: Path, calibration: Path, method: str, bits: int, group_size: int, out: Path) -> dict:
+    cmd = [str(PEERS_PYTHON), str(WORKER), str(model_dir), str(calibration), str(out), "--method", method,
+           "--bits", str(bits), "--group-size", str(group_size), "--damp", "0.01"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    stdout, seconds, peak_mb = timed_run(cmd, env)
+    info = json.loads(stdout.strip().splitlines()[-1])
+    return {"run_seconds": seconds, "peak_rss_mb": peak_mb, **info}
+
+
+def write_calibration(model_dir: Path, path: Path) -> torch.Tensor:
+    """The calibration windows exactly as `compress quantize` builds them, saved for the worker."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = calibration_samples(tokenizer, CalibrationConfig(), AutoConfig.from_pretrained(model_dir))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ids.clone().contiguous(), path)
+    return ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="Prepared name or Hugging Face model folder.")
+    ap.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=list(SCHEMES))
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=Path("out/peers"))
+    ap.add_argument("--skip-ours", action="store_true", help="Run only llm-compressor.")
+    ap.add_argument("--skip-peers", action="store_true", help="Run only compress.")
+    args = ap.parse_args()
+    toolkits = [t for t, skip in (("ours", args.skip_ours), ("peers", args.skip_peers)) if not skip]
+    if not toolkits:
+        raise SystemExit("nothing to run: --skip-ours and --skip-peers together")
+    if "peers" in toolkits and not PEERS_PYTHON.is_file():
+        raise SystemExit(f"{PEERS_PYTHON} is missing: run benchmarks/peers_setup.sh first (or pass --skip-peers)")
+
+    model_dir = resolve(args.model)  # both sides read this very folder
+    calibration = args.out / "calibration.pt"
+    ids = write_calibration(model_dir, calibration)
+    print(json.dumps({"model": str(model_dir), "calibration": "news", "samples": ids.shape[0],
+                      "seq_len": ids.shape[1], "token_sum": int(ids.sum())}), flush=True)
+
+    runs = {}
+    for scheme in args.schemes:
+        method, bits = SCHEMES[scheme]
+        for toolkit in toolkits:
+            out = args.out / f"{toolkit}-{scheme}"
+            if toolkit == "ours":
+                runs[(toolkit, scheme)] = {"path": out, **timed_quantize(str(model_dir), method, bits,
+                                                                         args.group_size, out)}
+            else:
+                runs[(toolkit, scheme)] = {"path": out, **peer_quantize(model_dir, calibration, method, bits,
+                                                                        args.group_size, out)}
+            print(f"# {TOOLKITS[toolkit]} {scheme}: {runs[(toolkit, scheme)]['run_seconds']:.0f} s", file=sys.stderr,
+                  flush=True)
+
+    config = EvalConfig(speed=False)
+    start = time.perf_counter()
+    model, tokenizer, _ = load_model(str(model_dir))
+    base, reference = evaluate(model, tokenizer, config, keep_reference=True)
+    del model
+    print(f"# evaluated the base model in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    results = [{"toolkit": "none", "scheme": "fp32", "perplexity": base.perplexity, "kl": 0.0, "top1": 1.0}]
+    print(json.dumps(results[0]), flush=True)
+    for (toolkit, scheme), run in runs.items():
+        start = time.perf_counter()
+        model, tokenizer, _ = load_model(str(run["path"]))
+        result, _ = evaluate(model, tokenizer, config, reference=reference)
+        method, bits = SCHEMES[scheme]
+        row = {"toolkit": TOOLKITS[toolkit], "scheme": scheme, "method": method, "bits": bits,
+               "group_size": args.group_size, "perplexity": result.perplexity, "kl": result.kl, "top1": result.top1,
+               "run_seconds": run["run_seconds"], "peak_rss_mb": run["peak_rss_mb"]}
+        if toolkit == "ours":
+            row["bits_per_weight"] = size_report(model).bits_per_weight
+        else:
+            row |= {"oneshot_seconds": run["oneshot_seconds"], "modules_quantized": run["modules_quantized"],
+                    "versions": run["versions"]}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+        del model
+        print(f"# evaluated {TOOLKITS[toolkit]} {scheme} in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+              flush=True)
+
+    print("\n| scheme | toolkit | perplexity | KL vs base | top-1 | run time | peak memory |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| uncompressed (fp32) | - | {base.perplexity:.3f} | - | - | - | - |")
+    for r in results[1:]:
+        print(f"| {r['scheme']} g{r['group_size']} | {r['toolkit']} | {r['perplexity']:.3f} | {r['kl']:.4f} | "
+              f"{r['top1'] * 100:.2f}% | {r['run_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
+    by_key = {(r["toolkit"], r["scheme"]): r for r in results[1:]}
+    for scheme in args.schemes:
+        ours, peer = by_key.get(("compress", scheme)), by_key.get(("llm-compressor", scheme))
+        if ours and peer:
+            print(f"\n{scheme}: compress vs llm-compressor: KL {ours['kl']:.4f} vs {peer['kl']:.4f}, "
+                  f"top-1 {ours['top1'] * 100:.2f}% vs {peer['top1'] * 100:.2f}%, "
+                  f"perplexity {ours['perplexity']:.3f} vs {peer['perplexity']:.3f}, "
+                  f"wall {ours['run_seconds']:.0f} s vs {peer['run_seconds']:.0f} s", end="")
+    print()
+
+
+if __name__ == "__main__":
+    main()
