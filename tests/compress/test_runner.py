@@ -15,7 +15,8 @@ TINY_EVAL = {"windows": 2, "seq_len": 32, "fidelity_windows": 1, "speed": False}
 # Per-method step settings that apply to the tiny model (hidden 64, intermediate 96), and the
 # largest fraction of the float32 layers' bytes the compressed layers may take.
 STEP_SETTINGS = {"rtn": ({"bits": 3, "group_size": 32}, 0.11), "fp8": ({}, 0.27),
-                 "gptq": ({"bits": 3, "group_size": 32}, 0.11), "awq": ({"bits": 3, "group_size": 32}, 0.11)}
+                 "gptq": ({"bits": 3, "group_size": 32}, 0.11), "awq": ({"bits": 3, "group_size": 32}, 0.11),
+                 "nf4": ({}, 0.21)}
 
 
 def test_every_method_has_matrix_settings():
