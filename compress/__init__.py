@@ -33,7 +33,7 @@ def load(ref: str | Path, device: str = "cpu", dtype: str = "float32", trust_rem
 
 
 def run(pipeline: Pipeline | dict[str, Any] | str | Path, output: str | Path | None = None,
-        overwrite: bool = False) -> RunResult:
+        overwrite: bool = False, resume: bool = False) -> RunResult:
     """Run a pipeline (object, mapping, or YAML file path); returns its RunResult."""
     from . import pipeline as pipeline_module
     from .runner import run as run_pipeline
@@ -42,4 +42,4 @@ def run(pipeline: Pipeline | dict[str, Any] | str | Path, output: str | Path | N
         pipeline = pipeline_module.load_file(Path(pipeline))
     elif isinstance(pipeline, dict):
         pipeline = pipeline_module.parse(pipeline)
-    return run_pipeline(pipeline, output, overwrite)
+    return run_pipeline(pipeline, output, overwrite=overwrite, resume=resume)

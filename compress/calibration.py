@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -86,7 +86,7 @@ def find_layers(model: nn.Module, override: str | None = None) -> list[tuple[str
     )
 
 
-def _place_outside_layers(model: nn.Module, layer_names: list[str], device: torch.device) -> None:
+def place_outside_layers(model: nn.Module, layer_names: list[str], device: torch.device) -> None:
     """Move every parameter and buffer that is not inside a decoder layer to `device`."""
     prefixes = tuple(n + "." for n in layer_names)
     for name, module in model.named_modules():
@@ -118,11 +118,11 @@ def capture_inputs(model: nn.Module, first_layer: nn.Module, samples: torch.Tens
 
 
 @dataclass
-class CalibratedStep:
-    """A calibrated step ready to run: its config, compressor and the module names it targets.
+class LayerStep:
+    """A step ready to run layer by layer: its config, compressor and the module names it targets.
 
-    The compressor has `observe(name, module, x)` (x: the module's input [..., in] for one
-    sample), `compress(name, module) -> nn.Module`, and optionally
+    The compressor has `compress(name, module) -> nn.Module`; a calibrated one also has
+    `observe(name, module, x)` (x: the module's input [..., in] for one sample) and optionally
     `prepare_layer(model, layer_name, names, producers, consumers)`, called once per layer between
     observing and compressing, with the module whose output each module of the layer consumes
     (or None) and, for each producing module, the modules that consume its output.
@@ -133,6 +133,33 @@ class CalibratedStep:
     compressor: Any
     names: list[str]
 
+    @property
+    def calibrated(self) -> bool:
+        return type(self.config).needs_calibration
+
+
+class LayerIO(Protocol):
+    """Where a decoder layer's weights live between its turns."""
+
+    def load(self, index: int, name: str, layer: nn.Module) -> None:
+        """Make the layer's tensors real, on the compute device."""
+
+    def release(self, index: int, name: str, layer: nn.Module) -> None:
+        """The layer is done (compressed): put it away."""
+
+
+class InMemoryLayers:
+    """The whole model is in memory: a layer visits the compute device and goes back."""
+
+    def __init__(self, device: torch.device, home: torch.device) -> None:
+        self.device, self.home = device, home
+
+    def load(self, index: int, name: str, layer: nn.Module) -> None:
+        layer.to(self.device)
+
+    def release(self, index: int, name: str, layer: nn.Module) -> None:
+        layer.to(self.home)
+
 
 def _call(layer: nn.Module, call: LayerCall, device: torch.device) -> torch.Tensor:
     c = call.to(device)
@@ -140,53 +167,72 @@ def _call(layer: nn.Module, call: LayerCall, device: torch.device) -> torch.Tens
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
-def calibrate(
-    model: nn.Module,
-    steps: list[CalibratedStep],
-    samples: torch.Tensor,
-    device: torch.device,
-    on_compressed: Callable[[CalibratedStep, str, nn.Module, nn.Module], None],
-    layers_override: str | None = None,
-    progress: Progress = NullProgress(),
-) -> dict[int, float]:
-    """Run `steps` layer by layer over `samples` [n, seq_len]; return seconds spent per step index.
-
-    `on_compressed(step, name, old, new)` is called for every module replaced (the runner measures
-    it and swaps it in).
-    """
-    offload = torch.device("cpu")  # where captured activations wait between layers
-    home = next(model.parameters()).device  # where layers go back to
-    layers = find_layers(model, layers_override)
-    layer_names = [n for n, _ in layers]
+def check_inside_layers(steps: list[LayerStep], layer_names: list[str]) -> None:
+    """Calibrated steps work inside decoder layers only (that is where their inputs are captured)."""
     prefixes = tuple(n + "." for n in layer_names)
     for step in steps:
         outside = [n for n in step.names if not n.startswith(prefixes)]
-        if outside:
+        if step.calibrated and outside:
             raise CompressError(
                 f"steps[{step.index}] ({step.config.method}): {outside[0]} is outside the decoder layers, where "
                 "calibrated methods work; add it to ignore (or quantize it with a data-free step)"
             )
-    _place_outside_layers(model, layer_names, device)
-    calls = capture_inputs(model, layers[0][1], samples, device, offload)
+
+
+@torch.no_grad()
+def compress_layers(
+    model: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    steps: list[LayerStep],
+    io: LayerIO,
+    device: torch.device,
+    on_compressed: Callable[[LayerStep, str, nn.Module, nn.Module], None],
+    calls: list[LayerCall] | None = None,
+    start: int = 0,
+    on_layer_done: Callable[[int, list[LayerCall] | None], None] = lambda i, calls: None,
+    progress: Progress = NullProgress(),
+) -> dict[int, float]:
+    """Apply `steps` to the decoder layers from `start` on, one layer at a time; return seconds
+    per step index.
+
+    `calls` are the inputs of layer `start` (see capture_inputs), needed when a calibrated step
+    still has modules at or after `start`. Each layer: io.load, then step after step (calibrated:
+    observe, prepare, compress; data-free: compress), then the compressed layer is re-run to give
+    the next layer's inputs, io.release, and on_layer_done(index, next calls).
+    `on_compressed(step, name, old, new)` is called for every module replaced: the caller measures
+    it and swaps it in.
+    """
+    offload = torch.device("cpu")  # where activations wait between layers
     seconds = {s.index: 0.0 for s in steps}
-    with progress.task("Calibrating layers", total=len(layers)) as advance:
-        for layer_name, layer in layers:
-            layer.to(device)
+    last_calibrated = max((i for i, (name, _) in enumerate(layers)
+                           if any(s.calibrated and any(n.startswith(name + ".") for n in s.names) for s in steps)),
+                          default=-1)
+    with progress.task("Compressing layers", total=len(layers)) as advance:
+        advance(start)
+        for i in range(start, len(layers)):
+            layer_name, layer = layers[i]
+            io.load(i, layer_name, layer)
             for step in steps:
-                start = time.perf_counter()
+                t = time.perf_counter()
                 names = [n for n in step.names if n.startswith(layer_name + ".")]
-                if names:
+                if names and step.calibrated:
                     _observe_and_compress(model, layer_name, layer, step, names, calls, device, on_compressed)
-                seconds[step.index] += time.perf_counter() - start
-            calls = [c.with_hidden(_call(layer, c, device).to(offload)) for c in calls]
-            layer.to(home)
+                else:
+                    for name in names:
+                        old = model.get_submodule(name)
+                        on_compressed(step, name, old, step.compressor.compress(name, old))
+                seconds[step.index] += time.perf_counter() - t
+            if i < last_calibrated:  # a later layer still needs its (compressed) inputs
+                calls = [c.with_hidden(_call(layer, c, device).to(offload)) for c in calls]
+            else:
+                calls = None
+            io.release(i, layer_name, layer)
+            on_layer_done(i, calls)
             advance(1)
-    _place_outside_layers(model, layer_names, home)
     return seconds
 
 
-def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: CalibratedStep, names: list[str],
+def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: LayerStep, names: list[str],
                           calls: list[LayerCall], device: torch.device, on_compressed) -> None:
     """One observation pass over the layer, then compress the step's modules of this layer.
 

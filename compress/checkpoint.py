@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -49,6 +50,8 @@ def _unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     seen: dict[tuple[int, int], str] = {}
     aliases: dict[str, str] = {}
     for name, tensor in model.state_dict().items():
+        if tensor.is_meta:  # streamed layers are written on their own
+            continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         if key in seen and tensor.numel() > 0:
             aliases[name] = seen[key]
@@ -91,6 +94,35 @@ def save(model: nn.Module, tokenizer: Any, target: Path, manifest: dict[str, Any
             "tensor_bytes": tensor_bytes,
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def finish_streamed(model: nn.Module, tokenizer: Any, folder: Path, layer_files: list[str], layer_names: list[str],
+                    manifest: dict[str, Any]) -> dict[str, Any]:
+    """Complete a checkpoint whose decoder layers were written one file each (`layer_files`, in
+    `folder`) while `model` held only the rest: write the rest, the index, config, tokenizer and
+    manifest. The model's layers may be on the meta device; their specs are all the manifest needs."""
+    prefixes = tuple(n + "." for n in layer_names)
+    state, aliases = _unique_state_dict(model)
+    rest = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    save_file(rest, str(folder / "rest.safetensors"), metadata={"format": "pt"})
+    weight_map = {k: "rest.safetensors" for k in rest}
+    for f in layer_files:
+        with safe_open(str(folder / f), framework="pt") as handle:
+            weight_map.update({k: f for k in handle.keys()})
+    files = ["rest.safetensors", *layer_files]
+    tensor_bytes = sum((folder / f).stat().st_size for f in files)
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": tensor_bytes}, "weight_map": weight_map},
+                                                indent=2))
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    manifest = {"format": FORMAT, "version": VERSION, "created_by": versions(), **manifest,
+                "modules": module_entries(model), "tied": {a: s for a, s in aliases.items() if not a.startswith(prefixes)},
+                "tensor_bytes": tensor_bytes}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 

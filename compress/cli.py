@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import CompressError
+from .errors import CompressError, Interrupted
 
 app = typer.Typer(help="Make large language models smaller and faster.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -29,6 +29,8 @@ err = Console(stderr=True)
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished layer "
+                                      "(OUT.partial); the pipeline must be the same.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with the model.")]
 
@@ -45,6 +47,9 @@ def _friendly(fn):
         _quiet_libraries()
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:
+            err.print(str(e), highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         except CompressError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
@@ -116,11 +121,11 @@ def models_list(json_: Json = False) -> None:
 
 
 # --- compressing ---------------------------------------------------------------------------
-def _run_and_report(pipeline, output: Optional[str], overwrite: bool, quiet: bool, json_: bool) -> None:
+def _run_and_report(pipeline, output: Optional[str], overwrite: bool, resume: bool, quiet: bool, json_: bool) -> None:
     from .report import run_tables
     from .runner import run
 
-    result = run(pipeline, output, overwrite, _progress(quiet or json_))
+    result = run(pipeline, output, overwrite=overwrite, resume=resume, progress=_progress(quiet or json_))
     if json_:
         return _print_json(result.to_dict())
     _show(*run_tables(result))
@@ -147,6 +152,7 @@ def quantize(
     device: Device = "cpu",
     trust_remote_code: TrustRemote = False,
     overwrite: Overwrite = False,
+    resume: Resume = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
@@ -161,7 +167,7 @@ def quantize(
     step: dict[str, Any] = {"method": method, **{k: v for k, v in given.items() if v is not None}}
     raw = {"model": model, "device": device, "trust_remote_code": trust_remote_code, "steps": [step],
            "output": output, **({} if evaluate else {"eval": None})}
-    _run_and_report(parse(raw, "quantize"), None, overwrite, quiet, json_)
+    _run_and_report(parse(raw, "quantize"), None, overwrite, resume, quiet, json_)
 
 
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. steps.0.bits=3 (repeatable).")]
@@ -174,13 +180,14 @@ def run_cmd(
     set_: Sets = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Overrides the file's output.")] = None,
     overwrite: Overwrite = False,
+    resume: Resume = False,
     quiet: Quiet = False,
     json_: Json = False,
 ) -> None:
     """Run a pipeline file: load, evaluate, compress step by step, save, evaluate."""
     from .pipeline import load_file
 
-    _run_and_report(load_file(pipeline, set_ or []), output, overwrite, quiet, json_)
+    _run_and_report(load_file(pipeline, set_ or []), output, overwrite, resume, quiet, json_)
 
 
 @app.command()

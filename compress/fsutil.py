@@ -32,6 +32,18 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def replace_dir(source: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished folder `source` to `target` (replacing it only if `overwrite`)."""
+    check_output(target, overwrite)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        target.rename(old / "previous")
+        source.rename(target)
+        shutil.rmtree(old)
+    else:
+        source.rename(target)
+
+
 @contextmanager
 def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it is renamed to `target`
@@ -44,13 +56,7 @@ def atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
         raise CompressError(f"cannot write output folder {target}: {e.strerror}") from None
     try:
         yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.rename(old / "previous")
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
+        replace_dir(tmp, target, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

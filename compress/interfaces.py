@@ -48,6 +48,10 @@ class MethodConfig(BaseModel):
     def build(self) -> Compressor:
         raise NotImplementedError(f"{type(self).__name__} does not define build()")
 
+    def check_module(self, name: str, module: nn.Module) -> None:
+        """Raise CompressError if the method cannot apply to this module (called on the meta
+        device before any work, so only shapes and types are available)."""
+
 
 class Compressor(Protocol):
     """What a step does to one module: return its compressed replacement."""

@@ -7,6 +7,8 @@ changed. A step that changes nothing is an error.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,14 +18,34 @@ import torch
 from torch import nn
 
 from . import checkpoint, targets
-from .calibration import CalibratedStep, calibrate
+from .calibration import (
+    InMemoryLayers,
+    LayerStep,
+    capture_inputs,
+    check_inside_layers,
+    compress_layers,
+    find_layers,
+    place_outside_layers,
+)
 from .data import load_text, token_windows
-from .errors import CompressError
+from .errors import CompressError, Interrupted
 from .evaluate import EvalResult, evaluate
-from .fsutil import check_output
+from .fsutil import check_output, replace_dir
 from .interfaces import MethodConfig
-from .loading import load_model, pick_device
+from .loading import DTYPES, load_model, pick_device
+from .models import resolve
 from .pipeline import CalibrationConfig, Pipeline
+from .streaming import (
+    ACTIVATIONS,
+    PROGRESS,
+    SafetensorsSource,
+    StreamedLayers,
+    differences,
+    cast_floats,
+    layer_file,
+    load_progress,
+    save_progress,
+)
 from .progress import NullProgress, Progress
 from .sizes import SizeReport, dense_weight_bytes, size_report
 
@@ -112,61 +134,236 @@ def folder_tensor_bytes(path: Path) -> int:
 
 
 def run(
-    pipeline: Pipeline, output: str | Path | None = None, overwrite: bool = False, progress: Progress = NullProgress()
+    pipeline: Pipeline, output: str | Path | None = None, overwrite: bool = False, resume: bool = False,
+    progress: Progress = NullProgress(),
 ) -> RunResult:
-    """Run `pipeline`; `output` overrides `pipeline.output`."""
+    """Run `pipeline`; `output` overrides `pipeline.output`.
+
+    The base model is evaluated (if asked) on its own; compression then streams the model layer
+    by layer into a staging folder (`OUT.partial`, kept if the run is interrupted, so that
+    `resume=True` continues it), which becomes the checkpoint; the compressed model is evaluated
+    by loading that checkpoint, so every reported number is the saved model's.
+    """
     start = time.perf_counter()
     target = Path(output or pipeline.output) if (output or pipeline.output) else None
     if target is not None:
         check_output(target, overwrite)  # before any long work
-    model, tokenizer, path = load_model(
-        pipeline.model, pipeline.dtype, pipeline.device, pipeline.trust_remote_code, pipeline.allow_pickle, progress
-    )
+    path = resolve(pipeline.model, pipeline.allow_pickle, progress)
+    if not (any(path.glob("*.safetensors")) or (path / checkpoint.INDEX_NAME).is_file()):
+        raise CompressError(f"{path}: compression streams safetensors weights; convert the pickle weights first")
+    tokenizer = load_tokenizer(path, pipeline.trust_remote_code)
     base_eval = reference = None
     if pipeline.eval is not None:
-        base_eval, reference = evaluate(
-            model, tokenizer, pipeline.eval, keep_reference=pipeline.eval.fidelity_windows > 0,
-            progress=progress, label="base model",
-        )
-    base_size = size_report(model)
-    reports = compress_model(model, tokenizer, pipeline, progress)
-    manifest: dict[str, Any] = {}
-    disk_bytes = None
-    if target is not None:
-        manifest = checkpoint.save(
-            model, tokenizer, target,
-            {"base_model": {"ref": pipeline.model, "path": str(path), "model_type": model.config.model_type},
-             "pipeline": pipeline.model_dump(mode="json"),
-             "steps": [{"method": s.method, "version": type(c).version, "config": s.config, "report": s.summary()}
-                       for s, c in zip(reports, pipeline.steps)]},
-            overwrite,
-        )
-        disk_bytes = manifest["tensor_bytes"]
-    comp_eval = None
-    if pipeline.eval is not None:
-        comp_eval, _ = evaluate(model, tokenizer, pipeline.eval, reference=reference, progress=progress,
-                                label="compressed model")
+        model = load_model(str(path), pipeline.dtype, pipeline.device, pipeline.trust_remote_code,
+                           pipeline.allow_pickle, progress)[0]
+        base_eval, reference = evaluate(model, tokenizer, pipeline.eval, keep_reference=pipeline.eval.fidelity_windows
+                                        > 0, progress=progress, label="base model")
+        del model
+    staging = Path(f"{target}.partial") if target is not None else Path(tempfile.mkdtemp(prefix="compress-"))
+    try:
+        reports, base_size, size, manifest = compress_streamed(pipeline, path, tokenizer, staging, resume, progress)
+        final = staging
+        if target is not None:
+            replace_dir(staging, target, overwrite)
+            final = target
+        comp_eval = None
+        if pipeline.eval is not None:
+            model = checkpoint.load(final, pipeline.trust_remote_code).to(pick_device(pipeline.device))
+            comp_eval, _ = evaluate(model, tokenizer, pipeline.eval, reference=reference, progress=progress,
+                                    label="compressed model")
+    finally:
+        if target is None:
+            shutil.rmtree(staging, ignore_errors=True)
     return RunResult(
-        model=pipeline.model, model_path=path, output=target, steps=reports, base_size=base_size,
-        size=size_report(model), base_disk_bytes=folder_tensor_bytes(path), disk_bytes=disk_bytes,
+        model=pipeline.model, model_path=path, output=target, steps=reports, base_size=base_size, size=size,
+        base_disk_bytes=folder_tensor_bytes(path), disk_bytes=manifest["tensor_bytes"] if target else None,
         base_eval=base_eval, eval=comp_eval, seconds=time.perf_counter() - start, manifest=manifest,
     )
 
 
+def load_tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _resume_key(pipeline: Pipeline) -> dict[str, Any]:
+    """What must not change between an interrupted run and its resumption."""
+    return pipeline.model_dump(mode="json", exclude={"eval", "output"})
+
+
+def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, resume: bool,
+                      progress: Progress = NullProgress()) -> tuple[list[StepReport], SizeReport, SizeReport, dict]:
+    """Compress the model at `path` into the checkpoint folder `staging`, one layer in memory at a time."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = pick_device(pipeline.device)
+    dtype = None if pipeline.dtype == "auto" else DTYPES[pipeline.dtype]
+    config = AutoConfig.from_pretrained(path, trust_remote_code=pipeline.trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=pipeline.trust_remote_code)
+    model.eval()
+    layers = find_layers(model, pipeline.calibration.layers)
+    layer_names = [n for n, _ in layers]
+    prefixes = tuple(n + "." for n in layer_names)
+    source = SafetensorsSource(path)
+    rest_names = [n for n in source.files if not n.startswith(prefixes)]
+    rest = cast_floats(source.read(rest_names), dtype)
+    model.load_state_dict(rest, strict=False, assign=True)
+    model.tie_weights()
+    unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
+                and not n.startswith(prefixes)]
+    if unloaded:
+        raise CompressError(f"{path} lacks tensors for {', '.join(unloaded[:3])}")
+    base_size = size_report(model)
+    steps = prepare_steps(model, pipeline.steps)
+    check_inside_layers(steps, layer_names)
+    key = _resume_key(pipeline)
+    state = {"pipeline": key, "layers_done": 0, "changes": {str(s.index): [] for s in steps},
+             "seconds": {str(s.index): 0.0 for s in steps}, "has_activations": False}
+    calls = None
+    if resume:
+        if not (staging / PROGRESS).is_file():
+            raise CompressError(f"--resume: there is no interrupted run to continue ({staging} does not exist)")
+        state, calls = load_progress(staging)
+        diff = differences(state["pipeline"], key)
+        if diff:
+            raise CompressError(f"--resume: the pipeline differs from the interrupted run's ({'; '.join(diff[:3])}); "
+                                f"run without --resume to start over")
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir(parents=True)
+        except OSError as e:
+            raise CompressError(f"cannot write output folder {staging}: {e.strerror}") from None
+    done = state["layers_done"]
+    # Layers finished before an interruption: rebuild their compressed modules (on meta) from
+    # the recorded changes, so the model's structure is as if they had just been done.
+    for index, recorded in state["changes"].items():
+        for change in recorded:
+            if change["name"].startswith(tuple(f"{n}." for n in layer_names[:done])):
+                _swap_recorded(model, change)
+    for name, layer in layers[:done]:
+        layer.to("meta")
+    needs_calls = any(s.calibrated for s in steps) and done < len(layers)
+    if needs_calls and calls is None:
+        samples = calibration_samples(tokenizer, pipeline.calibration, model.config)
+        place_outside_layers(model, layer_names, device)
+        with progress.task("Capturing calibration inputs", total=None):
+            calls = capture_inputs(model, layers[0][1], samples, device, torch.device("cpu"))
+
+    def on_compressed(step: LayerStep, name: str, old: nn.Module, new: nn.Module) -> None:
+        change = _measure(name, old, new)
+        state["changes"][str(step.index)].append({**asdict(change), "format": type(new).__name__,
+                                                  "spec": new.format_spec()})
+        _untie_if_shared(model, name)
+        model.set_submodule(name, new)
+
+    def on_layer_done(i: int, next_calls) -> None:
+        state["layers_done"] = i + 1
+        state["has_activations"] = next_calls is not None
+        save_progress(staging, state, next_calls)
+
+    io = StreamedLayers(source, staging, device, dtype)
+    try:
+        seconds = compress_layers(model, layers, steps, io, device, on_compressed, calls, done, on_layer_done,
+                                  progress)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted after {state['layers_done']} of {len(layers)} layers; they are kept in {staging}: "
+            "run the same command with --resume to continue"
+        ) from None
+    except CompressError:  # bad input found on the way: nothing worth resuming
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    place_outside_layers(model, layer_names, torch.device("cpu"))
+    for step in steps:  # data-free steps on modules outside the layers (e.g. the head)
+        for name in step.names:
+            if not name.startswith(prefixes):
+                old = model.get_submodule(name)
+                on_compressed(step, name, old, step.compressor.compress(name, old))
+    reports = []
+    for step in steps:
+        changes = [ModuleChange(**{k: v for k, v in c.items() if k not in ("format", "spec")})
+                   for c in state["changes"][str(step.index)]]
+        _verify(f"steps[{step.index}] ({step.config.method})", changes)
+        reports.append(StepReport(step.index, step.config.method, step.config.model_dump(mode="json"), changes,
+                                  state["seconds"][str(step.index)] + seconds.get(step.index, 0.0)))
+    manifest = checkpoint.finish_streamed(
+        model, tokenizer, staging, [layer_file(i) for i in range(len(layers))], layer_names,
+        {"base_model": {"ref": pipeline.model, "path": str(path), "model_type": model.config.model_type},
+         "pipeline": pipeline.model_dump(mode="json"),
+         "steps": [{"method": r.method, "version": type(s.config).version, "config": r.config, "report": r.summary()}
+                   for r, s in zip(reports, steps)]},
+    )
+    for name in (PROGRESS, ACTIVATIONS):
+        (staging / name).unlink(missing_ok=True)
+    return reports, base_size, size_report(model), manifest
+
+
+def _swap_recorded(model: nn.Module, change: dict[str, Any]) -> None:
+    from .registry import format_class
+
+    model.set_submodule(change["name"], format_class(change["format"]).from_spec(change["spec"], device="meta"))
+
+
+def prepare_steps(model: nn.Module, configs: list[MethodConfig]) -> list[LayerStep]:
+    """Resolve each step's targets; a module goes to the first step that targets it."""
+    claimed: set[str] = set()
+    steps = []
+    for index, config in enumerate(configs):
+        where = f"steps[{index}] ({config.method})"
+        names = [n for n in targets.resolve(model, config.targets, config.ignore, config.supported_modules, where)
+                 if n not in claimed]
+        if not names:
+            raise CompressError(f"{where}: every module it targets is already taken by an earlier step")
+        for name in names:  # shapes are known before any weight is read: fail before long work
+            config.check_module(name, model.get_submodule(name))
+        claimed.update(names)
+        steps.append(LayerStep(index, config, config.build(), names))
+    return steps
+
+
 def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Progress = NullProgress()
                    ) -> list[StepReport]:
-    """Apply the pipeline's steps in order. Consecutive calibrated steps share one layer-by-layer
-    pass (each layer: step after step, then the layer's compressed outputs feed the next)."""
-    reports: list[StepReport] = []
-    indexed = list(enumerate(pipeline.steps))
-    while indexed:
-        calibrated = type(indexed[0][1]).needs_calibration
-        n = next((k for k, (_, s) in enumerate(indexed) if type(s).needs_calibration != calibrated), len(indexed))
-        group, indexed = indexed[:n], indexed[n:]
-        if calibrated:
-            reports += apply_calibrated_steps(model, tokenizer, group, pipeline, progress)
-        else:
-            reports += [apply_step(model, step, i, progress) for i, step in group]
+    """Apply the pipeline's steps to a model held whole in memory (the Python API's path), through
+    the same layer-wise engine as streaming."""
+    device = pick_device(pipeline.device)
+    home = next(model.parameters()).device
+    steps = prepare_steps(model, pipeline.steps)
+    calibrated = any(s.calibrated for s in steps)
+    layers = find_layers(model, pipeline.calibration.layers) if calibrated else []
+    layer_names = [n for n, _ in layers]
+    check_inside_layers(steps, layer_names)
+    changes: dict[int, list[ModuleChange]] = {s.index: [] for s in steps}
+
+    def on_compressed(step: LayerStep, name: str, old: nn.Module, new: nn.Module) -> None:
+        changes[step.index].append(_measure(name, old, new))
+        _untie_if_shared(model, name)
+        model.set_submodule(name, new)
+
+    seconds = {s.index: 0.0 for s in steps}
+    if calibrated:
+        samples = calibration_samples(tokenizer, pipeline.calibration, model.config)
+        place_outside_layers(model, layer_names, device)
+        calls = capture_inputs(model, layers[0][1], samples, device, torch.device("cpu"))
+        seconds = compress_layers(model, layers, steps, InMemoryLayers(device, home), device, on_compressed, calls,
+                                  progress=progress)
+        place_outside_layers(model, layer_names, home)
+    prefixes = tuple(n + "." for n in layer_names)
+    for step in steps:
+        t = time.perf_counter()
+        for name in step.names:
+            if not layer_names or not name.startswith(prefixes):
+                on_compressed(step, name, model.get_submodule(name),
+                              step.compressor.compress(name, model.get_submodule(name)))
+        seconds[step.index] += time.perf_counter() - t
+    reports = []
+    for step in steps:
+        _verify(f"steps[{step.index}] ({step.config.method})", changes[step.index])
+        reports.append(StepReport(step.index, step.config.method, step.config.model_dump(mode="json"),
+                                  changes[step.index], seconds[step.index]))
     return reports
 
 
@@ -180,57 +377,6 @@ def calibration_samples(tokenizer, config: CalibrationConfig, model_config) -> t
         )
     text = load_text(config.data, config.split, config.text_field)
     return token_windows(tokenizer, text, config.samples, config.seq_len, f"calibration data '{config.data}'")
-
-
-def apply_calibrated_steps(model: nn.Module, tokenizer, group: list[tuple[int, MethodConfig]], pipeline: Pipeline,
-                           progress: Progress = NullProgress()) -> list[StepReport]:
-    """Run calibrated steps through the layer-by-layer engine; report and verify each."""
-    samples = calibration_samples(tokenizer, pipeline.calibration, model.config)
-    claimed: set[str] = set()
-    steps = []
-    for index, step in group:
-        where = f"steps[{index}] ({step.method})"
-        names = [n for n in targets.resolve(model, step.targets, step.ignore, step.supported_modules, where)
-                 if n not in claimed]
-        if not names:
-            raise CompressError(f"{where}: every module it targets is already taken by an earlier step")
-        claimed.update(names)
-        steps.append(CalibratedStep(index, step, step.build(), names))
-    changes: dict[int, list[ModuleChange]] = {s.index: [] for s in steps}
-
-    def on_compressed(step: CalibratedStep, name: str, old: nn.Module, new: nn.Module) -> None:
-        changes[step.index].append(_measure(name, old, new))
-        _untie_if_shared(model, name)
-        model.set_submodule(name, new)
-
-    seconds = calibrate(model, steps, samples, pick_device(pipeline.device), on_compressed,
-                        pipeline.calibration.layers, progress)
-    reports = []
-    for s in steps:
-        _verify(f"steps[{s.index}] ({s.config.method})", changes[s.index])
-        reports.append(StepReport(s.index, s.config.method, s.config.model_dump(mode="json"), changes[s.index],
-                                  seconds[s.index]))
-    return reports
-
-
-@torch.no_grad()
-def apply_step(model: nn.Module, step: MethodConfig, index: int, progress: Progress = NullProgress()) -> StepReport:
-    """Compress the modules `step` targets, in place in `model`; report and verify the effect."""
-    where = f"steps[{index}] ({step.method})"
-    start = time.perf_counter()
-    names = targets.resolve(model, step.targets, step.ignore, step.supported_modules, where)
-    compressor = step.build()
-    changes = []
-    with progress.task(f"Step {index}: {step.method}", total=len(names)) as advance:
-        for name in names:
-            module = model.get_submodule(name)
-            new = compressor.compress(name, module)
-            changes.append(_measure(name, module, new))
-            _untie_if_shared(model, name)
-            model.set_submodule(name, new)
-            advance(1)
-    _verify(where, changes)
-    return StepReport(index, step.method, step.model_dump(mode="json"), changes, time.perf_counter() - start)
 
 
 def _verify(where: str, changes: list[ModuleChange]) -> None:

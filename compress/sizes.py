@@ -25,13 +25,9 @@ class SizeReport:
 
 
 def unique_tensor_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    """Bytes of the model's parameters and buffers, each shared (tied) one counted once; works on
+    the meta device too (sizes come from shapes and dtypes)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def dense_weight_bytes(module: nn.Module) -> int:

@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
+from torch import nn
 
 from compress.errors import CompressError
 from compress.interfaces import MethodConfig
@@ -34,6 +35,9 @@ class IntWeightConfig(MethodConfig):
 
     def torch_scale_dtype(self) -> torch.dtype:
         return getattr(torch, self.scale_dtype)
+
+    def check_module(self, name: str, module: nn.Module) -> None:
+        self.group_size_for(name, module.in_features, module.out_features)
 
     def group_size_for(self, name: str, in_features: int, out_features: int) -> int:
         """The group size a layer gets: -1 means its whole input dimension; larger than it is refused."""

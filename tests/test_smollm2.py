@@ -15,7 +15,7 @@ from compress import checkpoint
 from compress.evaluate import evaluate
 from compress.loading import load_model
 from compress.pipeline import load_file
-from compress.runner import apply_step
+from compress.runner import compress_model
 
 pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).parents[1] / "examples" / "smollm2-int4.yaml"
@@ -37,7 +37,7 @@ def compress_and_eval(example, base, tmp_path, **changes):
     _, tokenizer, _, reference = base
     copy = load_model(example.model)[0]  # a fresh model: the base stays untouched for the next test
     step = example.steps[0].model_copy(update=changes)
-    report = apply_step(copy, step, 0)
+    [report] = compress_model(copy, tokenizer, example.model_copy(update={"steps": [step]}))
     checkpoint.save(copy, tokenizer, tmp_path / "ck", {"steps": []}, False)
     result, _ = evaluate(copy, tokenizer, example.eval, reference=reference)
     return copy, report, result

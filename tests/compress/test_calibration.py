@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import compress
-from compress.calibration import CalibratedStep, calibrate, capture_inputs, find_layers
+from compress.calibration import InMemoryLayers, check_inside_layers, LayerStep, capture_inputs, compress_layers, find_layers
 from compress.errors import CompressError
 from compress.pipeline import parse
 from tests.conftest import tiny_model
@@ -24,6 +24,13 @@ class Recorder:
         new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         new.load_state_dict(module.state_dict())
         return new
+
+
+def run_engine(model, steps, on_compressed, samples=SAMPLES):
+    cpu = torch.device("cpu")
+    layers = find_layers(model)
+    calls = capture_inputs(model, layers[0][1], samples, cpu, cpu)
+    return compress_layers(model, layers, steps, InMemoryLayers(cpu, cpu), cpu, on_compressed, calls)
 
 
 def test_find_layers_from_no_split_modules_and_fallback():
@@ -59,10 +66,10 @@ def test_observers_see_what_the_full_model_feeds_each_module():
             model(s[None])
     handle.remove()
     rec = Recorder()
-    step = CalibratedStep(0, parse({"model": "x", "steps": [{"method": "gptq"}]}).steps[0], rec,
+    step = LayerStep(0, parse({"model": "x", "steps": [{"method": "gptq"}]}).steps[0], rec,
                           [name, "model.layers.0.self_attn.q_proj"])
     swapped = []
-    calibrate(model, [step], SAMPLES, torch.device("cpu"), lambda s, n, old, new: swapped.append(n))
+    run_engine(model, [step], lambda s, n, old, new: swapped.append(n))
     assert swapped == ["model.layers.0.self_attn.q_proj", name]  # layer by layer, in order
     assert len(rec.seen[name]) == 3
     for got, want in zip(rec.seen[name], expected):
@@ -71,9 +78,9 @@ def test_observers_see_what_the_full_model_feeds_each_module():
 
 def test_targets_outside_layers_are_refused():
     model = tiny_model()
-    step = CalibratedStep(0, parse({"model": "x", "steps": [{"method": "gptq"}]}).steps[0], Recorder(), ["lm_head"])
+    step = LayerStep(0, parse({"model": "x", "steps": [{"method": "gptq"}]}).steps[0], Recorder(), ["lm_head"])
     with pytest.raises(CompressError, match="lm_head is outside the decoder layers"):
-        calibrate(model, [step], SAMPLES, torch.device("cpu"), lambda *a: None)
+        check_inside_layers([step], [n for n, _ in find_layers(model)])
 
 
 def test_gptq_beats_rtn_on_layer_outputs_of_the_tiny_model(tiny_dir):

@@ -6,7 +6,7 @@ import torch
 from compress import checkpoint
 from compress.errors import CompressError
 from compress.pipeline import parse
-from compress.runner import apply_step
+from compress.runner import compress_model
 from tests.conftest import tiny_model
 
 X = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -14,8 +14,7 @@ X = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
 
 def compressed(ignore=("lm_head",), **step):
     model = tiny_model()
-    config = parse({"model": "x", "steps": [{"method": "rtn", "ignore": list(ignore), **step}]}).steps[0]
-    apply_step(model, config, 0)
+    compress_model(model, None, parse({"model": "x", "steps": [{"method": "rtn", "ignore": list(ignore), **step}]}))
     return model
 
 

@@ -36,7 +36,11 @@ def ckpt(tiny_dir, tmp_path_factory):
 
 
 def test_quantize_writes_checkpoint_and_reports(ckpt):
-    assert (ckpt / "compress.json").is_file() and (ckpt / "model.safetensors").is_file()
+    assert (ckpt / "compress.json").is_file() and (ckpt / "model.safetensors.index.json").is_file()
+    # one tensor file per decoder layer (written as each finished) plus the rest; no staging left
+    assert sorted(p.name for p in ckpt.glob("*.safetensors")) == [
+        "layer-00000.safetensors", "layer-00001.safetensors", "rest.safetensors"]
+    assert not ckpt.with_name("int4.partial").exists()
     assert (ckpt / "tokenizer.json").is_file() and (ckpt / "config.json").is_file()
 
 
@@ -187,9 +191,9 @@ def test_bad_pipeline_files(tmp_path, tiny_dir):
 
 
 def test_existing_output_refused_before_work(ckpt, tiny_dir):
-    before = (ckpt / "model.safetensors").read_bytes()
+    before = (ckpt / "rest.safetensors").read_bytes()
     one_line_error(cli("quantize", tiny_dir, "-o", ckpt, *G32), r"already exists; choose another path or pass --overwrite")
-    assert (ckpt / "model.safetensors").read_bytes() == before
+    assert (ckpt / "rest.safetensors").read_bytes() == before
 
 
 def test_overwrite_replaces(tiny_dir, tmp_path):
@@ -197,7 +201,7 @@ def test_overwrite_replaces(tiny_dir, tmp_path):
     assert cli("quantize", tiny_dir, "-o", out, "--bits", "8", *G32, "-q").exit_code == 0
     assert cli("quantize", tiny_dir, "-o", out, "--bits", "2", *G32, "-q", "--overwrite").exit_code == 0
     assert json.loads((out / "compress.json").read_text())["steps"][0]["config"]["bits"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no temporary folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no staging or temporary folders left
 
 
 def test_unwritable_output(tiny_dir, tmp_path):
@@ -208,14 +212,14 @@ def test_unwritable_output(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("damage, pattern", [
-    ("truncate", r"model.safetensors is truncated or corrupt"),
-    ("delete", r"has no weight files"),
+    ("truncate", r"layer-00001.safetensors is truncated or corrupt"),
+    ("delete", r"missing tensor file layer-00001.safetensors"),
     ("version", r"manifest version 7; this compress reads version 1"),
 ])
 def test_damaged_checkpoints(ckpt, tmp_path, damage, pattern):
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
-    f = bad / "model.safetensors"
+    f = bad / "layer-00001.safetensors"
     if damage == "truncate":
         f.write_bytes(f.read_bytes()[:1000])
     elif damage == "delete":

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from compress.calibration import CalibratedStep, calibrate
+from tests.compress.test_calibration import run_engine
+from compress.calibration import LayerStep
 from compress.pipeline import parse
 from compress.quant.awq import _absorb
 from compress.quant.awq_math import clipped_grid, output_error, search_scales
@@ -58,8 +59,8 @@ def test_engine_finds_producers_from_the_forward_pass():
     model = tiny_model()
     rec = Producers()
     names = [n for n, m in model.named_modules() if n.startswith("model.layers.1.") and isinstance(m, nn.Linear)]
-    step = CalibratedStep(0, parse({"model": "x", "steps": [{"method": "awq"}]}).steps[0], rec, names)
-    calibrate(model, [step], torch.randint(0, 320, (2, 12)), torch.device("cpu"), lambda *a: None)
+    step = LayerStep(0, parse({"model": "x", "steps": [{"method": "awq"}]}).steps[0], rec, names)
+    run_engine(model, [step], lambda *a: None, torch.randint(0, 320, (2, 12)))
     p = {k.removeprefix("model.layers.1."): v and v.removeprefix("model.layers.1.") for k, v in rec.producers.items()}
     assert p["self_attn.q_proj"] == p["self_attn.k_proj"] == p["self_attn.v_proj"] == "input_layernorm"
     assert p["mlp.gate_proj"] == p["mlp.up_proj"] == "post_attention_layernorm"
