@@ -13,7 +13,11 @@ tied embeddings left in float):
 then the base model is evaluated once with the protocol of ../shared/EVAL.md (keeping its
 reference distributions) and every result of both toolkits is scored against that one reference
 in this process (our venv): perplexity on wiki (64 x 512), KL(base || model) and top-1 agreement
-on the first 8 windows. Prints one JSON line per (toolkit, scheme), then a markdown table.
+on the first 8 windows. The base model is evaluated first and every result as soon as it exists, so
+a long run prints as it goes: one JSON line for the setup, one for the base model, one per
+(toolkit, scheme); then a markdown table and a line per scheme with the two side by side. Each
+run's time and memory are also recorded beside its result (`--reuse` evaluates those results
+again without recompressing).
 
 Schemes: gptq-w4, gptq-w3 (GPTQ, dampening 0.01 of mean diag(H), act-order, blocks of 128 on both
 sides) and rtn-w4, rtn-w3 (round to nearest: llm-compressor's QuantizationModifier with no
@@ -41,7 +45,7 @@ Another process using the CPU at the same time inflates both sides' times; compa
 within one run.
 
     benchmarks/peers_setup.sh                              # once: benchmarks/.venv-peers
-    .venv/bin/python benchmarks/peers.py                   # all four schemes (~35 min on 2 cores)
+    .venv/bin/python benchmarks/peers.py                   # all four schemes (an hour or more on 2 cores)
     .venv/bin/python benchmarks/peers.py --schemes gptq-w4 --out /tmp/peers
     .venv/bin/python benchmarks/peers.py --skip-peers      # ours only
 """
@@ -107,6 +111,25 @@ def write_calibration(model_dir: Path, path: Path) -> torch.Tensor:
     return ids
 
 
+def compress_one(toolkit: str, scheme: str, model_dir: Path, calibration: Path, group_size: int, out: Path,
+                 record: Path, setup: dict, reuse: bool) -> dict:
+    """Run one compression (or, with reuse, read the record of an earlier identical one)."""
+    if reuse and record.is_file() and (out / "config.json").is_file():
+        run = json.loads(record.read_text())
+        if run.get("setup") == setup:
+            print(f"# reusing {out} (compressed earlier: {run['run_seconds']:.0f} s)", file=sys.stderr, flush=True)
+            return run
+    method, bits = SCHEMES[scheme]
+    if toolkit == "ours":
+        run = timed_quantize(str(model_dir), method, bits, group_size, out)
+    else:
+        run = peer_quantize(model_dir, calibration, method, bits, group_size, out)
+    run["setup"] = setup
+    record.write_text(json.dumps(run))
+    print(f"# {TOOLKITS[toolkit]} {scheme}: compressed in {run['run_seconds']:.0f} s", file=sys.stderr, flush=True)
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="Prepared name or Hugging Face model folder.")
@@ -115,6 +138,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/peers"))
     ap.add_argument("--skip-ours", action="store_true", help="Run only llm-compressor.")
     ap.add_argument("--skip-peers", action="store_true", help="Run only compress.")
+    ap.add_argument("--reuse", action="store_true", help="Evaluate a result already in --out from an identical "
+                    "earlier run (with the time and memory recorded then) instead of compressing again.")
     args = ap.parse_args()
     toolkits = [t for t, skip in (("ours", args.skip_ours), ("peers", args.skip_peers)) if not skip]
     if not toolkits:
@@ -125,65 +150,61 @@ def main() -> None:
     model_dir = resolve(args.model)  # both sides read this very folder
     calibration = args.out / "calibration.pt"
     ids = write_calibration(model_dir, calibration)
-    print(json.dumps({"model": str(model_dir), "calibration": "news", "samples": ids.shape[0],
-                      "seq_len": ids.shape[1], "token_sum": int(ids.sum())}), flush=True)
+    setup = {"model": str(model_dir), "calibration": "news", "samples": ids.shape[0], "seq_len": ids.shape[1],
+             "token_sum": int(ids.sum()), "group_size": args.group_size}
+    print(json.dumps(setup), flush=True)
 
-    runs = {}
-    for scheme in args.schemes:
-        method, bits = SCHEMES[scheme]
-        for toolkit in toolkits:
-            out = args.out / f"{toolkit}-{scheme}"
-            if toolkit == "ours":
-                runs[(toolkit, scheme)] = {"path": out, **timed_quantize(str(model_dir), method, bits,
-                                                                         args.group_size, out)}
-            else:
-                runs[(toolkit, scheme)] = {"path": out, **peer_quantize(model_dir, calibration, method, bits,
-                                                                        args.group_size, out)}
-            print(f"# {TOOLKITS[toolkit]} {scheme}: {runs[(toolkit, scheme)]['run_seconds']:.0f} s", file=sys.stderr,
-                  flush=True)
-
+    # The base model first, so that each result is scored (and printed) as soon as it exists.
     config = EvalConfig(speed=False)
     start = time.perf_counter()
     model, tokenizer, _ = load_model(str(model_dir))
     base, reference = evaluate(model, tokenizer, config, keep_reference=True)
     del model
     print(f"# evaluated the base model in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    results = [{"toolkit": "none", "scheme": "fp32", "perplexity": base.perplexity, "kl": 0.0, "top1": 1.0}]
-    print(json.dumps(results[0]), flush=True)
-    for (toolkit, scheme), run in runs.items():
-        start = time.perf_counter()
-        model, tokenizer, _ = load_model(str(run["path"]))
-        result, _ = evaluate(model, tokenizer, config, reference=reference)
+    print(json.dumps({"toolkit": "none", "scheme": "fp32", "perplexity": base.perplexity, "kl": 0.0, "top1": 1.0}),
+          flush=True)
+
+    results = []
+    for scheme in args.schemes:
         method, bits = SCHEMES[scheme]
-        row = {"toolkit": TOOLKITS[toolkit], "scheme": scheme, "method": method, "bits": bits,
-               "group_size": args.group_size, "perplexity": result.perplexity, "kl": result.kl, "top1": result.top1,
-               "run_seconds": run["run_seconds"], "peak_rss_mb": run["peak_rss_mb"]}
-        if toolkit == "ours":
-            row["bits_per_weight"] = size_report(model).bits_per_weight
-        else:
-            row |= {"oneshot_seconds": run["oneshot_seconds"], "modules_quantized": run["modules_quantized"],
-                    "versions": run["versions"]}
-        print(json.dumps(row), flush=True)
-        results.append(row)
-        del model
-        print(f"# evaluated {TOOLKITS[toolkit]} {scheme} in {time.perf_counter() - start:.0f} s", file=sys.stderr,
-              flush=True)
+        for toolkit in toolkits:
+            out = args.out / f"{toolkit}-{scheme}"
+            run = compress_one(toolkit, scheme, model_dir, calibration, args.group_size, out,
+                               args.out / f"{toolkit}-{scheme}.run.json", setup, args.reuse)
+            start = time.perf_counter()
+            model, tokenizer, _ = load_model(str(out))
+            result, _ = evaluate(model, tokenizer, config, reference=reference)
+            row = {"toolkit": TOOLKITS[toolkit], "scheme": scheme, "method": method, "bits": bits,
+                   "group_size": args.group_size, "perplexity": result.perplexity, "kl": result.kl,
+                   "top1": result.top1, "run_seconds": run["run_seconds"], "peak_rss_mb": run["peak_rss_mb"]}
+            if toolkit == "ours":
+                row["bits_per_weight"] = size_report(model).bits_per_weight
+            else:
+                row |= {"oneshot_seconds": run["oneshot_seconds"], "modules_quantized": run["modules_quantized"],
+                        "versions": run["versions"]}
+            del model
+            print(json.dumps(row), flush=True)
+            results.append(row)
+            print(f"# evaluated {TOOLKITS[toolkit]} {scheme} in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+                  flush=True)
 
     print("\n| scheme | toolkit | perplexity | KL vs base | top-1 | run time | peak memory |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     print(f"| uncompressed (fp32) | - | {base.perplexity:.3f} | - | - | - | - |")
-    for r in results[1:]:
+    for r in results:
         print(f"| {r['scheme']} g{r['group_size']} | {r['toolkit']} | {r['perplexity']:.3f} | {r['kl']:.4f} | "
               f"{r['top1'] * 100:.2f}% | {r['run_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
-    by_key = {(r["toolkit"], r["scheme"]): r for r in results[1:]}
+    by_key = {(r["toolkit"], r["scheme"]): r for r in results}
+    lines = []
     for scheme in args.schemes:
         ours, peer = by_key.get(("compress", scheme)), by_key.get(("llm-compressor", scheme))
         if ours and peer:
-            print(f"\n{scheme}: compress vs llm-compressor: KL {ours['kl']:.4f} vs {peer['kl']:.4f}, "
-                  f"top-1 {ours['top1'] * 100:.2f}% vs {peer['top1'] * 100:.2f}%, "
-                  f"perplexity {ours['perplexity']:.3f} vs {peer['perplexity']:.3f}, "
-                  f"wall {ours['run_seconds']:.0f} s vs {peer['run_seconds']:.0f} s", end="")
-    print()
+            lines.append(f"{scheme}, compress vs llm-compressor: KL {ours['kl']:.4f} vs {peer['kl']:.4f}, "
+                         f"top-1 {ours['top1'] * 100:.2f}% vs {peer['top1'] * 100:.2f}%, "
+                         f"perplexity {ours['perplexity']:.3f} vs {peer['perplexity']:.3f}, "
+                         f"wall {ours['run_seconds']:.0f} s vs {peer['run_seconds']:.0f} s")
+    if lines:
+        print("\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

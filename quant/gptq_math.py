@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -173,7 +175,9 @@ def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | No
     low, info = torch.linalg.cholesky_ex(hd)
     if info.item() != 0 or not torch.isfinite(low).all():
         return None
-    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+    # H^-1 by two triangular solves against I: torch.cholesky_inverse is several times slower on CPU.
+    inverse = torch.cholesky_solve(torch.eye(h.shape[0], device=h.device, dtype=h.dtype), low)
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
     if info.item() != 0 or not torch.isfinite(upper).all():
         return None
     return upper
@@ -227,25 +231,48 @@ def _gptq_pass(
         w1 = w[:, i1:i2]  # [out, b], a view: in-block updates land in w directly
         err1 = torch.zeros(out, i2 - i1, device=w.device)  # [out, b] scaled errors, for the lazy update
         u1 = u[i1:i2, i1:i2]  # [b, b]
-        for i in range(i2 - i1):
-            g = orig[i1 + i] // group_size
-            if not ready[g]:
-                # First column of group g in processing order: its grid comes from the current
-                # (error-compensated) values of all its columns, which all lie at positions >= i1+i.
-                _group_grid(w, u, err1, pos_of, g, i1, i, i2, bits, group_size, symmetric, scale_dtype, scales, zeros)
-                ready[g] = True
-            col = w1[:, i]  # [out]
-            q, dq = quantize_column(col, scales[:, g], None if zeros is None else zeros[:, g], bits)
-            codes[:, i1 + i] = q.to(torch.uint8)
-            d = u1[i, i]
-            err = (col - dq) / d  # [out]
-            loss += err.square() / 2
-            # OBS update of the rest of the block: w_k -= (w_j - q_j) * U[j, k] / U[j, j].
-            w1[:, i + 1 :] -= err.unsqueeze(1) * u1[i, i + 1 :].unsqueeze(0)
-            err1[:, i] = err
+        with _one_cpu_thread(w.device):
+            _quantize_block(w, w1, u, u1, err1, codes, scales, zeros, loss, ready, orig, pos_of, i1, i2, bits,
+                            group_size, symmetric, scale_dtype)
         # Lazy batch update: the whole block's errors reach the later columns in one matmul.
         w[:, i2:] -= err1 @ u[i1:i2, i2:]  # [out, b] @ [b, n - i2]
     return codes, scales, zeros, loss.sum().item()
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """The column loop is thousands of tiny ops: on CPU, OpenMP threads only add synchronisation
+    (10-20x slower when other processes compete for the cores), so run it on one thread."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quantize_block(w, w1, u, u1, err1, codes, scales, zeros, loss, ready, orig, pos_of, i1, i2, bits, group_size,
+                    symmetric, scale_dtype) -> None:
+    """Quantize columns [i1, i2) one by one with in-block OBS updates (see _gptq_pass)."""
+    for i in range(i2 - i1):
+        g = orig[i1 + i] // group_size
+        if not ready[g]:
+            # First column of group g in processing order: its grid comes from the current
+            # (error-compensated) values of all its columns, which all lie at positions >= i1+i.
+            _group_grid(w, u, err1, pos_of, g, i1, i, i2, bits, group_size, symmetric, scale_dtype, scales, zeros)
+            ready[g] = True
+        col = w1[:, i]  # [out]
+        q, dq = quantize_column(col, scales[:, g], None if zeros is None else zeros[:, g], bits)
+        codes[:, i1 + i] = q.to(torch.uint8)
+        d = u1[i, i]
+        err = (col - dq) / d  # [out]
+        loss += err.square() / 2
+        # OBS update of the rest of the block: w_k -= (w_j - q_j) * U[j, k] / U[j, j].
+        w1[:, i + 1 :] -= err.unsqueeze(1) * u1[i, i + 1 :].unsqueeze(0)
+        err1[:, i] = err
 
 
 def _group_grid(w, u, err1, pos_of, g, i1, i, i2, bits, group_size, symmetric, scale_dtype, scales, zeros) -> None:

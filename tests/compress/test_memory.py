@@ -1,0 +1,38 @@
+"""Streaming keeps peak memory flat in the number of layers (the property benchmarks/memory_1b.py
+measures at 1B parameters): a model with 8x the layers must not need noticeably more memory."""
+
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+def peak_rss_mb(model_dir, out):
+    script = (
+        "import resource, compress; "
+        f"compress.run({{'model': {str(model_dir)!r}, 'eval': None, 'output': {str(out)!r}, "
+        "'calibration': {'samples': 2, 'seq_len': 64}, "
+        "'steps': [{'method': 'gptq', 'bits': 4, 'group_size': 128}]}); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return int(proc.stdout.split()[-1]) / 1024
+
+
+def test_peak_memory_does_not_grow_with_layers(tmp_path):
+    tok = tiny_tokenizer()
+    peaks = {}
+    for layers in (4, 32):
+        # hidden 512: 9.4 MB of float32 weights per layer, so 32 layers hold 264 MB more than 4
+        model = tiny_model(vocab_size=len(tok), hidden_size=512, intermediate_size=1408, num_hidden_layers=layers,
+                           num_attention_heads=8, num_key_value_heads=2)
+        model.save_pretrained(tmp_path / f"m{layers}")
+        tok.save_pretrained(tmp_path / f"m{layers}")
+        del model
+        peaks[layers] = peak_rss_mb(tmp_path / f"m{layers}", tmp_path / f"o{layers}")
+    assert peaks[32] - peaks[4] < 60, peaks  # measured XX MB; holding the model whole would add ~264 MB
