@@ -5,7 +5,7 @@ and peak resident memory of the run itself); then the base model is evaluated on
 reference distributions) and every checkpoint is scored against it: perplexity, KL, top-1,
 bits per weight. Prints one JSON line per row, then a markdown table.
 
-    python benchmarks/quant_table.py                          # smollm2-135m, rtn/gptq at 3/4/8 bits + fp8
+    python benchmarks/quant_table.py                          # smollm2-135m, rtn/gptq/awq at 3/4/8 bits, nf4, fp8
     python benchmarks/quant_table.py --methods gptq --bits 4 --out /tmp/qt
 """
 
@@ -41,14 +41,14 @@ def timed_quantize(model: str, method: str, bits: int | None, group_size: int, o
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"])
     ap.add_argument("--bits", nargs="+", type=int, default=[3, 4, 8])
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="add an fp8 row")
+    ap.add_argument("--fixed", nargs="*", default=["nf4", "fp8"], help="methods without a bits setting to add")
     ap.add_argument("--out", type=Path, default=Path("out/quant_table"))
     args = ap.parse_args()
 
-    rows = [(m, b) for b in args.bits for m in args.methods] + ([("fp8", None)] if args.fp8 else [])
+    rows = [(m, b) for b in args.bits for m in args.methods] + [(m, None) for m in args.fixed]
     runs = {}
     for method, bits in rows:
         out = args.out / f"{method}{bits or ''}"
@@ -80,7 +80,7 @@ def main() -> None:
         if r["method"] == "none":
             print(f"| uncompressed (fp32) | 32 | {r['perplexity']:.3f} | - | - | 32 | - | - |")
             continue
-        bits = r["bits"] if r["bits"] else "8 (e4m3)"
+        bits = r["bits"] or {"fp8": "8 (e4m3)", "nf4": "4 (nf4, b64)"}.get(r["method"], "-")
         print(f"| {r['method']} | {bits} | {r['perplexity']:.3f} | {r['kl']:.4f} | {r['top1'] * 100:.2f}% | "
               f"{r['bits_per_weight']:.3f} | {r['run_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
 

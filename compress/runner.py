@@ -33,7 +33,7 @@ from .evaluate import EvalResult, evaluate
 from .fsutil import check_output, replace_dir
 from .interfaces import MethodConfig
 from .loading import DTYPES, load_model, pick_device
-from .models import resolve
+from .models import is_checkpoint, resolve
 from .pipeline import CalibrationConfig, Pipeline
 from .streaming import (
     ACTIVATIONS,
@@ -149,6 +149,9 @@ def run(
     if target is not None:
         check_output(target, overwrite)  # before any long work
     path = resolve(pipeline.model, pipeline.allow_pickle, progress)
+    if is_checkpoint(path):
+        raise CompressError(f"{path} is already a compressed checkpoint; compress its base model instead, with all "
+                            "the steps in one pipeline")
     if not (any(path.glob("*.safetensors")) or (path / checkpoint.INDEX_NAME).is_file()):
         raise CompressError(f"{path}: compression streams safetensors weights; convert the pickle weights first")
     tokenizer = load_tokenizer(path, pipeline.trust_remote_code)
@@ -195,48 +198,15 @@ def _resume_key(pipeline: Pipeline) -> dict[str, Any]:
 def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, resume: bool,
                       progress: Progress = NullProgress()) -> tuple[list[StepReport], SizeReport, SizeReport, dict]:
     """Compress the model at `path` into the checkpoint folder `staging`, one layer in memory at a time."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     device = pick_device(pipeline.device)
     dtype = None if pipeline.dtype == "auto" else DTYPES[pipeline.dtype]
-    config = AutoConfig.from_pretrained(path, trust_remote_code=pipeline.trust_remote_code)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=pipeline.trust_remote_code)
-    model.eval()
-    layers = find_layers(model, pipeline.calibration.layers)
+    model, layers, source = _model_without_layer_weights(path, pipeline, dtype)
     layer_names = [n for n, _ in layers]
     prefixes = tuple(n + "." for n in layer_names)
-    source = SafetensorsSource(path)
-    rest_names = [n for n in source.files if not n.startswith(prefixes)]
-    rest = cast_floats(source.read(rest_names), dtype)
-    model.load_state_dict(rest, strict=False, assign=True)
-    model.tie_weights()
-    unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta
-                and not n.startswith(prefixes)]
-    if unloaded:
-        raise CompressError(f"{path} lacks tensors for {', '.join(unloaded[:3])}")
     base_size = size_report(model)
     steps = prepare_steps(model, pipeline.steps)
     check_inside_layers(steps, layer_names)
-    key = _resume_key(pipeline)
-    state = {"pipeline": key, "layers_done": 0, "changes": {str(s.index): [] for s in steps},
-             "seconds": {str(s.index): 0.0 for s in steps}, "has_activations": False}
-    calls = None
-    if resume:
-        if not (staging / PROGRESS).is_file():
-            raise CompressError(f"--resume: there is no interrupted run to continue ({staging} does not exist)")
-        state, calls = load_progress(staging)
-        diff = differences(state["pipeline"], key)
-        if diff:
-            raise CompressError(f"--resume: the pipeline differs from the interrupted run's ({'; '.join(diff[:3])}); "
-                                f"run without --resume to start over")
-    else:
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            staging.mkdir(parents=True)
-        except OSError as e:
-            raise CompressError(f"cannot write output folder {staging}: {e.strerror}") from None
+    state, calls = _start_or_resume(staging, resume, _resume_key(pipeline), steps)
     done = state["layers_done"]
     # Layers finished before an interruption: rebuild their compressed modules (on meta) from
     # the recorded changes, so the model's structure is as if they had just been done.
@@ -300,6 +270,51 @@ def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, 
     for name in (PROGRESS, ACTIVATIONS):
         (staging / name).unlink(missing_ok=True)
     return reports, base_size, size_report(model), manifest
+
+
+def _model_without_layer_weights(path: Path, pipeline: Pipeline, dtype: torch.dtype | None):
+    """(model whose decoder layers are on the meta device and the rest loaded, its layers, the
+    tensor source)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=pipeline.trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=pipeline.trust_remote_code)
+    model.eval()
+    layers = find_layers(model, pipeline.calibration.layers)
+    prefixes = tuple(n + "." for n, _ in layers)
+    source = SafetensorsSource(path)
+    model.load_state_dict(cast_floats(source.read([n for n in source.files if not n.startswith(prefixes)]), dtype),
+                          strict=False, assign=True)
+    model.tie_weights()
+    unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                if t.is_meta and not n.startswith(prefixes)]
+    if unloaded:
+        raise CompressError(f"{path} lacks tensors for {', '.join(unloaded[:3])}")
+    return model, layers, source
+
+
+def _start_or_resume(staging: Path, resume: bool, key: dict[str, Any], steps: list[LayerStep]):
+    """(run state, next layer's inputs or None): fresh in an emptied staging folder, or the
+    interrupted run's, after checking that it ran the same pipeline."""
+    if resume:
+        if not (staging / PROGRESS).is_file():
+            raise CompressError(f"--resume: there is no interrupted run to continue ({staging} does not exist)")
+        state, calls = load_progress(staging)
+        diff = differences(state["pipeline"], key)
+        if diff:
+            raise CompressError(f"--resume: the pipeline differs from the interrupted run's ({'; '.join(diff[:3])}); "
+                                f"run without --resume to start over")
+        return state, calls
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        raise CompressError(f"cannot write output folder {staging}: {e.strerror}") from None
+    state = {"pipeline": key, "layers_done": 0, "changes": {str(s.index): [] for s in steps},
+             "seconds": {str(s.index): 0.0 for s in steps}, "has_activations": False}
+    return state, None
 
 
 def _swap_recorded(model: nn.Module, change: dict[str, Any]) -> None:
