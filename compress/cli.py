@@ -56,11 +56,19 @@ def _friendly(fn):
         except KeyboardInterrupt:
             err.print("interrupted; no partial output was left behind")
             raise typer.Exit(130) from None
-        except MemoryError:
-            err.print("[bold red]error:[/] out of memory; use a smaller model, fewer eval windows, or a GPU")
+        except (MemoryError, _torch_oom()):
+            err.print("[bold red]error:[/] out of memory; lower calibration.samples or calibration.seq_len (the "
+                      "activations kept between layers), or eval.windows; an interrupted compression keeps its "
+                      "finished layers in OUT.partial: rerun with --resume")
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _torch_oom() -> type[BaseException]:
+    import torch
+
+    return torch.OutOfMemoryError
 
 
 def _quiet_libraries() -> None:

@@ -11,6 +11,7 @@ from the last finished layer and produces the same checkpoint as an uninterrupte
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -104,6 +105,25 @@ class StreamedLayers:
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.staging / layer_file(index))
         layer.to("meta")
+        _return_freed_memory()
+
+
+def _load_malloc_trim():
+    """glibc's malloc_trim, or None elsewhere. glibc raises its mmap threshold after large frees,
+    so later layer-sized tensors come from the heap and freed ones stay resident (measured: +5 MB
+    per layer of a 9 MB-per-layer model); trimming after each layer returns them to the system."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _return_freed_memory() -> None:
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 # --- resume state ---------------------------------------------------------------------------
