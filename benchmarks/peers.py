@@ -10,14 +10,14 @@ tied embeddings left in float):
   compressed-tensors), also under /usr/bin/time -v; it writes the fake-quantized weights as a
   plain float32 Hugging Face folder;
 
-then the base model is evaluated once with the protocol of ../shared/EVAL.md (keeping its
-reference distributions) and every result of both toolkits is scored against that one reference
-in this process (our venv): perplexity on wiki (64 x 512), KL(base || model) and top-1 agreement
-on the first 8 windows. The base model is evaluated first and every result as soon as it exists, so
-a long run prints as it goes: one JSON line for the setup, one for the base model, one per
-(toolkit, scheme); then a markdown table and a line per scheme with the two side by side. Each
-run's time and memory are also recorded beside its result (`--reuse` evaluates those results
-again without recompressing).
+and every result of both toolkits is scored in this process (our venv) with the protocol of
+../shared/EVAL.md against one evaluation of the base model (its reference distributions kept):
+perplexity on wiki (64 x 512), KL(base || model) and top-1 agreement on the first 8 windows.
+The base model is evaluated first and every result as soon as it exists, so a long run prints
+as it goes: one JSON line for the setup, one for the base model, one per (toolkit, scheme);
+then a markdown table and a line per scheme with the two side by side. Each run's time and
+memory are also recorded beside its result (`--reuse` evaluates those results again without
+recompressing).
 
 Schemes: gptq-w4, gptq-w3 (GPTQ, dampening 0.01 of mean diag(H), act-order, blocks of 128 on both
 sides) and rtn-w4, rtn-w3 (round to nearest: llm-compressor's QuantizationModifier with no
@@ -33,13 +33,14 @@ Fairness:
   the wall time and peak RSS are of each whole process (Python start, imports, model load,
   quantization, writing the result), so llm-compressor's heavier imports count against it and
   our packed checkpoint writing against us.
-Known differences (see the report in the README): llm-compressor computes every group's grid
-from the original weights up front (its observer), ours when GPTQ reaches the group's first
-column (from the error-compensated weights; `static_groups: true` would match theirs); its
+Known differences: llm-compressor computes every group's grid from the original weights up
+front (its observer), ours when GPTQ reaches the group's first column (from the error-compensated weights; `static_groups: true` would match theirs); its
 scales stay float32 here (the model's dtype), ours are rounded to float16 before the codes are
 chosen; on a Hessian that cannot be factorised it falls back to round-to-nearest for that module,
 ours raises the dampening. The grid itself is the same: scale = 2*absmax/(2^bits - 1), codes in
-[-2^(bits-1), 2^(bits-1) - 1] (ours stored with zero point 2^(bits-1)).
+[-2^(bits-1), 2^(bits-1) - 1] (ours stored with zero point 2^(bits-1)); for RTN the two agree
+but for the ties that the float16 rounding of our scales moves (the group's most negative weight
+lands on -7.5 steps with an exact float32 scale, which rounds to -8).
 
 Another process using the CPU at the same time inflates both sides' times; compare the two only
 within one run.
@@ -48,6 +49,7 @@ within one run.
     .venv/bin/python benchmarks/peers.py                   # all four schemes (an hour or more on 2 cores)
     .venv/bin/python benchmarks/peers.py --schemes gptq-w4 --out /tmp/peers
     .venv/bin/python benchmarks/peers.py --skip-peers      # ours only
+    .venv/bin/python benchmarks/peers.py --table out/peers.jsonl   # the table of a saved stdout
 """
 
 from __future__ import annotations
@@ -130,6 +132,27 @@ def compress_one(toolkit: str, scheme: str, model_dir: Path, calibration: Path, 
     return run
 
 
+def print_table(base_perplexity: float, results: list[dict], schemes: list[str]) -> None:
+    """The markdown table of the JSON rows, then one line per scheme with both toolkits side by side."""
+    print("\n| scheme | toolkit | perplexity | KL vs base | top-1 | run time | peak memory |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| uncompressed (fp32) | - | {base_perplexity:.3f} | - | - | - | - |")
+    for r in results:
+        print(f"| {r['scheme']} g{r['group_size']} | {r['toolkit']} | {r['perplexity']:.3f} | {r['kl']:.4f} | "
+              f"{r['top1'] * 100:.2f}% | {r['run_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
+    by_key = {(r["toolkit"], r["scheme"]): r for r in results}
+    lines = []
+    for scheme in schemes:
+        ours, peer = by_key.get(("compress", scheme)), by_key.get(("llm-compressor", scheme))
+        if ours and peer:
+            lines.append(f"{scheme}, compress vs llm-compressor: KL {ours['kl']:.4f} vs {peer['kl']:.4f}, "
+                         f"top-1 {ours['top1'] * 100:.2f}% vs {peer['top1'] * 100:.2f}%, "
+                         f"perplexity {ours['perplexity']:.3f} vs {peer['perplexity']:.3f}, "
+                         f"wall {ours['run_seconds']:.0f} s vs {peer['run_seconds']:.0f} s")
+    if lines:
+        print("\n" + "\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="Prepared name or Hugging Face model folder.")
@@ -140,7 +163,14 @@ def main() -> None:
     ap.add_argument("--skip-peers", action="store_true", help="Run only compress.")
     ap.add_argument("--reuse", action="store_true", help="Evaluate a result already in --out from an identical "
                     "earlier run (with the time and memory recorded then) instead of compressing again.")
+    ap.add_argument("--table", type=Path, metavar="JSONL", help="Only print the table of the JSON lines an "
+                    "earlier run printed (e.g. one cut short), then exit.")
     args = ap.parse_args()
+    if args.table:
+        rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.startswith("{")]
+        base = next(r for r in rows if r.get("toolkit") == "none")
+        results = [r for r in rows if r.get("toolkit") in TOOLKITS.values()]
+        return print_table(base["perplexity"], results, list(dict.fromkeys(r["scheme"] for r in results)))
     toolkits = [t for t, skip in (("ours", args.skip_ours), ("peers", args.skip_peers)) if not skip]
     if not toolkits:
         raise SystemExit("nothing to run: --skip-ours and --skip-peers together")
@@ -188,23 +218,7 @@ def main() -> None:
             print(f"# evaluated {TOOLKITS[toolkit]} {scheme} in {time.perf_counter() - start:.0f} s", file=sys.stderr,
                   flush=True)
 
-    print("\n| scheme | toolkit | perplexity | KL vs base | top-1 | run time | peak memory |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| uncompressed (fp32) | - | {base.perplexity:.3f} | - | - | - | - |")
-    for r in results:
-        print(f"| {r['scheme']} g{r['group_size']} | {r['toolkit']} | {r['perplexity']:.3f} | {r['kl']:.4f} | "
-              f"{r['top1'] * 100:.2f}% | {r['run_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
-    by_key = {(r["toolkit"], r["scheme"]): r for r in results}
-    lines = []
-    for scheme in args.schemes:
-        ours, peer = by_key.get(("compress", scheme)), by_key.get(("llm-compressor", scheme))
-        if ours and peer:
-            lines.append(f"{scheme}, compress vs llm-compressor: KL {ours['kl']:.4f} vs {peer['kl']:.4f}, "
-                         f"top-1 {ours['top1'] * 100:.2f}% vs {peer['top1'] * 100:.2f}%, "
-                         f"perplexity {ours['perplexity']:.3f} vs {peer['perplexity']:.3f}, "
-                         f"wall {ours['run_seconds']:.0f} s vs {peer['run_seconds']:.0f} s")
-    if lines:
-        print("\n" + "\n".join(lines))
+    print_table(base.perplexity, results, args.schemes)
 
 
 if __name__ == "__main__":

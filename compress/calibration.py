@@ -17,7 +17,8 @@ activations are kept on the offload device (CPU), one [1, seq_len, hidden] tenso
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -161,6 +162,36 @@ class InMemoryLayers:
         layer.to(self.home)
 
 
+class _DenseView(nn.Module):
+    """Computes exactly what a compressed module computes, F.linear(x, W, b), with W decoded once
+    instead of on every call (a layer is run once per calibration sample)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.cache: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in self.cache:
+            bias = getattr(self.module, "bias", None)
+            self.cache[x.dtype] = (self.module.dequantized_weight(x.dtype), None if bias is None else bias.to(x.dtype))
+        w, b = self.cache[x.dtype]
+        return nn.functional.linear(x, w, b)
+
+
+@contextmanager
+def dense_views(layer: nn.Module) -> Iterator[None]:
+    """Within the block, the layer's compressed modules run from their decoded weights."""
+    swapped = [(name, m) for name, m in layer.named_modules() if hasattr(m, "dequantized_weight")]
+    for name, m in swapped:
+        layer.set_submodule(name, _DenseView(m))
+    try:
+        yield
+    finally:
+        for name, m in swapped:
+            layer.set_submodule(name, m)
+
+
 def _call(layer: nn.Module, call: LayerCall, device: torch.device) -> torch.Tensor:
     c = call.to(device)
     out = layer(*c.args, **c.kwargs)
@@ -223,7 +254,8 @@ def compress_layers(
                         on_compressed(step, name, old, step.compressor.compress(name, old))
                 seconds[step.index] += time.perf_counter() - t
             if i < last_calibrated:  # a later layer still needs its (compressed) inputs
-                calls = [c.with_hidden(_call(layer, c, device).to(offload)) for c in calls]
+                with dense_views(layer):
+                    calls = [c.with_hidden(_call(layer, c, device).to(offload)) for c in calls]
             else:
                 calls = None
             io.release(i, layer_name, layer)
@@ -270,9 +302,10 @@ def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: LayerS
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(observe))
     try:
-        for call in calls:
-            _call(layer, call, device)
-            outputs.clear()
+        with dense_views(layer):
+            for call in calls:
+                _call(layer, call, device)
+                outputs.clear()
     finally:
         for h in handles:
             h.remove()

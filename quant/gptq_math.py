@@ -77,8 +77,8 @@ def accumulate_hessian(hessian: torch.Tensor | None, count: int, x: torch.Tensor
     # H * count/total + 2/total * X^T X, with the 2/total folded into X as sqrt(2/total) like the
     # reference: one fused matmul, no [in, in] temporary scaled afterwards.
     rows = rows.to(device=hessian.device, dtype=torch.float32) * math.sqrt(2.0 / total)
-    hessian = hessian.float() * (count / total)
-    hessian.addmm_(rows.t(), rows)  # [in, n] @ [n, in]
+    hessian = hessian.float()  # the caller's accumulator, updated in place (no [in, in] temporaries)
+    hessian.mul_(count / total).addmm_(rows.t(), rows)  # [in, n] @ [n, in]
     return hessian, total
 
 
