@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/ is not a package
+from quant_table import timed_run  # noqa: E402
 
 
 def build(folder: Path) -> None:
@@ -58,14 +59,10 @@ def main() -> None:
             "calibration": {"samples": args.samples, "seq_len": args.seq_len},
             "steps": [{"method": "gptq", "bits": 4, "group_size": 128}]}))
         cmd = [sys.executable, "-m", "compress", "run", str(pipeline), "--quiet", "--json"]
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(proc.stderr[-3000:])
-        peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-        wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
-        result = json.loads(proc.stdout)
+        stdout, seconds, peak_mb = timed_run(cmd)
+        result = json.loads(stdout)
         print(json.dumps({"model_gb_fp32": result["base"]["tensor_bytes"] / 1e9, "samples": args.samples,
-                          "seq_len": args.seq_len, "peak_rss_gb": peak_kb / 1024**2, "wall": wall,
+                          "seq_len": args.seq_len, "peak_rss_gb": peak_mb / 1024, "wall_seconds": seconds,
                           "bits_per_weight": result["compressed"]["bits_per_weight"]}))
 
 

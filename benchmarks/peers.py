@@ -57,8 +57,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,7 +65,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # benchmarks/ is not a package
-from quant_table import timed_quantize  # noqa: E402
+from quant_table import timed_quantize, timed_run  # noqa: E402
 
 from compress.evaluate import EvalConfig, evaluate  # noqa: E402
 from compress.loading import load_model  # noqa: E402
@@ -80,17 +78,6 @@ SCHEMES = {"gptq-w4": ("gptq", 4), "gptq-w3": ("gptq", 3), "rtn-w4": ("rtn", 4),
 PEERS_PYTHON = HERE / ".venv-peers" / "bin" / "python"
 WORKER = HERE / "peers_worker.py"
 TOOLKITS = {"ours": "compress", "peers": "llm-compressor"}
-
-
-def timed_run(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
-    """(stdout, wall seconds, peak RSS MB) of `cmd` run under /usr/bin/time -v."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
-    seconds = sum(float(p) * 60**i for i, p in enumerate(reversed(wall.split(":"))))
-    return proc.stdout, seconds, peak_kb / 1024
 
 
 def peer_quantize(model_dir: Path, calibration: Path, method: str, bits: int, group_size: int, out: Path) -> dict:

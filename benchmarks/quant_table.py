@@ -24,18 +24,24 @@ from compress.loading import load_model
 from compress.sizes import size_report
 
 
+def timed_run(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
+    """(stdout, wall seconds, peak RSS MB) of `cmd` run under /usr/bin/time -v."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
+    seconds = sum(float(p) * 60**i for i, p in enumerate(reversed(wall.split(":"))))
+    return proc.stdout, seconds, peak_kb / 1024
+
+
 def timed_quantize(model: str, method: str, bits: int | None, group_size: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "compress", "quantize", model, "-o", str(out), "--method", method,
            "--overwrite", "--quiet", "--json"]
     if bits is not None:
         cmd += ["--bits", str(bits), "--group-size", str(group_size), "--symmetric"]
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
-    seconds = sum(float(p) * 60**i for i, p in enumerate(reversed(wall.split(":"))))
-    return {"run_seconds": seconds, "peak_rss_mb": peak_kb / 1024}
+    _, seconds, peak_mb = timed_run(cmd)
+    return {"run_seconds": seconds, "peak_rss_mb": peak_mb}
 
 
 def main() -> None:

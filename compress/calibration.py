@@ -282,7 +282,9 @@ def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: LayerS
         found = outputs.get(x.data_ptr()) if isinstance(x, torch.Tensor) else None
         return found[0] if found is not None and found[1].shape == x.shape else None
 
-    for sub_name, sub in layer.named_modules():
+    prepare = getattr(step.compressor, "prepare_layer", None)
+    # The producer map costs two hooks on every submodule for every sample: only for methods that use it.
+    for sub_name, sub in (layer.named_modules() if prepare is not None else []):
         if not sub_name:
             continue
 
@@ -309,7 +311,6 @@ def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: LayerS
     finally:
         for h in handles:
             h.remove()
-    prepare = getattr(step.compressor, "prepare_layer", None)
     if prepare is not None:  # e.g. AWQ: search and fold scales across the layer's modules
         prepare(model, layer_name, names, producers, consumers)
     for name in names:

@@ -28,7 +28,8 @@ from torch import nn
 from compress.errors import CompressError
 from compress.interfaces import MethodConfig
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from .layers import _DTYPES
+
 # bitsandbytes 0.50 quantizes the absmax (double quantization) in blocks of 256 with float32
 # scales, and its fused kernels accept nothing else: part of this format's definition.
 NESTED_BLOCK_SIZE = 256

@@ -17,7 +17,7 @@ def cli(*args):
     return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
-def one_line_error(result, pattern):
+def assert_one_line_error(result, pattern):
     import re
 
     assert result.exit_code == 1, result.output
@@ -85,7 +85,7 @@ def test_methods():
     r = cli("methods", "rtn", "--json")
     fields = {f["name"]: f for f in json.loads(r.stdout)["fields"]}
     assert fields["bits"]["default"] == 4 and "2 to 8" in fields["bits"]["description"]
-    one_line_error(cli("methods", "gptqq"), "unknown method 'gptqq'")
+    assert_one_line_error(cli("methods", "gptqq"), "unknown method 'gptqq'")
 
 
 def write_pipeline(tmp_path, tiny_dir, **extra):
@@ -139,13 +139,13 @@ def assert_nothing_written(folder):
 )
 def test_bad_model_arguments(tmp_path, model, pattern):
     out = tmp_path / "out"
-    one_line_error(cli("quantize", model, "-o", out), pattern)
+    assert_one_line_error(cli("quantize", model, "-o", out), pattern)
     assert_nothing_written(tmp_path)
 
 
 def test_folder_without_model(tmp_path):
     (tmp_path / "empty").mkdir()
-    one_line_error(cli("quantize", tmp_path / "empty", "-o", tmp_path / "o"), "has no config.json")
+    assert_one_line_error(cli("quantize", tmp_path / "empty", "-o", tmp_path / "o"), "has no config.json")
 
 
 def test_pickle_checkpoint_refused_unless_opted_in(tiny_dir, tmp_path):
@@ -157,7 +157,7 @@ def test_pickle_checkpoint_refused_unless_opted_in(tiny_dir, tmp_path):
     state = AutoModelForCausalLM.from_pretrained(src).state_dict()
     (src / "model.safetensors").unlink()
     torch.save(state, src / "pytorch_model.bin")
-    one_line_error(cli("quantize", src, "-o", tmp_path / "o", *G32), r"only pickle weights .* --allow-pickle")
+    assert_one_line_error(cli("quantize", src, "-o", tmp_path / "o", *G32), r"only pickle weights .* --allow-pickle")
     assert not (tmp_path / "o").exists()
 
 
@@ -176,23 +176,23 @@ def test_pickle_checkpoint_refused_unless_opted_in(tiny_dir, tmp_path):
 )
 def test_bad_quantize_settings(tiny_dir, tmp_path, extra, pattern):
     out = tmp_path / "out"
-    one_line_error(cli("quantize", tiny_dir, "-o", out, *extra), pattern)
+    assert_one_line_error(cli("quantize", tiny_dir, "-o", out, *extra), pattern)
     assert_nothing_written(tmp_path)
 
 
 def test_bad_pipeline_files(tmp_path, tiny_dir):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: x\nsteps:\n  - method: rtn\n   bits: 3\n")
-    one_line_error(cli("run", bad), r"bad.yaml:4:4: malformed YAML")
-    one_line_error(cli("validate", bad), r"bad.yaml:4:4: malformed YAML")
+    assert_one_line_error(cli("run", bad), r"bad.yaml:4:4: malformed YAML")
+    assert_one_line_error(cli("validate", bad), r"bad.yaml:4:4: malformed YAML")
     f = write_pipeline(tmp_path, tiny_dir)
-    one_line_error(cli("run", f, "--set", "steps.0.bitz=3"), r"steps\[0\]\.bitz: unknown key .*did you mean 'bits'")
-    one_line_error(cli("run", tmp_path / "nope.yaml"), "pipeline file .*nope.yaml does not exist")
+    assert_one_line_error(cli("run", f, "--set", "steps.0.bitz=3"), r"steps\[0\]\.bitz: unknown key .*did you mean 'bits'")
+    assert_one_line_error(cli("run", tmp_path / "nope.yaml"), "pipeline file .*nope.yaml does not exist")
 
 
 def test_existing_output_refused_before_work(ckpt, tiny_dir):
     before = (ckpt / "rest.safetensors").read_bytes()
-    one_line_error(cli("quantize", tiny_dir, "-o", ckpt, *G32), r"already exists; choose another path or pass --overwrite")
+    assert_one_line_error(cli("quantize", tiny_dir, "-o", ckpt, *G32), r"already exists; choose another path or pass --overwrite")
     assert (ckpt / "rest.safetensors").read_bytes() == before
 
 
@@ -207,8 +207,8 @@ def test_overwrite_replaces(tiny_dir, tmp_path):
 def test_unwritable_output(tiny_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    one_line_error(cli("quantize", tiny_dir, "-o", blocker / "out", *G32), r"cannot write output folder .*file/out")
-    one_line_error(cli("quantize", tiny_dir, "-o", "/proc/compress-out", *G32), r"output folder|cannot write")
+    assert_one_line_error(cli("quantize", tiny_dir, "-o", blocker / "out", *G32), r"cannot write output folder .*file/out")
+    assert_one_line_error(cli("quantize", tiny_dir, "-o", "/proc/compress-out", *G32), r"output folder|cannot write")
 
 
 @pytest.mark.parametrize("damage, pattern", [
@@ -228,4 +228,4 @@ def test_damaged_checkpoints(ckpt, tmp_path, damage, pattern):
         m = json.loads((bad / "compress.json").read_text())
         (bad / "compress.json").write_text(json.dumps({**m, "version": 7}))
     for cmd in (["eval", bad, "--windows", 1, "--no-speed"], ["generate", bad, "hi"]):
-        one_line_error(cli(*cmd), pattern)
+        assert_one_line_error(cli(*cmd), pattern)

@@ -37,7 +37,6 @@ def test_method_runs_saves_reloads_identically(method, tiny_dir, tmp_path):
     report = result.steps[0]
     assert len(report.modules) == 14 and report.bytes_after < report.bytes_before * max_ratio
     assert result.eval.kl > 0 and result.base_eval.kl is None
-    assert compress.load(tmp_path / "a") is not None
 
     model, tokenizer, _ = load_model(str(tiny_dir))
     compress_model(model, tokenizer, parse({"model": "x", "steps": [step], "calibration": TINY_CALIBRATION}))
