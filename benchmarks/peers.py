@@ -33,10 +33,12 @@ Fairness:
   the wall time and peak RSS are of each whole process (Python start, imports, model load,
   quantization, writing the result), so llm-compressor's heavier imports count against it and
   our packed checkpoint writing against us.
-Known differences: llm-compressor computes every group's grid from the original weights up
-front (its observer), ours when GPTQ reaches the group's first column (from the error-compensated weights; `static_groups: true` would match theirs); its
-scales stay float32 here (the model's dtype), ours are rounded to float16 before the codes are
-chosen; on a Hessian that cannot be factorised it falls back to round-to-nearest for that module,
+Known differences (each side at its defaults): llm-compressor computes every group's grid from
+the original weights up front with its min/max observer; ours is computed when GPTQ reaches the
+group's first column, from the error-compensated weights (`static_groups: true` would match
+theirs), and its range is clipped to the least rounding error weighted by diag(H) (`clip: true`;
+`clip: false` is min/max, as theirs); its scales stay float32 here (the model's dtype), ours are
+rounded to float16 before the codes are chosen; on a Hessian that cannot be factorised it falls back to round-to-nearest for that module,
 ours raises the dampening. The grid itself is the same: scale = 2*absmax/(2^bits - 1), codes in
 [-2^(bits-1), 2^(bits-1) - 1] (ours stored with zero point 2^(bits-1)); for RTN the two agree
 but for the ties that the float16 rounding of our scales moves (the group's most negative weight

@@ -11,7 +11,7 @@
    the next layer sees the *compressed* layer's outputs; move it back.
 
 Only one layer's weights and the activations in flight are on the compute device; the captured
-activations are kept on the offload device (CPU), one [1, seq_len, hidden] tensor per sample.
+activations wait in CPU memory or on disk between layers (activations.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .activations import Activations, LayerCall
 from .errors import CompressError
 from .interfaces import MethodConfig
 from .progress import NullProgress, Progress
@@ -33,34 +34,6 @@ from .targets import select
 
 class _StopForward(Exception):
     """Raised by the capture hook: nothing past the first decoder layer needs to run."""
-
-
-@dataclass
-class LayerCall:
-    """The inputs of one decoder-layer call: hidden states [1, seq, hidden] plus everything else."""
-
-    args: tuple
-    kwargs: dict[str, Any]
-
-    def to(self, device: torch.device) -> LayerCall:
-        return LayerCall(_move(self.args, device), _move(self.kwargs, device))
-
-    def with_hidden(self, hidden: torch.Tensor) -> LayerCall:
-        if self.args:
-            return LayerCall((hidden, *self.args[1:]), self.kwargs)
-        return LayerCall(self.args, {**self.kwargs, "hidden_states": hidden})
-
-
-def _move(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_move(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_move(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj
 
 
 def find_layers(model: nn.Module, override: str | None = None) -> list[tuple[str, nn.Module]]:
@@ -98,12 +71,11 @@ def place_outside_layers(model: nn.Module, layer_names: list[str], device: torch
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, first_layer: nn.Module, samples: torch.Tensor, device: torch.device,
-                   offload: torch.device) -> list[LayerCall]:
-    """Inputs of `first_layer` for each sample of `samples` [n, seq_len], kept on `offload`."""
-    calls: list[LayerCall] = []
+                   store: Activations) -> Activations:
+    """Add the inputs of `first_layer` for each sample of `samples` [n, seq_len] to `store`."""
 
     def hook(_module, args, kwargs):
-        calls.append(LayerCall(args, kwargs).to(offload))
+        store.append(LayerCall(args, kwargs))
         raise _StopForward
 
     handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
@@ -115,7 +87,7 @@ def capture_inputs(model: nn.Module, first_layer: nn.Module, samples: torch.Tens
                 pass
     finally:
         handle.remove()
-    return calls
+    return store
 
 
 @dataclass
@@ -218,13 +190,14 @@ def compress_layers(
     io: LayerIO,
     device: torch.device,
     on_compressed: Callable[[LayerStep, str, nn.Module, nn.Module], None],
-    calls: list[LayerCall] | None = None,
+    calls: Activations | None = None,
     start: int = 0,
-    on_layer_done: Callable[[int, list[LayerCall] | None], None] = lambda i, calls: None,
+    on_layer_done: Callable[[int, Activations | None], None] = lambda i, calls: None,
     progress: Progress = NullProgress(),
+    seconds: dict[int, float] | None = None,
 ) -> dict[int, float]:
     """Apply `steps` to the decoder layers from `start` on, one layer at a time; return seconds
-    per step index.
+    per step index (added to `seconds`, e.g. those of an interrupted run's finished layers).
 
     `calls` are the inputs of layer `start` (see capture_inputs), needed when a calibrated step
     still has modules at or after `start`. Each layer: io.load, then step after step (calibrated:
@@ -233,8 +206,7 @@ def compress_layers(
     `on_compressed(step, name, old, new)` is called for every module replaced: the caller measures
     it and swaps it in.
     """
-    offload = torch.device("cpu")  # where activations wait between layers
-    seconds = {s.index: 0.0 for s in steps}
+    seconds = seconds if seconds is not None else {s.index: 0.0 for s in steps}
     last_calibrated = max((i for i, (name, _) in enumerate(layers)
                            if any(s.calibrated and any(n.startswith(name + ".") for n in s.names) for s in steps)),
                           default=-1)
@@ -255,7 +227,7 @@ def compress_layers(
                 seconds[step.index] += time.perf_counter() - t
             if i < last_calibrated:  # a later layer still needs its (compressed) inputs
                 with dense_views(layer):
-                    calls = [c.with_hidden(_call(layer, c, device).to(offload)) for c in calls]
+                    calls.advance(lambda c: _call(layer, c, device))
             else:
                 calls = None
             io.release(i, layer_name, layer)
@@ -265,7 +237,7 @@ def compress_layers(
 
 
 def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: LayerStep, names: list[str],
-                          calls: list[LayerCall], device: torch.device, on_compressed) -> None:
+                          calls: Activations, device: torch.device, on_compressed) -> None:
     """One observation pass over the layer, then compress the step's modules of this layer.
 
     While observing, the engine also notes which module of the layer produced each target's input

@@ -31,7 +31,7 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished layer "
                                       "(OUT.partial); the pipeline must be the same.")]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the GPU if there is one; several GPUs share a model too big for one).")]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with the model.")]
 
 
@@ -157,6 +157,10 @@ def quantize(
     ignore: Annotated[Optional[list[str]], typer.Option(help="Modules to leave alone (repeatable).")] = None,
     targets: Annotated[Optional[list[str]], typer.Option(help="Modules to quantize (repeatable).")] = None,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Run the evaluation protocol too.")] = False,
+    samples: Annotated[Optional[int], typer.Option(help="Calibration sequences [64].")] = None,
+    offload: Annotated[Optional[str], typer.Option(
+        help="Where activations wait between layers: cpu or disk (for models whose activations do not fit) [cpu].")
+    ] = None,
     device: Device = "cpu",
     trust_remote_code: TrustRemote = False,
     overwrite: Overwrite = False,
@@ -173,8 +177,9 @@ def quantize(
 
     given = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "ignore": ignore, "targets": targets}
     step: dict[str, Any] = {"method": method, **{k: v for k, v in given.items() if v is not None}}
+    calibration = {k: v for k, v in {"samples": samples, "offload": offload}.items() if v is not None}
     raw = {"model": model, "device": device, "trust_remote_code": trust_remote_code, "steps": [step],
-           "output": output, **({} if evaluate else {"eval": None})}
+           "calibration": calibration, "output": output, **({} if evaluate else {"eval": None})}
     _run_and_report(parse(raw, "quantize"), None, overwrite, resume, quiet, json_)
 
 
@@ -187,6 +192,8 @@ def run_cmd(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.")],
     set_: Sets = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Overrides the file's output.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Overrides the file's device: cpu, cuda, cuda:N or auto.")
+                      ] = None,
     overwrite: Overwrite = False,
     resume: Resume = False,
     quiet: Quiet = False,
@@ -195,7 +202,8 @@ def run_cmd(
     """Run a pipeline file: load, evaluate, compress step by step, save, evaluate."""
     from .pipeline import load_file
 
-    _run_and_report(load_file(pipeline, set_ or []), output, overwrite, resume, quiet, json_)
+    sets = [*(set_ or []), *([f"device={device}"] if device else [])]
+    _run_and_report(load_file(pipeline, sets), output, overwrite, resume, quiet, json_)
 
 
 @app.command()

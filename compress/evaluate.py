@@ -85,7 +85,8 @@ def evaluate(
     nll_sum, count, kl_sum, agree, fid_count = 0.0, 0, 0.0, 0, 0
     with progress.task(f"Evaluating {label}", total=config.windows) as advance:
         for i, window in enumerate(windows):
-            logits = model(input_ids=window[None]).logits[0, :-1].float()  # [seq_len-1, vocab]
+            # [seq_len-1, vocab]; .to(device): a model spread over GPUs returns them on its last one
+            logits = model(input_ids=window[None]).logits[0, :-1].float().to(device)
             logp = torch.log_softmax(logits, dim=-1)
             targets = window[1:]
             nll_sum -= logp.gather(1, targets[:, None]).sum().item()

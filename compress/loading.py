@@ -24,6 +24,18 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def place(model: nn.Module, device: str) -> nn.Module:
+    """Put the model on `device`. With 'auto' and several GPUs, whole decoder layers are spread
+    over them by accelerate's device map (sized from each GPU's free memory), so a model larger
+    than one GPU still evaluates and generates; inputs go to the first device (the embeddings')."""
+    if device == "auto" and torch.cuda.device_count() > 1:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        no_split = sorted(getattr(model, "_no_split_modules", None) or [])
+        return dispatch_model(model, infer_auto_device_map(model, no_split_module_classes=no_split))
+    return model.to(pick_device(device))
+
+
 def load_model(
     ref: str,
     dtype: str = "float32",
@@ -40,7 +52,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve(ref, allow_pickle, progress)
-    target = pick_device(device)
+    pick_device(device)  # a device that is not there is refused before loading
     with progress.task(f"Loading {ref}", total=None):
         if is_checkpoint(path):
             model = checkpoint.load(path, trust_remote_code)
@@ -53,4 +65,4 @@ def load_model(
             except (ValueError, OSError, SafetensorError) as e:
                 raise CompressError(f"cannot load model {ref} ({path}): {str(e).splitlines()[0]}") from None
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model.to(target).eval(), tokenizer, path
+    return place(model, device).eval(), tokenizer, path

@@ -37,6 +37,10 @@ class CalibrationConfig(BaseModel):
     text_field: str = Field("text", description="Text column of an hf: dataset.")
     samples: int = Field(64, ge=1, description="Number of calibration sequences.")
     seq_len: int = Field(512, ge=2, description="Tokens per calibration sequence.")
+    offload: Literal["cpu", "disk"] = Field(
+        "cpu", description="Where activations wait between decoder layers: cpu (memory), or disk (next to the "
+        "output, one sample in memory at a time; for models whose activations do not fit in memory).",
+    )
     layers: str | None = Field(
         None, description="The decoder layers, when they cannot be found automatically: their class name or a "
         "'re:' pattern of their module names.",
@@ -51,7 +55,9 @@ class Pipeline(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="Dtype the model is loaded and evaluated in (the protocol uses float32)."
     )
-    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or auto.")
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description=(
+        "cpu, cuda, cuda:N, or auto: the GPU if there is one; compression computes one layer at a time on it, and "
+        "evaluation spreads a model over several GPUs with accelerate's device map."))
     trust_remote_code: bool = Field(False, description="Run model code shipped with the model (only if you trust it).")
     allow_pickle: bool = Field(False, description="Accept pickle (.bin) weights (only if you trust them).")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, targets
+from .activations import new_activations, remove_activations
 from .calibration import (
     InMemoryLayers,
     LayerStep,
@@ -32,11 +33,10 @@ from .errors import CompressError, Interrupted
 from .evaluate import EvalResult, evaluate
 from .fsutil import check_output, replace_dir
 from .interfaces import MethodConfig
-from .loading import DTYPES, load_model, pick_device
+from .loading import DTYPES, load_model, pick_device, place
 from .models import is_checkpoint, resolve
 from .pipeline import CalibrationConfig, Pipeline
 from .streaming import (
-    ACTIVATIONS,
     PROGRESS,
     SafetensorsSource,
     StreamedLayers,
@@ -171,7 +171,7 @@ def run(
             final = target
         comp_eval = None
         if pipeline.eval is not None:
-            model = checkpoint.load(final, pipeline.trust_remote_code).to(pick_device(pipeline.device))
+            model = place(checkpoint.load(final, pipeline.trust_remote_code), pipeline.device)
             comp_eval, _ = evaluate(model, tokenizer, pipeline.eval, reference=reference, progress=progress,
                                     label="compressed model")
     finally:
@@ -221,7 +221,9 @@ def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, 
         samples = calibration_samples(tokenizer, pipeline.calibration, model.config)
         place_outside_layers(model, layer_names, device)
         with progress.task("Capturing calibration inputs", total=None):
-            calls = capture_inputs(model, layers[0][1], samples, device, torch.device("cpu"))
+            calls = capture_inputs(model, layers[0][1], samples, device,
+                                   new_activations(pipeline.calibration.offload, staging))
+    seconds = {s.index: state["seconds"][str(s.index)] for s in steps}  # carried over a resumed run
 
     def on_compressed(step: LayerStep, name: str, old: nn.Module, new: nn.Module) -> None:
         change = _measure(name, old, new)
@@ -232,13 +234,13 @@ def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, 
 
     def on_layer_done(i: int, next_calls) -> None:
         state["layers_done"] = i + 1
-        state["has_activations"] = next_calls is not None
+        state["seconds"] = {str(k): v for k, v in seconds.items()}
         save_progress(staging, state, next_calls)
 
     io = StreamedLayers(source, staging, device, dtype)
     try:
-        seconds = compress_layers(model, layers, steps, io, device, on_compressed, calls, done, on_layer_done,
-                                  progress)
+        compress_layers(model, layers, steps, io, device, on_compressed, calls, done, on_layer_done, progress,
+                        seconds)
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted after {state['layers_done']} of {len(layers)} layers; they are kept in {staging}: "
@@ -247,19 +249,26 @@ def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, 
     except CompressError:  # bad input found on the way: nothing worth resuming
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise CompressError(out_of_memory_advice(e, layer_names[state["layers_done"]], device, pipeline, staging)
+                            ) from None
     place_outside_layers(model, layer_names, torch.device("cpu"))
     for step in steps:  # data-free steps on modules outside the layers (e.g. the head)
+        t = time.perf_counter()
         for name in step.names:
             if not name.startswith(prefixes):
                 old = model.get_submodule(name)
                 on_compressed(step, name, old, step.compressor.compress(name, old))
+        seconds[step.index] += time.perf_counter() - t
     reports = []
     for step in steps:
         changes = [ModuleChange(**{k: v for k, v in c.items() if k not in ("format", "spec")})
                    for c in state["changes"][str(step.index)]]
         _verify(f"steps[{step.index}] ({step.config.method})", changes)
         reports.append(StepReport(step.index, step.config.method, step.config.model_dump(mode="json"), changes,
-                                  state["seconds"][str(step.index)] + seconds.get(step.index, 0.0)))
+                                  seconds[step.index]))
     manifest = checkpoint.finish_streamed(
         model, tokenizer, staging, [layer_file(i) for i in range(len(layers))], layer_names,
         {"base_model": {"ref": pipeline.model, "path": str(path), "model_type": model.config.model_type},
@@ -267,8 +276,8 @@ def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, 
          "steps": [{"method": r.method, "version": type(s.config).version, "config": r.config, "report": r.summary()}
                    for r, s in zip(reports, steps)]},
     )
-    for name in (PROGRESS, ACTIVATIONS):
-        (staging / name).unlink(missing_ok=True)
+    (staging / PROGRESS).unlink()
+    remove_activations(staging)
     return reports, base_size, size_report(model), manifest
 
 
@@ -313,7 +322,7 @@ def _start_or_resume(staging: Path, resume: bool, key: dict[str, Any], steps: li
     except OSError as e:
         raise CompressError(f"cannot write output folder {staging}: {e.strerror}") from None
     state = {"pipeline": key, "layers_done": 0, "changes": {str(s.index): [] for s in steps},
-             "seconds": {str(s.index): 0.0 for s in steps}, "has_activations": False}
+             "seconds": {str(s.index): 0.0 for s in steps}, "activations": None}
     return state, None
 
 
@@ -362,9 +371,16 @@ def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Pr
     if calibrated:
         samples = calibration_samples(tokenizer, pipeline.calibration, model.config)
         place_outside_layers(model, layer_names, device)
-        calls = capture_inputs(model, layers[0][1], samples, device, torch.device("cpu"))
-        seconds = compress_layers(model, layers, steps, InMemoryLayers(device, home), device, on_compressed, calls,
-                                  progress=progress)
+        with tempfile.TemporaryDirectory(prefix="compress-activations-") as folder:
+            calls = capture_inputs(model, layers[0][1], samples, device,
+                                   new_activations(pipeline.calibration.offload, Path(folder)))
+            try:
+                compress_layers(model, layers, steps, InMemoryLayers(device, home), device, on_compressed, calls,
+                                progress=progress, seconds=seconds)
+            except Exception as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise CompressError(out_of_memory_advice(e, "a decoder layer", device, pipeline, None)) from None
         place_outside_layers(model, layer_names, home)
     prefixes = tuple(n + "." for n in layer_names)
     for step in steps:
@@ -380,6 +396,23 @@ def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Pr
         reports.append(StepReport(step.index, step.config.method, step.config.model_dump(mode="json"),
                                   changes[step.index], seconds[step.index]))
     return reports
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def out_of_memory_advice(error: BaseException, where: str, device: torch.device, pipeline: Pipeline,
+                         staging: Path | None) -> str:
+    """The one-line message for running out of memory, with the settings that lower it."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    c = pipeline.calibration
+    keep = f"; the finished layers are kept in {staging}: add --resume to continue" if staging else ""
+    return (f"out of memory on {device} in {where} ({text}): lower calibration.samples ({c.samples}) or "
+            f"calibration.seq_len ({c.seq_len}), or set calibration.offload: disk (now {c.offload}) so activations "
+            f"wait on disk{keep}")
 
 
 def calibration_samples(tokenizer, config: CalibrationConfig, model_config) -> torch.Tensor:

@@ -22,11 +22,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .calibration import LayerCall
+from .activations import Activations, load_activations
 from .errors import CompressError
 
 PROGRESS = "progress.json"
-ACTIVATIONS = "activations.pt"
 
 
 def layer_file(index: int) -> str:
@@ -127,23 +126,18 @@ def _return_freed_memory() -> None:
 
 
 # --- resume state ---------------------------------------------------------------------------
-def save_progress(staging: Path, state: dict[str, Any], calls: list[LayerCall] | None) -> None:
-    """Record a finished layer: the run's state and the next layer's inputs (atomically)."""
-    if calls is not None:
-        tmp = staging / (ACTIVATIONS + ".tmp")
-        torch.save([(c.args, c.kwargs) for c in calls], tmp)
-        os.replace(tmp, staging / ACTIVATIONS)
+def save_progress(staging: Path, state: dict[str, Any], calls: Activations | None) -> None:
+    """Record a finished layer: the run's state and where the next layer's inputs are (atomically)."""
+    state["activations"] = calls.save(staging) if calls is not None else None
     tmp = staging / (PROGRESS + ".tmp")
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, staging / PROGRESS)
 
 
-def load_progress(staging: Path) -> tuple[dict[str, Any], list[LayerCall] | None]:
+def load_progress(staging: Path) -> tuple[dict[str, Any], Activations | None]:
     state = json.loads((staging / PROGRESS).read_text())
-    calls = None
-    if (staging / ACTIVATIONS).is_file() and state.get("has_activations"):
-        calls = [LayerCall(a, k) for a, k in torch.load(staging / ACTIVATIONS, weights_only=True)]
-    return state, calls
+    record = state.get("activations")
+    return state, load_activations(staging, record) if record else None
 
 
 def differences(old: Any, new: Any, path: str = "") -> list[str]:

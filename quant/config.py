@@ -22,6 +22,8 @@ class IntWeightConfig(MethodConfig):
         "A layer whose input size is not a multiple gets a shorter last group.",
     )
     symmetric: bool = Field(True, description="Symmetric grid around zero (no zero points) or asymmetric min/max.")
+    clip: bool = Field(False, description="Shrink each group's range to the one with the least rounding error "
+                       "(a few clipped outliers buy a finer step for every other weight); false: min/max.")
     scale_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="Storage dtype of the scales."
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -93,6 +93,7 @@ def gptq_quantize(
     block_size: int = 128,
     actorder: bool = False,
     static_groups: bool = False,
+    clip: bool = False,
 ) -> GPTQResult:
     """GPTQ-quantize weight [out, in] (any float dtype; computed in float32) given H [in, in].
 
@@ -103,6 +104,8 @@ def gptq_quantize(
     actorder: process columns by decreasing diag(H) (the groups stay the original contiguous
     ones). static_groups: every group's grid from the original weight up front instead of from
     the error-compensated values when the group's first column (in processing order) is reached.
+    clip: each group's range shrunk to the least rounding error weighted by diag(H), the input
+    energy of each column (quantize.compute_grid).
     """
     out, n = weight.shape
     if hessian.shape != (n, n):
@@ -128,7 +131,15 @@ def gptq_quantize(
     h[dead, dead] = 1
     w[:, dead] = 0
 
-    static_grid = cast_grid(compute_grid(w, bits, group_size, symmetric), scale_dtype) if static_groups else None
+    energy = h.diagonal().clone()  # [in], original column order
+
+    def grid_of(values: torch.Tensor, start: int) -> QuantGrid:
+        """The stored grid of one group: columns start.. (original order), holding `values` [out, k]."""
+        k = values.shape[1]
+        return cast_grid(compute_grid(values, bits, k, symmetric, clip, energy[start : start + k]), scale_dtype)
+
+    static_grid = (cast_grid(compute_grid(w, bits, group_size, symmetric, clip, energy), scale_dtype)
+                   if static_groups else None)
 
     perm = None
     if actorder:
@@ -143,9 +154,8 @@ def gptq_quantize(
         u = _inverse_hessian_cholesky(h, damp)  # [in, in] upper, or None
         if u is not None:
             # Clone: _gptq_pass updates its weight in place, and a retry needs the original.
-            codes, scales, zeros, loss = _gptq_pass(
-                w.clone(), u, perm, bits, group_size, symmetric, scale_dtype, block_size, static_grid
-            )
+            codes, scales, zeros, loss = _gptq_pass(w.clone(), u, perm, bits, group_size, symmetric, grid_of,
+                                                    block_size, static_grid)
             if math.isfinite(loss) and torch.isfinite(scales).all():
                 break
         next_damp = max(damp * 10, 1e-4)
@@ -201,13 +211,14 @@ def _gptq_pass(
     bits: int,
     group_size: int,
     symmetric: bool,
-    scale_dtype: torch.dtype,
+    grid_of: Callable[[torch.Tensor, int], QuantGrid],
     block_size: int,
     static_grid: QuantGrid | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
     """One GPTQ sweep over w [out, in] (columns in processing order; modified in place) with the
     upper Cholesky factor u [in, in] of the dampened H^-1 in the same order. perm[p] is the
-    original column at position p (None: identity). Returns codes uint8 [out, in] in processing
+    original column at position p (None: identity). grid_of(values [out, k], first original
+    column) gives a group's grid. Returns codes uint8 [out, in] in processing
     order, scales [out, G], zeros [out, G] or None (original group order) and the loss."""
     out, n = w.shape
     n_groups = num_groups(n, group_size)
@@ -233,7 +244,7 @@ def _gptq_pass(
         u1 = u[i1:i2, i1:i2]  # [b, b]
         with _one_cpu_thread(w.device):
             _quantize_block(w, w1, u, u1, err1, codes, scales, zeros, loss, ready, orig, pos_of, i1, i2, bits,
-                            group_size, symmetric, scale_dtype)
+                            group_size, grid_of)
         # Lazy batch update: the whole block's errors reach the later columns in one matmul.
         w[:, i2:] -= err1 @ u[i1:i2, i2:]  # [out, b] @ [b, n - i2]
     return codes, scales, zeros, loss.sum().item()
@@ -255,14 +266,14 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
 
 
 def _quantize_block(w, w1, u, u1, err1, codes, scales, zeros, loss, ready, orig, pos_of, i1, i2, bits, group_size,
-                    symmetric, scale_dtype) -> None:
+                    grid_of) -> None:
     """Quantize columns [i1, i2) one by one with in-block OBS updates (see _gptq_pass)."""
     for i in range(i2 - i1):
         g = orig[i1 + i] // group_size
         if not ready[g]:
             # First column of group g in processing order: its grid comes from the current
             # (error-compensated) values of all its columns, which all lie at positions >= i1+i.
-            _group_grid(w, u, err1, pos_of, g, i1, i, i2, bits, group_size, symmetric, scale_dtype, scales, zeros)
+            _group_grid(w, u, err1, pos_of, g, i1, i, i2, group_size, grid_of, scales, zeros)
             ready[g] = True
         col = w1[:, i]  # [out]
         q, dq = quantize_column(col, scales[:, g], None if zeros is None else zeros[:, g], bits)
@@ -275,7 +286,7 @@ def _quantize_block(w, w1, u, u1, err1, codes, scales, zeros, loss, ready, orig,
         err1[:, i] = err
 
 
-def _group_grid(w, u, err1, pos_of, g, i1, i, i2, bits, group_size, symmetric, scale_dtype, scales, zeros) -> None:
+def _group_grid(w, u, err1, pos_of, g, i1, i, i2, group_size, grid_of, scales, zeros) -> None:
     """Compute group g's grid into column g of scales/zeros [out, G], from its current values.
 
     Columns of the group inside the current block [i1, i2) are up to date in w; those after it
@@ -288,7 +299,7 @@ def _group_grid(w, u, err1, pos_of, g, i1, i, i2, bits, group_size, symmetric, s
     later = [k for k, p in enumerate(cols) if p >= i2]
     if i > 0 and later:
         cur[:, later] -= err1[:, :i] @ u[i1 : i1 + i][:, [cols[k] for k in later]]  # [out, i] @ [i, len(later)]
-    grid = cast_grid(compute_grid(cur, bits, cur.shape[1], symmetric), scale_dtype)
+    grid = grid_of(cur, g * group_size)
     scales[:, g] = grid.scales[:, 0]
     if zeros is not None:
         zeros[:, g] = grid.zeros[:, 0]

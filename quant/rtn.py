@@ -1,7 +1,8 @@
 """Round-to-nearest (RTN) weight-only quantization: the data-free baseline.
 
-Each targeted Linear's weight [out, in] is split into groups along `in`, given a min/max grid,
-and every weight is rounded to its nearest grid point. No calibration data is needed.
+Each targeted Linear's weight [out, in] is split into groups along `in`, given a grid (min/max,
+or by default clipped to the least rounding error), and every weight is rounded to its nearest
+grid point. No calibration data is needed.
 """
 
 from __future__ import annotations
@@ -35,5 +36,5 @@ class RTNCompressor:
         c = self.config
         w = module.weight.detach()  # [out, in]
         gs = c.group_size_for(name, module.in_features, module.out_features)
-        grid = cast_grid(compute_grid(w, c.bits, gs, c.symmetric), c.torch_scale_dtype())
+        grid = cast_grid(compute_grid(w, c.bits, gs, c.symmetric, c.clip), c.torch_scale_dtype())
         return QuantLinear.from_codes(quantize(w, grid), grid, module.bias, c.scale_dtype)

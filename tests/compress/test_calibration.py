@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import compress
+from compress.activations import MemoryActivations
 from compress.calibration import InMemoryLayers, check_inside_layers, LayerStep, capture_inputs, compress_layers, find_layers
 from compress.errors import CompressError
 from compress.pipeline import parse
@@ -29,7 +30,7 @@ class Recorder:
 def run_engine(model, steps, on_compressed, samples=SAMPLES):
     cpu = torch.device("cpu")
     layers = find_layers(model)
-    calls = capture_inputs(model, layers[0][1], samples, cpu, cpu)
+    calls = capture_inputs(model, layers[0][1], samples, cpu, MemoryActivations())
     return compress_layers(model, layers, steps, InMemoryLayers(cpu, cpu), cpu, on_compressed, calls)
 
 
@@ -49,10 +50,9 @@ def test_undiscoverable_layers_name_what_was_looked_for():
 
 def test_capture_keeps_every_keyword_argument():
     model = tiny_model()
-    calls = capture_inputs(model, model.model.layers[0], SAMPLES, torch.device("cpu"), torch.device("cpu"))
+    calls = list(capture_inputs(model, model.model.layers[0], SAMPLES, torch.device("cpu"), MemoryActivations()))
     assert len(calls) == 3
-    hidden = calls[0].args[0] if calls[0].args else calls[0].kwargs["hidden_states"]
-    assert hidden.shape == (1, 20, 64)
+    assert calls[0].hidden.shape == (1, 20, 64)
     assert "position_embeddings" in calls[0].kwargs  # rotary cos/sin computed by the model, not by us
 
 

@@ -172,6 +172,7 @@ def test_pickle_checkpoint_refused_unless_opted_in(tiny_dir, tmp_path):
         (["--targets", "gate_prj"], "target 'gate_prj' matches no module"),
         (["--method", "fp8", "--bits", "4"], r"steps\[0\]\.bits: unknown key \(valid keys: method, targets, ignore, "
                                              r"scale_dtype\)"),
+        (["--offload", "gpu"], r"calibration.offload: Input should be 'cpu' or 'disk' \(got 'gpu'\)"),
     ],
 )
 def test_bad_quantize_settings(tiny_dir, tmp_path, extra, pattern):
@@ -188,6 +189,13 @@ def test_bad_pipeline_files(tmp_path, tiny_dir):
     f = write_pipeline(tmp_path, tiny_dir)
     assert_one_line_error(cli("run", f, "--set", "steps.0.bitz=3"), r"steps\[0\]\.bitz: unknown key .*did you mean 'bits'")
     assert_one_line_error(cli("run", tmp_path / "nope.yaml"), "pipeline file .*nope.yaml does not exist")
+    assert_one_line_error(cli("run", f, "--device", "gpu"), r"device: String should match pattern .*\(got 'gpu'\)")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_cuda(tmp_path, tiny_dir):
+    result = cli("run", write_pipeline(tmp_path, tiny_dir), "--device", "cuda")
+    assert_one_line_error(result, r"device 'cuda' requested but no CUDA device is available; use --device cpu")
 
 
 def test_existing_output_refused_before_work(ckpt, tiny_dir):

@@ -30,18 +30,21 @@ def obs_update(w_rest, err, hinv_row):
     return w_rest - err[:, None] * hinv_row[None, 1:] / hinv_row[0]
 
 
-def naive_obq(w, h, bits, group_size, symmetric, damp=0.01, order=None, static_groups=False):
+def naive_obq(w, h, bits, group_size, symmetric, damp=0.01, order=None, static_groups=False, clip=False):
     """Unblocked, one column at a time, float64 reference: the inverse of the dampened H restricted
     to the columns not yet quantized is recomputed with torch.linalg.inv at every step. Columns
     are processed in `order` (default 0..in-1); groups are the contiguous original ones, each
-    gridded from its current values when its first column is reached (or statically).
+    gridded from its current values when its first column is reached (or statically), clipped by
+    diag(H) if asked.
     Returns (dequantized weight [out, in], loss = sum err^2 / Hinv[0, 0] / 2)."""
     out, n = w.shape
     W = w.double().clone()
     H = h.double().clone()
     H.diagonal().add_(damp * H.diagonal().mean())
     order = list(range(n)) if order is None else list(order)
-    static = cast_grid(compute_grid(w, bits, group_size, symmetric), torch.float16) if static_groups else None
+    energy = h.diagonal()
+    static = (cast_grid(compute_grid(w, bits, group_size, symmetric, clip, energy), torch.float16)
+              if static_groups else None)
     grids = {}
     Q = torch.zeros_like(W)
     loss = 0.0
@@ -52,7 +55,8 @@ def naive_obq(w, h, bits, group_size, symmetric, damp=0.01, order=None, static_g
                 grids[g] = (static.scales[:, g], None if symmetric else static.zeros[:, g])
             else:
                 cur = W[:, g * group_size : (g + 1) * group_size].float()
-                grid = cast_grid(compute_grid(cur, bits, cur.shape[1], symmetric), torch.float16)
+                imp = energy[g * group_size : g * group_size + cur.shape[1]]
+                grid = cast_grid(compute_grid(cur, bits, cur.shape[1], symmetric, clip, imp), torch.float16)
                 grids[g] = (grid.scales[:, 0], None if symmetric else grid.zeros[:, 0])
         s, z = grids[g]
         zp = 2 ** (bits - 1) if z is None else z.double()
@@ -119,7 +123,9 @@ def test_obs_update_is_the_least_squares_compensation():
     ],
 )
 @pytest.mark.parametrize("bits,symmetric", [(3, True), (4, False)])
-def test_gptq_matches_naive_one_column_at_a_time_reference(group_size, block_size, static, actorder, bits, symmetric):
+@pytest.mark.parametrize("clip", [False, True])
+def test_gptq_matches_naive_one_column_at_a_time_reference(group_size, block_size, static, actorder, bits, symmetric,
+                                                           clip):
     # Measured: identical dequantized weights (max |diff| 0.0) in every case, and the loss agrees
     # to ~1e-6 relative; a float32 vs float64 rounding tie could flip a code, so up to 1 of the
     # 384 weights may differ (none did), and the loss gets rtol 1e-4.
@@ -127,9 +133,9 @@ def test_gptq_matches_naive_one_column_at_a_time_reference(group_size, block_siz
     w = torch.randn(16, 24)
     h = hessian_of(correlated_inputs(24, 256))
     r = gptq_quantize(w, h, bits, group_size, symmetric, block_size=block_size, actorder=actorder,
-                      static_groups=static)
+                      static_groups=static, clip=clip)
     order = torch.argsort(h.diagonal(), descending=True, stable=True).tolist() if actorder else None
-    ref, ref_loss = naive_obq(w, h, bits, group_size, symmetric, order=order, static_groups=static)
+    ref, ref_loss = naive_obq(w, h, bits, group_size, symmetric, order=order, static_groups=static, clip=clip)
     got = dequantize(r.codes, r.grid)
     assert int(((got - ref).abs() > 1e-5).sum()) <= 1
     assert r.loss == pytest.approx(ref_loss, rel=1e-4)

@@ -60,3 +60,24 @@ def test_cast_grid_rounds_scales_to_storage_dtype_and_never_zero():
     cast = cast_grid(grid, torch.float16)
     assert cast.scales.item() > 0
     assert torch.equal(cast.scales, cast.scales.half().float())
+
+
+@pytest.mark.parametrize("bits, symmetric, ratio", [(3, True, 0.8), (4, False, 0.95)])
+def test_clip_search_never_loses_to_minmax_and_wins_on_average(bits, symmetric, ratio):
+    # Gaussian weights [64, 250] (a short last group), importance per column. Clipping is chosen
+    # per (row, group) among ratios that include 1.0, so no group's weighted error can be larger;
+    # measured total error vs min/max: 3-bit sym 0.763, 4-bit asym 0.900.
+    torch.manual_seed(4)
+    w = torch.randn(64, 250)
+    importance = torch.rand(250) + 0.1
+
+    def group_errors(grid):
+        d = ((w - dequantize(quantize(w, grid), grid)).square() * importance)  # [64, 250]
+        return torch.nn.functional.pad(d, (0, 6)).view(64, 4, 64).sum(-1)  # [64, G]
+
+    plain = group_errors(compute_grid(w, bits, 64, symmetric))
+    clipped_grid = compute_grid(w, bits, 64, symmetric, clip=True, importance=importance)
+    clipped = group_errors(clipped_grid)
+    assert torch.all(clipped <= plain * (1 + 1e-6))
+    assert clipped.sum() < ratio * plain.sum()
+    assert torch.all(clipped_grid.scales <= compute_grid(w, bits, 64, symmetric).scales)
