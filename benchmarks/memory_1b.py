@@ -50,8 +50,9 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "compress-llama-1b")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8, help="Calibration samples per layer call.")
     ap.add_argument("--offload", choices=["cpu", "disk"], default="cpu",
-                    help="Where activations wait between layers (disk: one sample in memory at a time).")
+                    help="Where activations wait between layers (disk: only the batch in flight in memory).")
     args = ap.parse_args()
     if not (args.model_dir / "config.json").is_file():
         build(args.model_dir)
@@ -59,13 +60,15 @@ def main() -> None:
         pipeline = Path(tmp) / "p.yaml"
         pipeline.write_text(json.dumps({
             "model": str(args.model_dir), "eval": None, "output": str(Path(tmp) / "out"),
-            "calibration": {"samples": args.samples, "seq_len": args.seq_len, "offload": args.offload},
+            "calibration": {"samples": args.samples, "seq_len": args.seq_len, "offload": args.offload,
+                            "batch_size": args.batch_size},
             "steps": [{"method": "gptq", "bits": 4, "group_size": 128}]}))
         cmd = [sys.executable, "-m", "compress", "run", str(pipeline), "--quiet", "--json"]
         stdout, seconds, peak_mb = timed_run(cmd)
         result = json.loads(stdout)
         print(json.dumps({"model_gb_fp32": result["base"]["tensor_bytes"] / 1e9, "samples": args.samples,
-                          "seq_len": args.seq_len, "offload": args.offload, "peak_rss_gb": peak_mb / 1024, "wall_seconds": seconds,
+                          "seq_len": args.seq_len, "offload": args.offload, "batch_size": args.batch_size,
+                          "peak_rss_gb": peak_mb / 1024, "wall_seconds": seconds,
                           "bits_per_weight": result["compressed"]["bits_per_weight"]}))
 
 

@@ -8,7 +8,7 @@ other arguments once and replaces the hidden states as each layer is done.
 - `MemoryActivations` (`offload: cpu`): all samples in CPU memory, samples x seq_len x hidden
   floats (64 x 512 x 2048 fp32 = 256 MB for a 1B model).
 - `DiskActivations` (`offload: disk`): hidden states in one safetensors file per sample, so only
-  the sample in flight is in memory. Files alternate between two slots: a layer's outputs are
+  the batch in flight is in memory. Files alternate between two slots: a layer's outputs are
   written to the other slot while its inputs are read, so an interrupted layer never leaves a
   mix of two layers' activations behind, and `--resume` finds the slot named in its progress.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -66,6 +66,57 @@ def _move(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def merge_calls(calls: list[LayerCall]) -> LayerCall:
+    """One batched call for several samples: hidden states concatenated along the batch
+    dimension, every other argument shared when all samples have the same (e.g. rotary cos/sin
+    of the same positions) or concatenated when they differ (batch dimension 1 each); ValueError
+    when an argument cannot be batched."""
+    if len(calls) == 1:
+        return calls[0]
+    others = [c.with_hidden(None) for c in calls]
+    merged = LayerCall(_merge([o.args for o in others]), _merge([o.kwargs for o in others]))
+    return merged.with_hidden(torch.cat([c.hidden for c in calls]))  # [B, seq, hidden]
+
+
+def _merge(values: list[Any]) -> Any:
+    v = values[0]
+    if isinstance(v, torch.Tensor):
+        if all(torch.equal(v, o) for o in values[1:]):
+            return v
+        if v.dim() == 0 or any(o.shape[0] != 1 for o in values):
+            raise ValueError(f"cannot batch a per-sample argument of shape {tuple(v.shape)}")
+        return torch.cat(values)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_merge([o[i] for o in values]) for i in range(len(v)))
+    if isinstance(v, dict):
+        return {k: _merge([o[k] for o in values]) for k in v}
+    if any(o != v for o in values[1:]):
+        raise ValueError(f"cannot batch samples whose argument differs: {v!r}")
+    return v
+
+
+def batches(calls: Iterable[LayerCall], size: int) -> Iterator[tuple[LayerCall, int]]:
+    """(merged call, number of samples in it) for consecutive groups of up to `size` calls; a
+    group whose arguments cannot be batched runs one sample at a time."""
+    group: list[LayerCall] = []
+    for call in calls:
+        group.append(call)
+        if len(group) == size:
+            yield from _merged_or_single(group)
+            group = []
+    yield from _merged_or_single(group)
+
+
+def _merged_or_single(group: list[LayerCall]) -> Iterator[tuple[LayerCall, int]]:
+    try:
+        merged = merge_calls(group) if group else None
+    except ValueError:
+        yield from ((c, 1) for c in group)
+        return
+    if merged is not None:
+        yield merged, len(group)
+
+
 def _save_atomically(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -87,9 +138,11 @@ class MemoryActivations:
     def append(self, call: LayerCall) -> None:
         self.calls.append(call.to(CPU))
 
-    def advance(self, run: Callable[[LayerCall], torch.Tensor]) -> None:
-        """Replace each call's hidden states with `run(call)`: the next layer's inputs."""
-        self.calls = [c.with_hidden(run(c).to(CPU)) for c in self.calls]
+    def advance(self, run: Callable[[LayerCall], torch.Tensor], batch_size: int) -> None:
+        """Replace each call's hidden states with its output from `run(batched call)` [B, ...]:
+        the next layer's inputs."""
+        outputs = [h for call, _ in batches(self.calls, batch_size) for h in run(call).to(CPU).split(1)]
+        self.calls = [c.with_hidden(h) for c, h in zip(self.calls, outputs, strict=True)]
 
     def save(self, folder: Path) -> dict[str, Any]:
         _save_atomically([(c.args, c.kwargs) for c in self.calls], folder / MEMORY_FILE)
@@ -121,12 +174,16 @@ class DiskActivations:
         self._write(self.slot, len(self.rest), call.hidden)
         self.rest.append(call.with_hidden(None).to(CPU))
 
-    def advance(self, run: Callable[[LayerCall], torch.Tensor]) -> None:
-        """Write `run(call)` for every call to the other slot, then switch to it."""
+    def advance(self, run: Callable[[LayerCall], torch.Tensor], batch_size: int) -> None:
+        """Write each call's output from `run(batched call)` [B, ...] to the other slot, then
+        switch to it."""
         other = 1 - self.slot
         (self.folder / str(other)).mkdir(exist_ok=True)
-        for i, call in enumerate(self):
-            self._write(other, i, run(call))
+        i = 0
+        for call, _ in batches(self, batch_size):
+            for hidden in run(call).split(1):
+                self._write(other, i, hidden)
+                i += 1
         self.slot = other
 
     def save(self, folder: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .activations import Activations, LayerCall
+from .activations import Activations, LayerCall, batches
 from .errors import CompressError
 from .interfaces import MethodConfig
 from .progress import NullProgress, Progress
@@ -95,8 +95,8 @@ class LayerStep:
     """A step ready to run layer by layer: its config, compressor and the module names it targets.
 
     The compressor has `compress(name, module) -> nn.Module`; a calibrated one also has
-    `observe(name, module, x)` (x: the module's input [..., in] for one sample) and optionally
-    `prepare_layer(model, layer_name, names, producers, consumers)`, called once per layer between
+    `observe(name, module, x)` (x: the module's input [batch, seq, in] for one batch of samples)
+    and optionally `prepare_layer(model, layer_name, names, producers, consumers)`, called once per layer between
     observing and compressing, with the module whose output each module of the layer consumes
     (or None) and, for each producing module, the modules that consume its output.
     """
@@ -195,12 +195,13 @@ def compress_layers(
     on_layer_done: Callable[[int, Activations | None], None] = lambda i, calls: None,
     progress: Progress = NullProgress(),
     seconds: dict[int, float] | None = None,
+    batch_size: int = 1,
 ) -> dict[int, float]:
     """Apply `steps` to the decoder layers from `start` on, one layer at a time; return seconds
     per step index (added to `seconds`, e.g. those of an interrupted run's finished layers).
 
     `calls` are the inputs of layer `start` (see capture_inputs), needed when a calibrated step
-    still has modules at or after `start`. Each layer: io.load, then step after step (calibrated:
+    still has modules at or after `start`; the layer runs `batch_size` samples per call. Each layer: io.load, then step after step (calibrated:
     observe, prepare, compress; data-free: compress), then the compressed layer is re-run to give
     the next layer's inputs, io.release, and on_layer_done(index, next calls).
     `on_compressed(step, name, old, new)` is called for every module replaced: the caller measures
@@ -219,7 +220,8 @@ def compress_layers(
                 t = time.perf_counter()
                 names = [n for n in step.names if n.startswith(layer_name + ".")]
                 if names and step.calibrated:
-                    _observe_and_compress(model, layer_name, layer, step, names, calls, device, on_compressed)
+                    _observe_and_compress(model, layer_name, layer, step, names, calls, device, on_compressed,
+                                          batch_size)
                 else:
                     for name in names:
                         old = model.get_submodule(name)
@@ -227,7 +229,7 @@ def compress_layers(
                 seconds[step.index] += time.perf_counter() - t
             if i < last_calibrated:  # a later layer still needs its (compressed) inputs
                 with dense_views(layer):
-                    calls.advance(lambda c: _call(layer, c, device))
+                    calls.advance(lambda c: _call(layer, c, device), batch_size)
             else:
                 calls = None
             io.release(i, layer_name, layer)
@@ -237,7 +239,7 @@ def compress_layers(
 
 
 def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: LayerStep, names: list[str],
-                          calls: Activations, device: torch.device, on_compressed) -> None:
+                          calls: Activations, device: torch.device, on_compressed, batch_size: int) -> None:
     """One observation pass over the layer, then compress the step's modules of this layer.
 
     While observing, the engine also notes which module of the layer produced each target's input
@@ -277,7 +279,7 @@ def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: LayerS
         handles.append(model.get_submodule(name).register_forward_pre_hook(observe))
     try:
         with dense_views(layer):
-            for call in calls:
+            for call, _ in batches(calls, batch_size):
                 _call(layer, call, device)
                 outputs.clear()
     finally:

@@ -37,9 +37,11 @@ class CalibrationConfig(BaseModel):
     text_field: str = Field("text", description="Text column of an hf: dataset.")
     samples: int = Field(64, ge=1, description="Number of calibration sequences.")
     seq_len: int = Field(512, ge=2, description="Tokens per calibration sequence.")
+    batch_size: int = Field(8, ge=1, description="Calibration samples run through a decoder layer at once "
+                            "(more is faster, and holds more activations in flight).")
     offload: Literal["cpu", "disk"] = Field(
         "cpu", description="Where activations wait between decoder layers: cpu (memory), or disk (next to the "
-        "output, one sample in memory at a time; for models whose activations do not fit in memory).",
+        "output, only the batch in flight in memory; for models whose activations do not fit in memory).",
     )
     layers: str | None = Field(
         None, description="The decoder layers, when they cannot be found automatically: their class name or a "

@@ -223,6 +223,9 @@ def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, 
         with progress.task("Capturing calibration inputs", total=None):
             calls = capture_inputs(model, layers[0][1], samples, device,
                                    new_activations(pipeline.calibration.offload, staging))
+    # The embeddings and head are not needed again until the end (for a large vocabulary they
+    # are the biggest tensors in memory): off until then.
+    place_outside_layers(model, layer_names, torch.device("meta"))
     seconds = {s.index: state["seconds"][str(s.index)] for s in steps}  # carried over a resumed run
 
     def on_compressed(step: LayerStep, name: str, old: nn.Module, new: nn.Module) -> None:
@@ -240,7 +243,7 @@ def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, 
     io = StreamedLayers(source, staging, device, dtype)
     try:
         compress_layers(model, layers, steps, io, device, on_compressed, calls, done, on_layer_done, progress,
-                        seconds)
+                        seconds, pipeline.calibration.batch_size)
     except KeyboardInterrupt:
         raise Interrupted(
             f"interrupted after {state['layers_done']} of {len(layers)} layers; they are kept in {staging}: "
@@ -254,7 +257,7 @@ def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, 
             raise
         raise CompressError(out_of_memory_advice(e, layer_names[state["layers_done"]], device, pipeline, staging)
                             ) from None
-    place_outside_layers(model, layer_names, torch.device("cpu"))
+    _load_outside_layers(model, source, prefixes, dtype)
     for step in steps:  # data-free steps on modules outside the layers (e.g. the head)
         t = time.perf_counter()
         for name in step.names:
@@ -294,14 +297,20 @@ def _model_without_layer_weights(path: Path, pipeline: Pipeline, dtype: torch.dt
     layers = find_layers(model, pipeline.calibration.layers)
     prefixes = tuple(n + "." for n, _ in layers)
     source = SafetensorsSource(path)
-    model.load_state_dict(cast_floats(source.read([n for n in source.files if not n.startswith(prefixes)]), dtype),
-                          strict=False, assign=True)
-    model.tie_weights()
+    _load_outside_layers(model, source, prefixes, dtype)
     unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
                 if t.is_meta and not n.startswith(prefixes)]
     if unloaded:
         raise CompressError(f"{path} lacks tensors for {', '.join(unloaded[:3])}")
     return model, layers, source
+
+
+def _load_outside_layers(model: nn.Module, source: SafetensorsSource, prefixes: tuple[str, ...],
+                         dtype: torch.dtype | None) -> None:
+    """Read every tensor outside the decoder layers (embeddings, final norm, head) into the model."""
+    model.load_state_dict(cast_floats(source.read([n for n in source.files if not n.startswith(prefixes)]), dtype),
+                          strict=False, assign=True)
+    model.tie_weights()
 
 
 def _start_or_resume(staging: Path, resume: bool, key: dict[str, Any], steps: list[LayerStep]):
@@ -376,7 +385,7 @@ def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Pr
                                    new_activations(pipeline.calibration.offload, Path(folder)))
             try:
                 compress_layers(model, layers, steps, InMemoryLayers(device, home), device, on_compressed, calls,
-                                progress=progress, seconds=seconds)
+                                progress=progress, seconds=seconds, batch_size=pipeline.calibration.batch_size)
             except Exception as e:
                 if not is_out_of_memory(e):
                     raise
@@ -410,9 +419,9 @@ def out_of_memory_advice(error: BaseException, where: str, device: torch.device,
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     c = pipeline.calibration
     keep = f"; the finished layers are kept in {staging}: add --resume to continue" if staging else ""
-    return (f"out of memory on {device} in {where} ({text}): lower calibration.samples ({c.samples}) or "
-            f"calibration.seq_len ({c.seq_len}), or set calibration.offload: disk (now {c.offload}) so activations "
-            f"wait on disk{keep}")
+    return (f"out of memory on {device} in {where} ({text}): lower calibration.batch_size ({c.batch_size}), "
+            f"samples ({c.samples}) or seq_len ({c.seq_len}), or set calibration.offload: disk (now {c.offload}) so "
+            f"activations wait on disk{keep}")
 
 
 def calibration_samples(tokenizer, config: CalibrationConfig, model_config) -> torch.Tensor:

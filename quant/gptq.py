@@ -51,7 +51,7 @@ class GPTQCompressor:
         self._last: tuple[torch.Tensor, str] | None = None  # the input observed last, and its key
 
     def observe(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
-        """x: the module's input [..., in] for one calibration sample."""
+        """x: the module's input [..., in] for one batch of calibration samples."""
         if self._last is not None and x is self._last[0]:
             key = self._last[1]
         else:

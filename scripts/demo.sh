@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/compress models prepare smollm2-135m
-.venv/bin/compress run examples/smollm2-int4.yaml --overwrite "$@"
+.venv/bin/compress run examples/smollm2-gptq-int4.yaml --overwrite "$@"

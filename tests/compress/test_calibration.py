@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import compress
-from compress.activations import MemoryActivations
+from compress.activations import LayerCall, MemoryActivations, batches, merge_calls
 from compress.calibration import InMemoryLayers, check_inside_layers, LayerStep, capture_inputs, compress_layers, find_layers
 from compress.errors import CompressError
 from compress.pipeline import parse
@@ -27,11 +27,12 @@ class Recorder:
         return new
 
 
-def run_engine(model, steps, on_compressed, samples=SAMPLES):
+def run_engine(model, steps, on_compressed, samples=SAMPLES, batch_size=1):
     cpu = torch.device("cpu")
     layers = find_layers(model)
     calls = capture_inputs(model, layers[0][1], samples, cpu, MemoryActivations())
-    return compress_layers(model, layers, steps, InMemoryLayers(cpu, cpu), cpu, on_compressed, calls)
+    return compress_layers(model, layers, steps, InMemoryLayers(cpu, cpu), cpu, on_compressed, calls,
+                           batch_size=batch_size)
 
 
 def test_find_layers_from_no_split_modules_and_fallback():
@@ -56,7 +57,8 @@ def test_capture_keeps_every_keyword_argument():
     assert "position_embeddings" in calls[0].kwargs  # rotary cos/sin computed by the model, not by us
 
 
-def test_observers_see_what_the_full_model_feeds_each_module():
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_observers_see_what_the_full_model_feeds_each_module(batch_size):
     model = tiny_model()
     name = "model.layers.1.mlp.down_proj"
     expected = []
@@ -69,11 +71,10 @@ def test_observers_see_what_the_full_model_feeds_each_module():
     step = LayerStep(0, parse({"model": "x", "steps": [{"method": "gptq"}]}).steps[0], rec,
                           [name, "model.layers.0.self_attn.q_proj"])
     swapped = []
-    run_engine(model, [step], lambda s, n, old, new: swapped.append(n))
+    run_engine(model, [step], lambda s, n, old, new: swapped.append(n), batch_size=batch_size)
     assert swapped == ["model.layers.0.self_attn.q_proj", name]  # layer by layer, in order
-    assert len(rec.seen[name]) == 3
-    for got, want in zip(rec.seen[name], expected):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert [x.shape[0] for x in rec.seen[name]] == ([1, 1, 1] if batch_size == 1 else [2, 1])  # samples per call
+    torch.testing.assert_close(torch.cat(rec.seen[name]), torch.cat(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_targets_outside_layers_are_refused():
@@ -112,3 +113,16 @@ def test_mixed_precision_in_one_calibrated_pass(tiny_dir):
     ]})
     assert [len(s.modules) for s in r.steps] == [2, 12]
     assert [s.summary()["formats"] for s in r.steps] == [["int8 g32 sym"], ["int4 g32 sym"]]
+
+
+def test_merged_calls_share_equal_arguments_and_stack_the_rest():
+    a = LayerCall((torch.ones(1, 3, 4),), {"pos": (torch.zeros(1, 3, 2),), "mask": torch.ones(1, 3), "flag": False})
+    b = LayerCall((torch.zeros(1, 3, 4),), {"pos": (torch.zeros(1, 3, 2),), "mask": torch.zeros(1, 3), "flag": False})
+    merged = merge_calls([a, b])
+    assert merged.hidden.shape == (2, 3, 4) and merged.kwargs["pos"][0].shape == (1, 3, 2)  # shared, broadcasts
+    assert merged.kwargs["mask"].shape == (2, 3) and merged.kwargs["flag"] is False
+    c = LayerCall((torch.zeros(1, 3, 4),), {**b.kwargs, "flag": True})
+    with pytest.raises(ValueError, match="argument differs: False"):
+        merge_calls([a, c])
+    assert [n for _, n in batches([a, b, c], 2)] == [2, 1]
+    assert [n for _, n in batches([a, c], 2)] == [1, 1]  # not batchable: one at a time

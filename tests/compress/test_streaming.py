@@ -96,7 +96,7 @@ def test_out_of_memory_names_the_settings_and_keeps_the_finished_layers(tiny_dir
 
     monkeypatch.setattr(GPTQCompressor, "compress", fail_in_second_layer)
     with pytest.raises(CompressError, match=r"out of memory on cpu in model.layers.1 \(CUDA out of memory.*\): lower "
-                       r"calibration.samples \(4\) or calibration.seq_len \(32\), or set calibration.offload: disk "
-                       r".*add --resume to continue"):
+                       r"calibration.batch_size \(8\), samples \(4\) or seq_len \(32\), or set calibration.offload: "
+                       r"disk .*add --resume to continue"):
         compress.run(pipeline(tiny_dir, tmp_path / "o"))
     assert (tmp_path / "o.partial" / "layer-00000.safetensors").is_file()
