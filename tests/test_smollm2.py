@@ -42,7 +42,8 @@ def compress_and_eval(example, base, folder, **changes):
     """(model, step report, eval result, checkpoint folder) of the example's step with `changes`."""
     _, tokenizer, _, reference = base
     copy = load_model(example.model)[0]  # a fresh model: the base stays untouched for the next test
-    step = parse_step({**example.steps[0].model_dump(), **changes}, "test step")
+    grid = example.steps[0].model_dump(include={"bits", "group_size", "symmetric", "targets", "ignore"})
+    step = parse_step({"method": "rtn", **grid, **changes}, "test step")  # other methods at their defaults
     [report] = compress_model(copy, tokenizer, example.model_copy(update={"steps": [step]}))
     checkpoint.save(copy, tokenizer, folder / "ck", {"steps": []}, False)
     result, _ = evaluate(copy, tokenizer, example.eval, reference=reference)
