@@ -104,17 +104,15 @@ def batches(calls: Iterable[LayerCall], size: int) -> Iterator[tuple[LayerCall, 
         if len(group) == size:
             yield from _merged_or_single(group)
             group = []
-    yield from _merged_or_single(group)
+    if group:
+        yield from _merged_or_single(group)
 
 
 def _merged_or_single(group: list[LayerCall]) -> Iterator[tuple[LayerCall, int]]:
     try:
-        merged = merge_calls(group) if group else None
+        yield merge_calls(group), len(group)
     except ValueError:
         yield from ((c, 1) for c in group)
-        return
-    if merged is not None:
-        yield merged, len(group)
 
 
 def _save_atomically(obj: Any, path: Path) -> None:

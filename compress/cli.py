@@ -31,7 +31,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished layer "
                                       "(OUT.partial); the pipeline must be the same.")]
-Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the GPU if there is one; several GPUs share a model too big for one).")]
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto (the GPU if there is one; several GPUs share a model too big for one)."
+Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with the model.")]
 
 
@@ -192,8 +193,7 @@ def run_cmd(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.")],
     set_: Sets = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Overrides the file's output.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Overrides the file's device: cpu, cuda, cuda:N or auto.")
-                      ] = None,
+    device: Annotated[Optional[str], typer.Option(help="Overrides the file's device: " + DEVICE_HELP)] = None,
     overwrite: Overwrite = False,
     resume: Resume = False,
     quiet: Quiet = False,

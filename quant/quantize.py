@@ -58,23 +58,18 @@ def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 CLIP_RATIOS = tuple(1 - i / 100 for i in range(21))  # range shrink factors the clip search tries: 1.00 .. 0.80
 
+
 def compute_grid(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: bool = False,
                  importance: torch.Tensor | None = None) -> QuantGrid:
     """The grid of each (row, group) of `weight` [out, in], computed in fp32: min/max, or with
     clip the shrunk range with the least sum over the group of importance * (w - q(w))^2
     (importance [in], e.g. the calibration inputs' mean square per column; None: all ones)."""
     g = grouped(weight.float(), group_size)  # [out, G, gs]
-    if symmetric:
-        absmax = g.abs().amax(dim=-1)
-        scales = 2 * absmax / (2**bits - 1)
-        zeros = None
-    else:
-        lo = g.amin(dim=-1).clamp(max=0)
-        hi = g.amax(dim=-1).clamp(min=0)
-        scales = (hi - lo) / (2**bits - 1)
+    lo = None if symmetric else g.amin(dim=-1).clamp(max=0)
+    span = 2 * g.abs().amax(dim=-1) if symmetric else g.amax(dim=-1).clamp(min=0) - lo
+    scales = span / (2**bits - 1)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    if not symmetric:
-        zeros = torch.round(-lo / scales).clamp(0, 2**bits - 1)
+    zeros = None if symmetric else torch.round(-lo / scales).clamp(0, 2**bits - 1)
     if clip:
         n = weight.shape[1]
         importance = torch.ones(n) if importance is None else importance.detach().float().cpu()
