@@ -34,6 +34,9 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted 
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto (the GPU if there is one; several GPUs share a model too big for one)."
 Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with the model.")]
+RunDtype = Annotated[str, typer.Option(help="Activation dtype: float32 (EVAL.md's protocol), bfloat16 or float16. "
+                                            "Compressed layers keep their storage; on CPU, bfloat16 runs the "
+                                            "packed int4/int8 kernels.")]
 
 
 def main() -> None:
@@ -272,6 +275,7 @@ def eval_cmd(
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure prefill and decode tokens/s.")] = True,
     device: Device = "cpu",
+    dtype: RunDtype = "float32",
     trust_remote_code: TrustRemote = False,
     quiet: Quiet = False,
     json_: Json = False,
@@ -288,7 +292,7 @@ def eval_cmd(
         config = EvalConfig(data=data, windows=windows, seq_len=seq_len, speed=speed)
     except ValidationError as e:
         raise CompressError(f"eval options: {describe_error(e, EvalConfig)}") from None
-    evals = eval_model(model, base, config, device, trust_remote_code, _progress(quiet or json_))
+    evals = eval_model(model, base, config, device, trust_remote_code, _progress(quiet or json_), dtype)
     if json_:
         return _print_json([{"model": e.label, "path": str(e.path), "disk_bytes": e.disk_bytes,
                              "bits_per_weight": e.bits_per_weight, **e.result.to_dict()} for e in evals])
@@ -317,6 +321,7 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     device: Device = "cpu",
+    dtype: RunDtype = "float32",
     trust_remote_code: TrustRemote = False,
     quiet: Quiet = False,
     json_: Json = False,
@@ -324,7 +329,8 @@ def generate(
     """Generate text greedily with a (compressed) model."""
     from .commands import generate as run_generate
 
-    result = run_generate(model, prompt, max_new_tokens, chat, device, trust_remote_code, _progress(quiet or json_))
+    result = run_generate(model, prompt, max_new_tokens, chat, device, trust_remote_code, _progress(quiet or json_),
+                          dtype)
     if json_:
         return _print_json(result)
     out.print(result["text"], highlight=False, markup=False)

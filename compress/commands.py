@@ -30,13 +30,14 @@ class ModelEval:
 
 def eval_model(
     ref: str, base: str | None, config: EvalConfig, device: str = "cpu", trust_remote_code: bool = False,
-    progress: Progress = NullProgress(),
+    progress: Progress = NullProgress(), dtype: str = "float32",
 ) -> list[ModelEval]:
-    """Evaluate `ref` (and first `base`, for KL and top-1 against it). One model in memory at a time."""
+    """Evaluate `ref` (and first `base`, for KL and top-1 against it) with activations in `dtype`
+    (EVAL.md's numbers use float32). One model in memory at a time."""
     out = []
     reference = None
     for label, r in ([("base", base)] if base else []) + [("model", ref)]:
-        model, tokenizer, path = load_model(r, "float32", device, trust_remote_code, progress=progress)
+        model, tokenizer, path = load_model(r, dtype, device, trust_remote_code, progress=progress)
         result, kept = evaluate(model, tokenizer, config, reference=reference, keep_reference=label == "base",
                                 progress=progress, label=r)
         reference = kept if label == "base" else reference
@@ -52,9 +53,10 @@ def info(ref: str) -> dict[str, Any]:
 
 
 def generate(ref: str, prompt: str, max_new_tokens: int, chat: bool, device: str = "cpu",
-             trust_remote_code: bool = False, progress: Progress = NullProgress()) -> dict[str, Any]:
+             trust_remote_code: bool = False, progress: Progress = NullProgress(),
+             dtype: str = "float32") -> dict[str, Any]:
     """Greedy continuation of `prompt` (wrapped in the model's chat template if `chat`)."""
-    model, tokenizer, path = load_model(ref, "float32", device, trust_remote_code, progress=progress)
+    model, tokenizer, path = load_model(ref, dtype, device, trust_remote_code, progress=progress)
     if chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]

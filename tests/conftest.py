@@ -3,10 +3,16 @@ Hugging Face folder. Tiny models prove mechanics only, never quality (EVAL.md)."
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in the CPU interpreter; the variable is read when kernels are defined,
+    # so it is set here, before any test module imports them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)

@@ -1,0 +1,164 @@
+"""Integer-weight matmul kernels against bf16 cuBLAS and PyTorch's own low-bit kernels, one GPU.
+
+For each (kernel, N x K weight, M tokens): y = x[M, K] @ W.T with random weights, timed two ways
+in the same run with the same timer for every contender, both replaying CUDA graphs (as a served
+model runs; launch overhead from Python would otherwise swamp microsecond kernels):
+  - `graph`: triton.testing.do_bench_cudagraph (L2 warm: a weight that fits in L2 stays there);
+  - `cold`:  each call preceded by overwriting a 256 MB buffer, which evicts the weights from L2
+             (as in a decode step, which reads every layer's weights once); the time of the
+             overwrites alone, measured the same way, is subtracted.
+Contenders: bf16 cuBLAS (F.linear), ours (compress.cuda int_matmul: the fastest of our Triton
+kernels and dequantize + cuBLAS, chosen per shape by measurement; `choice` records which; a
+module's kernel "auto" also weighs tinygemm, listed here as a peer),
+PyTorch's int4 kernel (`_weight_int4pack_mm`, 4-bit only) and its int8 weight-only kernel
+(`_weight_int8pack_mm`, 8-bit only), and bitsandbytes NF4 if it is installed. `*_speedup` is
+bf16 time / that time. One JSON line per row on stdout.
+
+    python benchmarks/kernels.py                       # the full table (a few minutes on an H100)
+    python benchmarks/kernels.py --kernels w4g128 --ms 1 16 --shapes 11008x4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+SHAPES = ["4096x4096", "11008x4096", "4096x11008", "8192x8192", "14336x4096"]  # N x K (out x in)
+MS = [1, 4, 16, 64, 256, 4096]
+KERNELS = {  # name -> (bits, group_size, symmetric)
+    "w4g128": (4, 128, True),
+    "w4g128-asym": (4, 128, False),
+    "w8g128": (8, 128, True),
+}
+
+
+def random_weight(n: int, k: int, bits: int, group_size: int, symmetric: bool):
+    """A random weight in our kernel layout, and the same codes in PyTorch's formats."""
+    from compress.cuda.int_matmul import IntWeight
+    from compress.cuda.layout import words_of
+    from compress.quant.packing import pack_codes
+
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, device="cuda")
+    groups = -(-k // group_size)
+    scales = torch.rand(groups, n, device="cuda").mul_(0.02).add_(0.001).half()
+    zeros = None if symmetric else torch.randint(0, 2**bits, (groups, n), dtype=torch.uint8, device="cuda")
+    ours = IntWeight(words_of(pack_codes(codes, bits)), scales, zeros, bits, group_size, k)
+    return ours, codes
+
+
+def peers(codes: torch.Tensor, w: object, x: torch.Tensor) -> dict:
+    """name -> callable for PyTorch's kernels that take this format (same codes and scales)."""
+    from compress.cuda import tinygemm
+
+    out = {}
+    if w.bits == 4:
+        packed, sz = tinygemm.pack(codes, w.scales.T, None if w.zeros is None else w.zeros.T)
+        out["tinygemm"] = lambda: tinygemm.matmul(x, packed, sz, w.group_size)
+    if w.bits == 8 and w.zeros is None:  # per-channel only: scales of the first group stand in
+        w8 = (codes.to(torch.int16) - 128).to(torch.int8)
+        s8 = w.scales[0].to(x.dtype).contiguous()
+        out["int8_wo"] = lambda: torch._weight_int8pack_mm(x, w8, s8)
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return out
+    if w.bits == 4:
+        dense = torch.randn(w.out_features, w.in_features, device="cuda", dtype=x.dtype)
+        q, state = bnbf.quantize_4bit(dense, blocksize=64, quant_type="nf4")
+        out["bnb_nf4"] = lambda: bnb.matmul_4bit(x, q.t(), quant_state=state)
+    return out
+
+
+def graph_us(body, reps: int) -> float:
+    """Microseconds per repetition of `body` captured `reps` times in one CUDA graph (median of 5)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            body()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[2]
+
+
+def time_both(fn, flush: torch.Tensor) -> tuple[float, float]:
+    """(warm-L2 microseconds, cold-L2 microseconds) of one call of `fn`, both from CUDA graphs;
+    `flush` is a buffer larger than the L2 cache."""
+    import triton.testing as tt
+
+    fn()
+    torch.cuda.synchronize()
+    warm = tt.do_bench_cudagraph(fn, rep=20) * 1e3
+    reps = 20
+    flush_only = graph_us(flush.zero_, reps)
+    cold = graph_us(lambda: (flush.zero_(), fn()), reps) - flush_only
+    return warm, cold
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernels", nargs="+", default=["w4g128", "w8g128"], choices=sorted(KERNELS))
+    ap.add_argument("--shapes", nargs="+", default=SHAPES, help="N x K, the weight's out x in")
+    ap.add_argument("--ms", nargs="+", type=int, default=MS)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py needs a CUDA device")
+
+    from compress.cuda import int_matmul as im
+
+    dtype = getattr(torch, args.dtype)
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    props = torch.cuda.get_device_properties(0)
+    print(json.dumps({"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+                      "dtype": args.dtype}), flush=True)
+    for name in args.kernels:
+        bits, group_size, symmetric = KERNELS[name]
+        for shape in args.shapes:
+            n, k = map(int, shape.split("x"))
+            w, codes = random_weight(n, k, bits, group_size, symmetric)
+            dense = torch.randn(n, k, device="cuda", dtype=dtype)
+            weight_bytes = w.words.numel() * 4 + w.scales.numel() * 2 + (0 if w.zeros is None else w.zeros.numel())
+            for m in args.ms:
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                row = {"kernel": name, "N": n, "K": k, "M": m}
+                ref = x.float() @ im.dequantize(w, torch.float32).T
+                ours = im.int_matmul(x, w)  # first call: measures the candidates, keeps the fastest
+                row["relerr"] = round(((ours.float() - ref).norm() / ref.norm()).item(), 5)
+                key = next(key for key in im.TUNER.choices() if key[-4:] == (n, k, im._m_bucket(m), False)
+                           and key[1] == dtype and key[2] == bits and key[4] == (not symmetric))
+                row["choice"] = im.TUNER.choices()[key]
+                bf16_graph, bf16_cold = time_both(lambda: torch.nn.functional.linear(x, dense), flush)
+                row.update(bf16_us_graph=round(bf16_graph, 2), bf16_us_cold=round(bf16_cold, 2))
+                contenders = {"ours": lambda: im.int_matmul(x, w), **peers(codes, w, x)}
+                if "tinygemm" in contenders:  # same codes and scales as ours: its error is comparable
+                    y = contenders["tinygemm"]().float()
+                    row["tinygemm_relerr"] = round(((y - ref).norm() / ref.norm()).item(), 5)
+                for label, fn in contenders.items():
+                    try:
+                        graph, cold = time_both(fn, flush)
+                    except (RuntimeError, NotImplementedError) as e:  # a peer without this shape/dtype
+                        row[f"{label}_error"] = str(e).splitlines()[0][:120]
+                        continue
+                    row.update({f"{label}_us_graph": round(graph, 2), f"{label}_us_cold": round(cold, 2),
+                                f"{label}_speedup_graph": round(bf16_graph / graph, 2),
+                                f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
+                row["ours_TBps_cold"] = round(weight_bytes / (row["ours_us_cold"] * 1e-6) / 1e12, 2)
+                print(json.dumps(row), flush=True)
+            del w, codes, dense
+            torch.cuda.empty_cache()
+    # every candidate's measured time per problem key (milliseconds), for tuning the candidate lists
+    print(json.dumps({"tuner_ms": {str(k): v for k, v in im.TUNER.timings.items()}}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

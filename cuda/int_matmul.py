@@ -1,0 +1,168 @@
+"""Launchers for the integer-weight Triton kernels and the per-shape choice between them.
+
+`int_matmul(x, w)` computes x [M, K] @ dequantize(w).T -> [M, N] in x's dtype. Candidates per
+M: the GEMV kernel (M = 1), the tensor-core kernel at several tile sizes and split-K factors,
+and dequantize + cuBLAS (which wins at large M, where the matmul is compute-bound). The first
+call of each (device, format, N, K, M bucket) times them all once and keeps the fastest
+(`TUNER.choices()` lists what was chosen). Timing replays CUDA graphs, as a served model runs
+(torch.compile with CUDA graphs): launch overhead from Python would otherwise swamp
+microsecond kernels and pick by it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+from . import tinygemm
+from .layout import KERNEL_BITS
+from .triton_int import _dequant_kernel, _dot_kernel, _gemv_kernel
+from .tuning import Candidate, Tuner, interpreting
+
+ONE_GROUP = 1 << 30  # GROUP constant for per-channel scales (one group spans every K)
+
+
+@dataclass(frozen=True)
+class IntWeight:
+    """Kernel inputs of one layer (layout.py): words int32 [N, n_words]; scales [n_groups, N];
+    zeros uint8 [n_groups, N] or None (symmetric); codes of `bits` in groups of `group_size`
+    columns along in_features = K. `tinygemm`: the same weight in PyTorch's int4 layout
+    (tinygemm.pack), when it was prepared."""
+
+    words: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+    in_features: int
+    tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.words.shape[0]
+
+    @property
+    def group(self) -> int:
+        """The GROUP constant the kernels are compiled for."""
+        return ONE_GROUP if self.group_size >= self.in_features else self.group_size
+
+
+def supported(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether the Triton kernels handle this format (else the reference path runs)."""
+    return bits in KERNEL_BITS and (group_size >= in_features or group_size % 16 == 0)
+
+
+def block_k_fits(block_k: int, group: int, bits: int) -> bool:
+    """A K tile lies inside one group or covers whole groups, and holds at least one word per row."""
+    return (group % block_k == 0 or block_k % group == 0) and block_k >= 32 // bits
+
+
+def _args(w: IntWeight) -> tuple:
+    zeros = w.zeros if w.zeros is not None else w.scales  # never read when HAS_ZEROS is False
+    return w.words, w.scales, zeros
+
+
+def gemv(x: torch.Tensor, w: IntWeight, block_n: int, block_k: int, num_warps: int = 4,
+         stages: int = 1) -> torch.Tensor:
+    """x [1, K] -> [1, N]."""
+    n, k = w.out_features, w.in_features
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    words, scales, zeros = _args(w)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, words, scales, zeros, y, n, k, words.shape[1],
+        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        STAGES=stages, num_warps=num_warps)
+    return y
+
+
+def dot(x: torch.Tensor, w: IntWeight, block_m: int, block_n: int, block_k: int, split_k: int = 1,
+        num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """x [M, K] -> [M, N] through tensor cores; split_k > 1 adds fp32 partial sums atomically."""
+    m, n, k = x.shape[0], w.out_features, w.in_features
+    y = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split_k > 1
+         else torch.empty(m, n, dtype=x.dtype, device=x.device))
+    words, scales, zeros = _args(w)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+    _dot_kernel[grid](
+        x, words, scales, zeros, y, m, n, k, words.shape[1], x.stride(0), y.stride(0),
+        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, SPLIT_K=split_k, FP32=interpreting() or x.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages)
+    return y.to(x.dtype) if split_k > 1 else y
+
+
+def dequantize(w: IntWeight, dtype: torch.dtype, block_n: int = 32, block_k: int | None = None) -> torch.Tensor:
+    """The dense weight [N, K] in `dtype`."""
+    n, k = w.out_features, w.in_features
+    if block_k is None:
+        block_k = next(b for b in (128, 64, 32, 16) if block_k_fits(b, w.group, w.bits))
+    out = torch.empty(n, k, dtype=dtype, device=w.words.device)
+    words, scales, zeros = _args(w)
+    _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
+        words, scales, zeros, out, n, k, words.shape[1],
+        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+# Candidate tile configurations, first = the interpreter's choice. (block_n, block_k, warps) for
+# GEMV; (block_m, block_n, block_k, split_k, warps, stages) for the tensor-core kernel by M range.
+GEMV_CONFIGS = [(16, 128, 4, 1), (8, 256, 4, 2), (16, 256, 4, 2), (8, 512, 4, 2), (4, 512, 2, 2),
+                (16, 128, 4, 3), (32, 128, 4, 2), (8, 1024, 8, 2), (4, 1024, 4, 2), (2, 1024, 2, 3)]
+DOT_CONFIGS = {  # block_k 128 suits 4-bit (16 words), 64 suits 8-bit
+    16: [(16, 64, 128, 4, 4, 3), (16, 64, 128, 1, 4, 3), (16, 128, 128, 2, 4, 3), (16, 32, 128, 8, 4, 3),
+         (16, 32, 128, 4, 4, 3), (16, 64, 128, 2, 4, 4), (16, 128, 128, 4, 8, 3), (16, 64, 64, 4, 4, 3),
+         (16, 64, 64, 8, 4, 3), (16, 128, 64, 2, 4, 3)],
+    64: [(32, 64, 128, 2, 4, 3), (64, 64, 128, 1, 4, 3), (64, 128, 128, 1, 8, 3), (32, 128, 128, 2, 4, 3),
+         (64, 64, 64, 2, 4, 3), (32, 64, 64, 4, 4, 3)],
+    256: [(64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3), (64, 64, 128, 2, 4, 3), (128, 64, 128, 1, 4, 3),
+          (128, 128, 64, 1, 8, 3)],
+    None: [(128, 256, 128, 1, 8, 3), (128, 128, 64, 1, 8, 3)],
+}
+
+
+def _m_bucket(m: int) -> int | None:
+    return next((b for b in (1, 16, 64, 256) if m <= b), None)
+
+
+def _gemv(bn: int, bk: int, nw: int, ns: int) -> Candidate:
+    return Candidate(f"gemv n{bn} k{bk} w{nw} s{ns}", lambda x, w: gemv(x, w, bn, bk, nw, ns))
+
+
+def _dot(bm: int, bn: int, bk: int, sk: int, nw: int, ns: int) -> Candidate:
+    return Candidate(f"dot m{bm} n{bn} k{bk} split{sk} w{nw} s{ns}", lambda x, w: dot(x, w, bm, bn, bk, sk, nw, ns))
+
+
+DEQUANT_MATMUL = Candidate("dequant+matmul", lambda x, w: torch.nn.functional.linear(x, dequantize(w, x.dtype)))
+
+
+TINYGEMM = Candidate("tinygemm (PyTorch)", lambda x, w: tinygemm.matmul(x, *w.tinygemm, w.group_size))
+
+
+def candidates(m: int, dtype: torch.dtype, group: int, bits: int, has_tinygemm: bool) -> list[Candidate]:
+    out: list[Candidate] = [TINYGEMM] if has_tinygemm and dtype == torch.bfloat16 else []
+    if dtype != torch.float32:  # fp32 activations: no tensor-core path, dense fp32 matmul instead
+        bucket = _m_bucket(m)
+        if m == 1:
+            out += [_gemv(*c) for c in GEMV_CONFIGS if block_k_fits(c[1], group, bits)]
+        out += [_dot(*c) for c in DOT_CONFIGS[16 if bucket == 1 else bucket] if block_k_fits(c[2], group, bits)]
+    return out + [DEQUANT_MATMUL]
+
+
+def _measure(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=10)
+
+
+TUNER = Tuner(_measure, skip=(OutOfResources, CompilationError))
+
+
+def int_matmul(x: torch.Tensor, w: IntWeight) -> torch.Tensor:
+    """x [M, K] (contiguous) -> [M, N], the fastest measured candidate for this shape (PyTorch's
+    tinygemm among them when `w.tinygemm` is there)."""
+    m = x.shape[0]
+    tg = w.tinygemm is not None
+    key = (x.device, x.dtype, w.bits, w.group, w.zeros is not None, w.out_features, w.in_features, _m_bucket(m), tg)
+    return TUNER.run(key, lambda: candidates(m, x.dtype, w.group, w.bits, tg), x, w)

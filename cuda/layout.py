@@ -1,0 +1,58 @@
+"""The weight layout the integer matmul kernels consume, derived at load time from the checkpoint.
+
+The checkpoint (quant/packing.py) stores each row of codes as a little-endian bit stream of
+bytes. For bits in {2, 4, 8} no code straddles a byte, so the same bytes read as little-endian
+int32 words are already a kernel-friendly layout:
+
+    words   int32 [N, n_words]   code k of row n sits in word k // cpw at bits (k % cpw) * bits,
+                                 cpw = 32 // bits codes per word; n_words = ceil(K / cpw)
+
+Rows whose byte count is not a multiple of 4 are zero-padded (a copy); all others are a view,
+so prepacking costs no memory for the weights. Scales and zero points are transposed to
+[n_groups, N] so that a kernel loading one group's values for a block of output rows reads
+contiguous memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KERNEL_BITS = (2, 4, 8)  # widths whose codes never straddle a 32-bit word
+
+
+def codes_per_word(bits: int) -> int:
+    return 32 // bits
+
+
+def words_of(packed_rows: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, row_bytes] (bit-packed rows) -> int32 [N, ceil(row_bytes / 4)], a view when it can be."""
+    pad = (-packed_rows.shape[1]) % 4
+    if pad:
+        packed_rows = torch.nn.functional.pad(packed_rows, (0, pad))
+    return packed_rows.contiguous().view(torch.int32)
+
+
+def unpack_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """int32 [N, n_words] -> codes uint8 [N, k] (the reference reading of the layout). Works on the
+    little-endian bytes: no code straddles a byte, and uint8 arithmetic moves 4x less memory."""
+    b = words.view(torch.uint8)  # [N, 4 * n_words]
+    if bits == 8:
+        return b[:, :k]
+    mask = (1 << bits) - 1
+    codes = torch.stack([(b >> shift) & mask for shift in range(0, 8, bits)], dim=-1)  # [N, 4 * n_words, 8 // bits]
+    return codes.reshape(words.shape[0], -1)[:, :k]
+
+
+def dequantize_words(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                     group_size: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The reference semantics of every kernel: weight [N, k] in `dtype`, computed in fp32 as
+    (code - zero) * scale with scales [n_groups, N], zeros uint8 [n_groups, N] (None: the
+    symmetric zero 2**(bits-1)); column j belongs to group j // group_size."""
+    n, groups = words.shape[0], scales.shape[0]
+    span = k if groups == 1 else group_size  # columns per group as stored
+    codes = unpack_words(words, bits, k)
+    codes = torch.nn.functional.pad(codes, (0, groups * span - k)).view(n, groups, span)
+    w = codes.float()  # [N, n_groups, span], a fresh tensor
+    w.sub_(2 ** (bits - 1) if zeros is None else zeros.T.unsqueeze(-1).float())
+    w.mul_(scales.T.unsqueeze(-1).float())
+    return w.view(n, -1)[:, :k].to(dtype)

@@ -1,0 +1,109 @@
+"""The integer-weight ops as `torch.library` custom ops (traceable by torch.compile, capturable in
+CUDA graphs), and `int_linear`, the one call a compressed module makes.
+
+    compress::int_linear(x, words, scales, zeros, bits, group_size, in_features, kernel,
+                         tinygemm_weight, tinygemm_scales)
+        x [..., K] @ dequantize(words).T -> [..., N] in x's dtype
+    compress::dequantize_int(words, scales, zeros, bits, group_size, in_features, dtype, kernel)
+        the dense weight [N, K]
+
+Semantics are those of layout.dequantize_words (the reference). `kernel` picks the
+implementation per call: "reference"; "triton" (our Triton kernels or dequantize + cuBLAS,
+whichever is faster for the shape; CUDA, or the CPU interpreter under TRITON_INTERPRET=1; an
+error if the format is not supported); "cpu_packed" (PyTorch's packed CPU matmuls, bf16
+activations); "auto": on CUDA the fastest of triton's choices and, where the weight was
+prepared for it, PyTorch's tinygemm (cuda/tinygemm.py); on CPU cpu_packed where a packed
+weight was prepared for the activation dtype; else the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import cpu_packed
+from .layout import dequantize_words
+from .tuning import interpreting
+
+KERNELS = ("auto", "reference", "triton", "cpu_packed")
+
+
+def _use_triton(device: torch.device, bits: int, group_size: int, in_features: int, kernel: str) -> bool:
+    from .int_matmul import supported  # imports triton: only where a kernel may run
+
+    if kernel == "triton":
+        if not supported(bits, group_size, in_features):
+            raise ValueError(f"kernel 'triton' supports 2, 4 and 8-bit weights in groups that are a multiple of 16 "
+                             f"or per-channel, not {bits}-bit in groups of {group_size}; use kernel 'auto'")
+        if device.type != "cuda" and not interpreting():
+            raise ValueError("kernel 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use kernel 'auto'")
+        return True
+    return kernel == "auto" and device.type == "cuda" and supported(bits, group_size, in_features)
+
+
+@torch.library.custom_op("compress::int_linear", mutates_args=())
+def int_linear_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  bits: int, group_size: int, in_features: int, kernel: str,
+                  tinygemm_weight: torch.Tensor | None, tinygemm_scales: torch.Tensor | None) -> torch.Tensor:
+    x2 = x.reshape(-1, in_features)
+    if _use_triton(x.device, bits, group_size, in_features, kernel):
+        from .int_matmul import IntWeight, int_matmul
+
+        library = None if kernel == "triton" or tinygemm_weight is None else (tinygemm_weight, tinygemm_scales)
+        y = int_matmul(x2.contiguous(), IntWeight(words, scales, zeros, bits, group_size, in_features, library))
+    else:
+        y = torch.nn.functional.linear(x2, dequantize_words(words, scales, zeros, bits, group_size, in_features,
+                                                            x.dtype))
+    return y.reshape(*x.shape[:-1], words.shape[0])
+
+
+@int_linear_op.register_fake
+def _(x, words, scales, zeros, bits, group_size, in_features, kernel, tinygemm_weight, tinygemm_scales):
+    return x.new_empty(*x.shape[:-1], words.shape[0])
+
+
+@torch.library.custom_op("compress::dequantize_int", mutates_args=())
+def dequantize_int(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                   group_size: int, in_features: int, dtype: torch.dtype, kernel: str) -> torch.Tensor:
+    if _use_triton(words.device, bits, group_size, in_features, kernel):
+        from .int_matmul import IntWeight, dequantize
+
+        return dequantize(IntWeight(words, scales, zeros, bits, group_size, in_features), dtype)
+    return dequantize_words(words, scales, zeros, bits, group_size, in_features, dtype)
+
+
+@dequantize_int.register_fake
+def _(words, scales, zeros, bits, group_size, in_features, dtype, kernel):
+    return words.new_empty(words.shape[0], in_features, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class CpuPacked:
+    """A weight prepared for PyTorch's packed CPU matmuls at activation dtype `dtype`:
+    int4 (weight = packed int4, scales = scales_and_zeros [n_groups, N, 2]) or int8
+    (weight = int8 [N, K], scales = [N])."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    dtype: torch.dtype
+
+
+def int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+               group_size: int, in_features: int, kernel: str = "auto", cpu: CpuPacked | None = None,
+               tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [..., K] -> [..., N] (no bias) with the kernel `kernel` names (module docstring); `cpu` and
+    `tinygemm` are the weight prepared for PyTorch's CPU and CUDA packed kernels, if it was."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel '{kernel}'; choose one of {', '.join(KERNELS)}")
+    if kernel == "cpu_packed" and (cpu is None or x.device.type != "cpu" or x.dtype != cpu.dtype):
+        raise ValueError("kernel 'cpu_packed' needs a CPU weight prepacked for this activation dtype "
+                         "(QuantLinear.prepack(dtype=torch.bfloat16), 4-bit or per-channel symmetric 8-bit)")
+    if kernel in ("auto", "cpu_packed") and cpu is not None and x.device.type == "cpu" and x.dtype == cpu.dtype:
+        x2 = x.reshape(-1, in_features)
+        if bits == 4:
+            y = cpu_packed.int4_matmul(x2, cpu.weight, cpu.scales, group_size)
+        else:
+            y = cpu_packed.int8_matmul(x2, cpu.weight, cpu.scales)
+        return y.reshape(*x.shape[:-1], words.shape[0])
+    return int_linear_op(x, words, scales, zeros, bits, group_size, in_features, kernel, *(tinygemm or (None, None)))

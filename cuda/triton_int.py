@@ -1,0 +1,155 @@
+"""Triton kernels for y = x @ dequantize(words).T with group-wise integer weights (layout.py).
+
+Three kernels, chosen per shape by `int_matmul` (cuda/tuning.py measures which is fastest):
+
+- `_gemv_kernel` (M = 1, decode): each program owns BLOCK_N output rows and walks the whole K
+  dimension, so there is no split-K reduction, no zero-initialised buffer and one launch.
+- `_dot_kernel` (small and medium M): dequantized weight tiles feed tensor cores through tl.dot;
+  SPLIT_K > 1 spreads K over programs that add their fp32 partial sums atomically (enough
+  programs to fill the GPU when M is small).
+- `_dequant_kernel`: the dense weight, for large M (then cuBLAS does the matmul) and for LoRA
+  training or merges.
+
+All three unpack a [rows, words] tile the same way (`_dequant_tile`): code i of every word is
+peeled off by a logical shift into a "plane" [rows, words]; each plane is dequantized where it
+is (the planes have the loaded words' register layout, so nothing moves between threads); then
+tl.interleave merges the planes back into column order k = cpw * j + i. Interleaving adds a
+per-thread dimension, so it is a register renaming, not a data exchange, and the tile ends with
+each thread holding runs of consecutive columns, which meet x loaded as plain vectors.
+
+Codes become floats without an int->float conversion instruction: OR-ing a code c < 2**23 into
+the bits of 2**23 gives the float 2**23 + c exactly, and one subtraction (of 2**23 + zero)
+leaves code - zero. Per weight: shift, mask-or, subtract, multiply by the scale, and the FMA.
+
+Under TRITON_INTERPRET=1 (CPU tests) `FP32` is set: the interpreter gets bf16 arithmetic wrong,
+so everything is upcast right after loading.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MAGIC = tl.constexpr(0x4B000000)  # bit pattern of the float 2**23 (constexpr: kernels may read only those globals)
+MAGIC_F = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _plane(w, i: tl.constexpr, BITS: tl.constexpr, s, zm):
+    """Code i of every word (uint32 [rows, words]) dequantized: (code - zero) * scale, fp32."""
+    code = (w >> (i * BITS)) & ((1 << BITS) - 1)
+    return ((code | MAGIC).to(tl.float32, bitcast=True) - zm) * s
+
+
+@triton.jit
+def _dequant_tile(words, s, zm, BITS: tl.constexpr):
+    """int32 words [rows, words] -> fp32 [rows, words * cpw] in column order; s and zm
+    (2**23 + zero) broadcast against [rows, words]. Plane x pairs with plane x + half at each
+    interleave level, which puts code i of word j at column cpw * j + i."""
+    w = words.to(tl.uint32, bitcast=True)
+    if BITS == 8:
+        return tl.interleave(tl.interleave(_plane(w, 0, 8, s, zm), _plane(w, 2, 8, s, zm)),
+                             tl.interleave(_plane(w, 1, 8, s, zm), _plane(w, 3, 8, s, zm)))
+    elif BITS == 4:
+        a = tl.interleave(tl.interleave(_plane(w, 0, 4, s, zm), _plane(w, 4, 4, s, zm)),
+                          tl.interleave(_plane(w, 2, 4, s, zm), _plane(w, 6, 4, s, zm)))
+        b = tl.interleave(tl.interleave(_plane(w, 1, 4, s, zm), _plane(w, 5, 4, s, zm)),
+                          tl.interleave(_plane(w, 3, 4, s, zm), _plane(w, 7, 4, s, zm)))
+        return tl.interleave(a, b)
+    else:  # 2 bits, 16 planes
+        a = tl.interleave(tl.interleave(tl.interleave(_plane(w, 0, 2, s, zm), _plane(w, 8, 2, s, zm)),
+                                        tl.interleave(_plane(w, 4, 2, s, zm), _plane(w, 12, 2, s, zm))),
+                          tl.interleave(tl.interleave(_plane(w, 2, 2, s, zm), _plane(w, 10, 2, s, zm)),
+                                        tl.interleave(_plane(w, 6, 2, s, zm), _plane(w, 14, 2, s, zm))))
+        b = tl.interleave(tl.interleave(tl.interleave(_plane(w, 1, 2, s, zm), _plane(w, 9, 2, s, zm)),
+                                        tl.interleave(_plane(w, 5, 2, s, zm), _plane(w, 13, 2, s, zm))),
+                          tl.interleave(tl.interleave(_plane(w, 3, 2, s, zm), _plane(w, 11, 2, s, zm)),
+                                        tl.interleave(_plane(w, 7, 2, s, zm), _plane(w, 15, 2, s, zm))))
+        return tl.interleave(a, b)
+
+
+@triton.jit
+def _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words,
+               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dequantized fp32 weight tile [len(offs_n), BLOCK_K] of columns k0 ... k0 + BLOCK_K."""
+    CPW: tl.constexpr = 32 // BITS
+    offs_j = tl.arange(0, BLOCK_K // CPW)
+    offs_w = k0 // CPW + offs_j
+    words = tl.load(w_ptr + offs_n[:, None] * n_words + offs_w[None, :],
+                    mask=n_ok[:, None] & (offs_w[None, :] < n_words), other=0)
+    if BLOCK_K <= GROUP:  # the tile lies in one group: a scale per row
+        g = k0 // GROUP + offs_n * 0
+        mask = n_ok
+        s_off = g * N + offs_n
+        s_off, mask = s_off[:, None], mask[:, None]
+    else:  # whole groups: a scale per (row, word); a word never straddles two groups
+        first = k0 + offs_j * CPW  # first column of each word; past K there is no group
+        mask = n_ok[:, None] & (first < K)[None, :]
+        s_off = (first // GROUP)[None, :] * N + offs_n[:, None]
+    s = tl.load(s_ptr + s_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zm = tl.load(z_ptr + s_off, mask=mask, other=0).to(tl.float32) + MAGIC_F
+    else:
+        zm = tl.full(s.shape, (1 << (BITS - 1)) + 8388608.0, tl.float32)
+    return _dequant_tile(words, s, zm, BITS)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    # x [K], words [N, n_words], scales/zeros [n_groups, N], y [N]. Products accumulate elementwise
+    # in [BLOCK_N, BLOCK_K] registers and are summed across threads once, after the loop.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        w = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # masked tail: x = 0
+        acc += w * x[None, :]
+    tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, stride_xm, stride_ym,
+                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                FP32: tl.constexpr):
+    # x [M, K], y [M, N] (fp32 and zeroed when SPLIT_K > 1: programs add their partial sums).
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, tiles)):
+        k0 = t * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+        if FP32:
+            x = x.to(tl.float32)
+        w = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, n_words,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out [N, K] in its own dtype.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    w = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_k[None, :] < K))

@@ -1,0 +1,51 @@
+"""The Triton kernels compile to GPU code for Ampere (sm_80) and Hopper (sm_90a) without a GPU.
+
+Triton's compiler runs on the CPU (its bundled ptxas included), so CI checks that every kernel,
+for each weight width and zero-point mode, lowers through PTX to a cubin for both targets. The
+check runs in a subprocess: this process has TRITON_INTERPRET=1, under which kernels are
+interpreted and never compiled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from compress.cuda import triton_int as ti
+
+KERNELS = {  # kernel -> (pointer/int arguments in order, constexprs)
+    ti._gemv_kernel: (["*bf16", "*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32"],
+                      dict(BLOCK_N=8, BLOCK_K=512, STAGES=2)),
+    ti._dot_kernel: (["*bf16", "*i32", "*fp16", "*u8", "*fp32", "i32", "i32", "i32", "i32", "i32", "i32"],
+                     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, FP32=False)),
+    ti._dequant_kernel: (["*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32"],
+                         dict(BLOCK_N=32, BLOCK_K=128)),
+}
+for arch in map(int, sys.argv[1:]):
+    for fn, (types, blocks) in KERNELS.items():
+        for bits in (2, 4, 8):
+            for zeros in (False, True):
+                consts = dict(BITS=bits, GROUP=128 if fn is not ti._dot_kernel else 64, HAS_ZEROS=zeros, **blocks)
+                names = fn.arg_names
+                sig = {n: t for n, t in zip(names, types)} | {n: "constexpr" for n in consts}
+                src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+                kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+                assert kernel.asm["cubin"], (fn.__name__, arch, bits, zeros)
+                print(fn.__name__, arch, bits, zeros, "ok")
+"""
+
+
+def test_kernels_compile_for_sm80_and_sm90():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, "80", "90"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" ok") == 3 * 3 * 2 * 2
