@@ -21,6 +21,8 @@ from pathlib import Path
 
 from compress.evaluate import EvalConfig, evaluate
 from compress.loading import load_model
+from compress.models import resolve
+from compress.runner import folder_tensor_bytes
 from compress.sizes import size_report
 
 
@@ -44,6 +46,39 @@ def timed_quantize(model: str, method: str, bits: int | None, group_size: int, o
     return {"run_seconds": seconds, "peak_rss_mb": peak_mb}
 
 
+def evaluate_checkpoints(model_ref: str, runs: dict) -> list[dict]:
+    """Evaluate the base model once (keeping its reference distributions), then every checkpoint
+    against it. runs: key -> (row fields, {"path", "run_seconds", "peak_rss_mb"}). Prints and
+    returns one row per model, the base first (fields {"method": "none"})."""
+    config = EvalConfig(speed=False)
+    model, tokenizer, _ = load_model(model_ref)
+    base, reference = evaluate(model, tokenizer, config, keep_reference=True)
+    del model
+    results = [{"method": "none", "perplexity": base.perplexity, "kl": 0.0, "top1": 1.0,
+                "disk_bytes": folder_tensor_bytes(resolve(model_ref))}]
+    print(json.dumps(results[0]), flush=True)
+    for fields, run in runs.values():
+        start = time.perf_counter()
+        model, tokenizer, _ = load_model(str(run["path"]))
+        result, _ = evaluate(model, tokenizer, config, reference=reference)
+        row = {**fields, "perplexity": result.perplexity, "kl": result.kl, "top1": result.top1,
+               "bits_per_weight": size_report(model).bits_per_weight, "disk_bytes": folder_tensor_bytes(run["path"]),
+               "params_kept": kept_parameters(model), "run_seconds": run["run_seconds"],
+               "peak_rss_mb": run["peak_rss_mb"]}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+        del model
+        print(f"# evaluated {fields} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return results
+
+
+def kept_parameters(model) -> int:
+    """Weights the model still has: every parameter and compressed weight, minus pruned ones."""
+    dense = sum(p.numel() for p in model.parameters())
+    compressed = [m for m in model.modules() if hasattr(m, "format_spec")]
+    return dense + sum(getattr(m, "nnz", m.num_weights()) for m in compressed)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -61,24 +96,9 @@ def main() -> None:
         runs[(method, bits)] = {"path": out, **timed_quantize(args.model, method, bits, args.group_size, out)}
         print(f"# compressed {method} {bits or ''}: {runs[(method, bits)]['run_seconds']:.0f} s", file=sys.stderr)
 
-    config = EvalConfig(speed=False)
-    model, tokenizer, _ = load_model(args.model)
-    base, reference = evaluate(model, tokenizer, config, keep_reference=True)
-    del model
-    results = [{"method": "none", "bits": None, "perplexity": base.perplexity, "kl": 0.0, "top1": 1.0}]
-    print(json.dumps(results[0]), flush=True)
-    for (method, bits), run in runs.items():
-        start = time.perf_counter()
-        model, tokenizer, _ = load_model(str(run["path"]))
-        result, _ = evaluate(model, tokenizer, config, reference=reference)
-        row = {"method": method, "bits": bits, "group_size": args.group_size if bits else None,
-               "perplexity": result.perplexity, "kl": result.kl, "top1": result.top1,
-               "bits_per_weight": size_report(model).bits_per_weight,
-               "run_seconds": run["run_seconds"], "peak_rss_mb": run["peak_rss_mb"]}
-        print(json.dumps(row), flush=True)
-        results.append(row)
-        del model
-        print(f"# evaluated {method} {bits or ''} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    results = evaluate_checkpoints(args.model, {
+        (method, bits): ({"method": method, "bits": bits, "group_size": args.group_size if bits else None}, run)
+        for (method, bits), run in runs.items()})
 
     print("\n| method | bits | perplexity | KL vs base | top-1 | bits/weight | run time | peak memory |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

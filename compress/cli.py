@@ -34,6 +34,10 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted 
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto (the GPU if there is one; several GPUs share a model too big for one)."
 Device = Annotated[str, typer.Option(help=DEVICE_HELP)]
 TrustRemote = Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with the model.")]
+Ignore = Annotated[Optional[list[str]], typer.Option(help="Modules to leave alone (repeatable).")]
+Targets = Annotated[Optional[list[str]], typer.Option(help="Modules to compress (repeatable).")]
+Evaluate = Annotated[bool, typer.Option("--eval/--no-eval", help="Run the evaluation protocol too.")]
+Samples = Annotated[Optional[int], typer.Option(help="Calibration sequences [64].")]
 RunDtype = Annotated[str, typer.Option(help="Activation dtype: float32 (EVAL.md's protocol), bfloat16 or float16. "
                                             "Compressed layers keep their storage; on CPU, bfloat16 runs the "
                                             "packed int4/int8 kernels.")]
@@ -158,10 +162,10 @@ def quantize(
         help="Columns per scale; -1 for per-channel [method's default: 128].")] = None,
     symmetric: Annotated[Optional[bool], typer.Option(
         "--symmetric/--asymmetric", help="Grid around zero, or min/max [method's default: symmetric].")] = None,
-    ignore: Annotated[Optional[list[str]], typer.Option(help="Modules to leave alone (repeatable).")] = None,
-    targets: Annotated[Optional[list[str]], typer.Option(help="Modules to quantize (repeatable).")] = None,
-    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Run the evaluation protocol too.")] = False,
-    samples: Annotated[Optional[int], typer.Option(help="Calibration sequences [64].")] = None,
+    ignore: Ignore = None,
+    targets: Targets = None,
+    evaluate: Evaluate = False,
+    samples: Samples = None,
     offload: Annotated[Optional[str], typer.Option(
         help="Where activations wait between layers: cpu or disk (for models whose activations do not fit) [cpu].")
     ] = None,
@@ -177,14 +181,58 @@ def quantize(
     Options left out take the method's defaults (`compress methods METHOD`); calibrated methods
     use the protocol's calibration data (news, 64 x 512 tokens).
     """
+    given = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "ignore": ignore, "targets": targets}
+    pipeline = _one_step(model, output, method, given, {"samples": samples, "offload": offload}, device,
+                         trust_remote_code, evaluate, "quantize")
+    _run_and_report(pipeline, None, overwrite, resume, quiet, json_)
+
+
+def _one_step(model: str, output: str, method: str, given: dict[str, Any], calibration: dict[str, Any], device: str,
+              trust_remote_code: bool, evaluate: bool, where: str):
+    """The pipeline of a one-step command: options left out (None) take the method's defaults."""
     from .pipeline import parse
 
-    given = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "ignore": ignore, "targets": targets}
     step: dict[str, Any] = {"method": method, **{k: v for k, v in given.items() if v is not None}}
-    calibration = {k: v for k, v in {"samples": samples, "offload": offload}.items() if v is not None}
     raw = {"model": model, "device": device, "trust_remote_code": trust_remote_code, "steps": [step],
-           "calibration": calibration, "output": output, **({} if evaluate else {"eval": None})}
-    _run_and_report(parse(raw, "quantize"), None, overwrite, resume, quiet, json_)
+           "calibration": {k: v for k, v in calibration.items() if v is not None}, "output": output,
+           **({} if evaluate else {"eval": None})}
+    return parse(raw, where)
+
+
+@app.command()
+@_friendly
+def prune(
+    model: Annotated[str, typer.Argument(help="Prepared name, model folder, .gguf file or hub id.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Checkpoint folder to write.")],
+    method: Annotated[str, typer.Option(help="Pruning method: magnitude, wanda or sparsegpt.")] = "sparsegpt",
+    sparsity: Annotated[Optional[float], typer.Option(
+        help="Fraction of weights to prune, unstructured [method's default: 0.5].")] = None,
+    pattern: Annotated[Optional[str], typer.Option(
+        help="unstructured, or N:M (N of every M input weights pruned, e.g. 2:4) [unstructured].")] = None,
+    ignore: Ignore = None,
+    targets: Targets = None,
+    evaluate: Evaluate = False,
+    samples: Samples = None,
+    device: Device = "cpu",
+    trust_remote_code: TrustRemote = False,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Prune a model's Linear layers (unstructured or N:M) and write a compressed checkpoint.
+
+    The achieved sparsity and pattern of every layer are verified on the stored weights.
+    """
+    given = {"sparsity": sparsity, "pattern": pattern, "ignore": ignore, "targets": targets}
+    pipeline = _one_step(model, output, method, given, {"samples": samples}, device, trust_remote_code, evaluate,
+                         "prune")
+    if "pattern" not in type(pipeline.steps[0]).model_fields:
+        from .registry import methods
+
+        pruners = sorted(name for name, cls in methods().items() if "pattern" in cls.model_fields)
+        raise CompressError(f"prune: '{method}' is not a pruning method; use one of {', '.join(pruners)}")
+    _run_and_report(pipeline, None, overwrite, resume, quiet, json_)
 
 
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. steps.0.bits=3 (repeatable).")]

@@ -13,10 +13,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress.errors import CompressError
-
 from .config import IntWeightConfig
-from .gptq_math import accumulate_hessian, gptq_quantize
+from .gptq_math import gptq_quantize
+from .hessians import SharedHessians
 from .layers import QuantLinear
 
 
@@ -41,37 +40,18 @@ class GPTQConfig(IntWeightConfig):
 
 
 class GPTQCompressor:
-    """Modules fed the very same input tensor (q/k/v from one norm, gate/up) share one Hessian,
-    accumulated once: 4 instead of 7 per Llama layer."""
-
     def __init__(self, config: GPTQConfig) -> None:
         self.config = config
-        self.hessians: dict[str, tuple[torch.Tensor, int]] = {}  # key -> (H [in, in] fp32, tokens seen)
-        self.key_of: dict[str, str] = {}  # module name -> key of the Hessian it reads
-        self._last: tuple[torch.Tensor, str] | None = None  # the input observed last, and its key
+        self.hessians = SharedHessians("gptq")
 
     def observe(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
         """x: the module's input [..., in] for one batch of calibration samples."""
-        if self._last is not None and x is self._last[0]:
-            key = self._last[1]
-        else:
-            key = name
-            h, count = self.hessians.get(key, (None, 0))
-            self.hessians[key] = accumulate_hessian(h, count, x.detach())
-            self._last = (x, key)
-        if self.key_of.setdefault(name, key) != key:
-            raise RuntimeError(f"gptq: {name} shared its input with {self.key_of[name]} on one sample but not another")
+        self.hessians.observe(name, x)
 
     @torch.no_grad()
     def compress(self, name: str, module: nn.Linear) -> QuantLinear:
         c = self.config
-        self._last = None
-        if name not in self.key_of:
-            raise CompressError(f"gptq: {name} saw no calibration inputs (is it used in the forward pass?)")
-        key = self.key_of.pop(name)
-        h, _ = self.hessians[key]
-        if key not in self.key_of.values():  # freed as soon as its last module is done
-            del self.hessians[key]
+        h = self.hessians.take(name)
         gs = c.group_size_for(name, module.in_features, module.out_features)
         result = gptq_quantize(module.weight, h, c.bits, gs, c.symmetric, c.torch_scale_dtype(), c.damp,
                                c.block_size, c.actorder, c.static_groups, c.clip)

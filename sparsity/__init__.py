@@ -1,1 +1,2 @@
-"""Sparsity and pruning methods (unstructured, N:M, structured). Not implemented yet: see the sparsity issue."""
+"""Sparsity and pruning: magnitude, Wanda and SparseGPT, unstructured or N:M, stored compressed
+(SparseLinear). Structured pruning is still to come (see the sparsity issue)."""

@@ -1,6 +1,6 @@
 """Integration on the real model (smollm2-135m) with the protocol of ../shared/EVAL.md:
-the example pipeline's step and evaluation at 8, 4 and 3 bits, and GPTQ against it at 4 and 3
-bits, all against one base evaluation.
+the example pipeline's step and evaluation at 8, 4 and 3 bits, GPTQ against it at 4 and 3
+bits, and the three pruning methods at 2:4, all against one base evaluation.
 
 Bounds come from measurements on the 2-core CPU machine (fp32, wiki, 64 x 512 tokens):
 base ppl 22.232 (EVAL.md says 22.23); RTN int8 g64 sym ppl 22.23x, KL 0.0011;
@@ -24,6 +24,9 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "smollm2-int4.yaml"
 # top-1 77.4% vs 66.1%, 59.3% vs 31.6%.
 KL_RATIO = {4: 0.6, 3: 0.5}
 TOP1_GAIN = {4: 0.06, 3: 0.15}
+# 2:4 pruning, measured KL (64 calibration samples; the test uses 32): magnitude 4.38, Wanda 2.27,
+# SparseGPT 1.74. Bounds: each method's KL below this fraction of the next weaker one's.
+KL_2_4 = {"sparsegpt": 0.9, "wanda": 0.65}
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +94,28 @@ def test_gptq_is_more_faithful_than_rtn(example, base, rtn, tmp_path, bits):
     assert result.kl < KL_RATIO[bits] * rtn_result.kl
     assert result.top1 > rtn_result.top1 + TOP1_GAIN[bits]
     assert result.perplexity < rtn_result.perplexity
+
+
+@pytest.fixture(scope="module")
+def pruned_2_4(example, base, tmp_path_factory):
+    """Each pruning method at 2:4 (calibrated ones on 32 x 512 news tokens), evaluated once."""
+    _, tokenizer, _, reference = base
+    out = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        model = load_model(example.model)[0]
+        pipeline = example.model_copy(update={"steps": [parse_step({"method": method, "pattern": "2:4"}, "test")],
+                                              "calibration": example.calibration.model_copy(update={"samples": 32})})
+        [report] = compress_model(model, tokenizer, pipeline)
+        result, _ = evaluate(model, tokenizer, example.eval, reference=reference)
+        out[method] = (report, result)
+        del model
+    return out
+
+
+def test_2_4_pruning_orders_as_the_literature(pruned_2_4):
+    """SparseGPT <= Wanda << magnitude at 2:4, KL first; every layer verified 2:4 (50% of weights)."""
+    kl = {method: result.kl for method, (_, result) in pruned_2_4.items()}
+    for report, _ in pruned_2_4.values():
+        assert len(report.modules) == 210 and {m.after for m in report.modules} == {"2:4 sparse (50.0%)"}
+    assert kl["sparsegpt"] < KL_2_4["sparsegpt"] * kl["wanda"], kl
+    assert kl["wanda"] < KL_2_4["wanda"] * kl["magnitude"], kl

@@ -260,3 +260,26 @@ def test_damaged_checkpoints(ckpt, tmp_path, damage, pattern):
         (bad / "compress.json").write_text(json.dumps({**m, "version": 7}))
     for cmd in (["eval", bad, "--windows", 1, "--no-speed"], ["generate", bad, "hi"]):
         assert_one_line_error(cli(*cmd), pattern)
+
+
+def test_prune_writes_a_verified_sparse_checkpoint(tiny_dir, tmp_path):
+    r = cli("prune", tiny_dir, "-o", tmp_path / "p", "--method", "magnitude", "--pattern", "2:4", "--json")
+    assert r.exit_code == 0, r.output
+    step = json.loads(r.stdout)["steps"][0]
+    assert step["formats"] == ["2:4 sparse (50.0%)"] and step["modules"] == 14
+    manifest = json.loads(cli("info", tmp_path / "p", "--json").stdout)
+    assert {m["spec"]["pattern"] for m in manifest["modules"].values()} == {"2:4"}
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--pattern", "3:7"], r"pattern 3:7 cannot apply to model\.layers\.0\.self_attn\.q_proj \(Linear 64 -> 64\): "
+                           r"its input dimension is not a multiple of 7"),
+    (["--sparsity", "1.0"], r"sparsity: .*less than 1"),
+    (["--pattern", "2:4", "--sparsity", "0.3"], r"pattern 2:4 prunes 50\.00%; sparsity 0\.3 contradicts it"),
+    (["--pattern", "1:1"], r"pattern must be 'unstructured' or 'N:M'"),
+    (["--method", "gptq"], r"'gptq' is not a pruning method; use one of magnitude, sparsegpt, wanda"),
+])
+def test_prune_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, args, pattern):
+    method = [] if "--method" in args else ["--method", "magnitude"]
+    assert_one_line_error(cli("prune", tiny_dir, "-o", tmp_path / "p", *method, *args), pattern)
+    assert not list(tmp_path.iterdir())

@@ -16,7 +16,11 @@ TINY_EVAL = {"windows": 2, "seq_len": 32, "fidelity_windows": 1, "speed": False}
 # largest fraction of the float32 layers' bytes the compressed layers may take.
 STEP_SETTINGS = {"rtn": ({"bits": 3, "group_size": 32}, 0.11), "fp8": ({}, 0.27),
                  "gptq": ({"bits": 3, "group_size": 32}, 0.11), "awq": ({"bits": 3, "group_size": 32}, 0.11),
-                 "nf4": ({}, 0.21)}
+                 "nf4": ({}, 0.21),
+                 # pruning keeps float32 values: half of them plus a mask bit per weight (17 of 32 bits),
+                 # or N:M positions (2:4: 2 bits, 4:8: 3 bits per kept value)
+                 "magnitude": ({"sparsity": 0.5}, 0.54), "wanda": ({"pattern": "2:4"}, 0.54),
+                 "sparsegpt": ({"pattern": "4:8"}, 0.55)}
 
 
 def test_every_method_has_matrix_settings():
