@@ -38,6 +38,8 @@ Ignore = Annotated[Optional[list[str]], typer.Option(help="Modules to leave alon
 Targets = Annotated[Optional[list[str]], typer.Option(help="Modules to compress (repeatable).")]
 Evaluate = Annotated[bool, typer.Option("--eval/--no-eval", help="Run the evaluation protocol too.")]
 Samples = Annotated[Optional[int], typer.Option(help="Calibration sequences [64].")]
+Offload = Annotated[Optional[str], typer.Option(
+    help="Where activations wait between layers: cpu or disk (for models whose activations do not fit) [cpu].")]
 RunDtype = Annotated[str, typer.Option(help="Activation dtype: float32 (EVAL.md's protocol), bfloat16 or float16. "
                                             "Compressed layers keep their storage; on CPU, bfloat16 runs the "
                                             "packed int4/int8 kernels.")]
@@ -166,9 +168,7 @@ def quantize(
     targets: Targets = None,
     evaluate: Evaluate = False,
     samples: Samples = None,
-    offload: Annotated[Optional[str], typer.Option(
-        help="Where activations wait between layers: cpu or disk (for models whose activations do not fit) [cpu].")
-    ] = None,
+    offload: Offload = None,
     device: Device = "cpu",
     trust_remote_code: TrustRemote = False,
     overwrite: Overwrite = False,
@@ -213,6 +213,7 @@ def prune(
     targets: Targets = None,
     evaluate: Evaluate = False,
     samples: Samples = None,
+    offload: Offload = None,
     device: Device = "cpu",
     trust_remote_code: TrustRemote = False,
     overwrite: Overwrite = False,
@@ -224,14 +225,14 @@ def prune(
 
     The achieved sparsity and pattern of every layer are verified on the stored weights.
     """
-    given = {"sparsity": sparsity, "pattern": pattern, "ignore": ignore, "targets": targets}
-    pipeline = _one_step(model, output, method, given, {"samples": samples}, device, trust_remote_code, evaluate,
-                         "prune")
-    if "pattern" not in type(pipeline.steps[0]).model_fields:
-        from .registry import methods
+    from .registry import method_config, methods
 
+    if "pattern" not in method_config(method).model_fields:
         pruners = sorted(name for name, cls in methods().items() if "pattern" in cls.model_fields)
         raise CompressError(f"prune: '{method}' is not a pruning method; use one of {', '.join(pruners)}")
+    given = {"sparsity": sparsity, "pattern": pattern, "ignore": ignore, "targets": targets}
+    pipeline = _one_step(model, output, method, given, {"samples": samples, "offload": offload}, device,
+                         trust_remote_code, evaluate, "prune")
     _run_and_report(pipeline, None, overwrite, resume, quiet, json_)
 
 

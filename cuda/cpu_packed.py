@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from .tinygemm import scales_and_zeros
-
-INT4_GROUPS = (32, 64, 128, 256)
+from .tinygemm import GROUPS, scales_and_zeros
 
 
 def int4_applies(bits: int, group_size: int, in_features: int) -> bool:
-    return bits == 4 and group_size in INT4_GROUPS and in_features % group_size == 0
+    return bits == 4 and group_size in GROUPS and in_features % group_size == 0
 
 
 def int8_applies(bits: int, group_size: int, in_features: int, symmetric: bool) -> bool:

@@ -19,7 +19,6 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from . import tinygemm
-from .layout import KERNEL_BITS
 from .triton_int import _dequant_kernel, _dot_kernel, _gemv_kernel
 from .tuning import Candidate, Tuner, interpreting
 
@@ -49,11 +48,6 @@ class IntWeight:
     def group(self) -> int:
         """The GROUP constant the kernels are compiled for."""
         return ONE_GROUP if self.group_size >= self.in_features else self.group_size
-
-
-def supported(bits: int, group_size: int, in_features: int) -> bool:
-    """Whether the Triton kernels handle this format (else the reference path runs)."""
-    return bits in KERNEL_BITS and (group_size >= in_features or group_size % 16 == 0)
 
 
 def block_k_fits(block_k: int, group: int, bits: int) -> bool:
@@ -108,8 +102,8 @@ def dequantize(w: IntWeight, dtype: torch.dtype, block_n: int = 32, block_k: int
     return out
 
 
-# Candidate tile configurations, first = the interpreter's choice. (block_n, block_k, warps) for
-# GEMV; (block_m, block_n, block_k, split_k, warps, stages) for the tensor-core kernel by M range.
+# Candidate tile configurations, first = the interpreter's choice. (block_n, block_k, warps, stages)
+# for GEMV; (block_m, block_n, block_k, split_k, warps, stages) for the tensor-core kernel by M range.
 GEMV_CONFIGS = [(16, 128, 4, 1), (8, 256, 4, 2), (16, 256, 4, 2), (8, 512, 4, 2), (4, 512, 2, 2),
                 (16, 128, 4, 3), (32, 128, 4, 2), (8, 1024, 8, 2), (4, 1024, 4, 2), (2, 1024, 2, 3)]
 DOT_CONFIGS = {  # block_k 128 suits 4-bit (16 words), 64 suits 8-bit

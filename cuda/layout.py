@@ -20,8 +20,9 @@ import torch
 KERNEL_BITS = (2, 4, 8)  # widths whose codes never straddle a 32-bit word
 
 
-def codes_per_word(bits: int) -> int:
-    return 32 // bits
+def supported(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether the Triton kernels handle this format (else the reference path runs)."""
+    return bits in KERNEL_BITS and (group_size >= in_features or group_size % 16 == 0)
 
 
 def words_of(packed_rows: torch.Tensor) -> torch.Tensor:

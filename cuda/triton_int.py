@@ -127,13 +127,13 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, stride_xm, 
     for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, tiles)):
         k0 = t * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
                     mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         if FP32:
             x = x.to(tl.float32)
         w = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]  # M * N may pass 2**31
     y_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -151,5 +151,5 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, n_words,
     offs_k = k0 + tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     w = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
-    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=n_ok[:, None] & (offs_k[None, :] < K))

@@ -151,7 +151,7 @@ def gptq_quantize(
 
     start_damp = damp
     while True:
-        u = _inverse_hessian_cholesky(h, damp)  # [in, in] upper, or None
+        u = inverse_hessian_cholesky(h, damp)  # [in, in] upper, or None
         if u is not None:
             # Clone: _gptq_pass updates its weight in place, and a retry needs the original.
             codes, scales, zeros, loss = _gptq_pass(w.clone(), u, perm, bits, group_size, symmetric, grid_of,
@@ -176,7 +176,7 @@ def gptq_quantize(
     return GPTQResult(codes, QuantGrid(bits, group_size, scales, zeros), damp, loss)
 
 
-def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | None:
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | None:
     """Upper Cholesky factor U of (h + damp * mean(diag(h)) * I)^-1, [in, in], or None if a
     factorisation fails. Row j of U, divided by U[j, j], is the OBS update direction of column
     j over the columns after it, with the columns before it already eliminated."""
@@ -242,7 +242,7 @@ def _gptq_pass(
         w1 = w[:, i1:i2]  # [out, b], a view: in-block updates land in w directly
         err1 = torch.zeros(out, i2 - i1, device=w.device)  # [out, b] scaled errors, for the lazy update
         u1 = u[i1:i2, i1:i2]  # [b, b]
-        with _one_cpu_thread(w.device):
+        with one_cpu_thread(w.device):
             _quantize_block(w, w1, u, u1, err1, codes, scales, zeros, loss, ready, orig, pos_of, i1, i2, bits,
                             group_size, grid_of)
         # Lazy batch update: the whole block's errors reach the later columns in one matmul.
@@ -251,7 +251,7 @@ def _gptq_pass(
 
 
 @contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
     """The column loop is thousands of tiny ops: on CPU, OpenMP threads only add synchronisation
     (10-20x slower when other processes compete for the cores), so run it on one thread."""
     if device.type != "cpu":

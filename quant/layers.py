@@ -135,9 +135,16 @@ class QuantLinear(nn.Module):
             self._cpu_packed = CpuPacked(*cpu_packed.pack_int8(self.codes(), grid.scales, dtype), dtype)
         return self
 
-    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the derived layout would be stale
+    def _drop_prepacked(self) -> None:
         self._prepacked, self._cpu_packed, self._tinygemm = None, None, None
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the derived layout would be stale
+        self._drop_prepacked()
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
+        self._drop_prepacked()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

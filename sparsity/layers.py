@@ -8,8 +8,8 @@ State (registered buffers, so the state dict is the checkpoint format), by `stor
 Values keep the dtype of the weight they came from (pruning rounds nothing); `nnz` counts the
 kept weights in every storage.
 
-Forward is the reference path: decompress, then matmul. The GPU kernels use the N:M layout
-(PyTorch's CUTLASS 2:4 layout is one `to_cutlass` away).
+Forward is the reference path: decompress, then matmul. There are no sparse GPU kernels yet;
+PyTorch's CUTLASS 2:4 layout is one `to_cutlass` away from the N:M storage.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class SparseLinear(nn.Module):
     def from_spec(cls, spec: dict[str, Any], device: torch.device | str = "meta") -> SparseLinear:
         try:
             return cls(**spec, device=device)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, KeyError) as e:
             raise CompressError(f"SparseLinear: bad spec {spec}: {e}") from None
 
     def num_weights(self) -> int:

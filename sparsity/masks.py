@@ -5,8 +5,8 @@ Patterns:
 - "N:M": in every group of M consecutive input weights of a row, exactly N are pruned (2:4 keeps
   2 of 4, the layout sparse tensor cores run; 4:8 keeps 4 of 8).
 
-Scores are importances (larger = keep): |W| for magnitude, |W| * ||x_j|| for Wanda, w^2 / [H^-1]_jj
-for SparseGPT.
+"Scores are importances (larger = keep): |W| for magnitude, |W| * ||x_j|| for Wanda, w^2 / U_jj^2
+for SparseGPT (U the upper Cholesky factor of H^-1).
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ def unstructured_mask(scores: torch.Tensor, ratio: float, per_row: bool) -> torc
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Prune the n lowest scores of every group of m consecutive columns (cols % m == 0)."""
     rows, cols = scores.shape
-    groups = scores.reshape(-1, m)  # [rows * cols / m, m]
+    if cols % m:
+        raise ValueError(f"{cols} columns do not split into groups of {m}")
+    groups = scores.reshape(-1, m)  # [rows * cols / m, m], no group crosses a row
     keep = keep_top(groups, torch.full((groups.shape[0],), n, dtype=torch.int64))
     return keep.view(rows, cols)
 
@@ -73,6 +75,8 @@ def check_mask(mask: torch.Tensor, pattern: str, ratio: float | None, where: str
     nm = parse_pattern(pattern)
     if nm is not None:
         n, m = nm
+        if cols % m:
+            raise CompressError(f"{where}: {cols} input columns do not split into groups of {m} ({pattern})")
         kept = mask.reshape(-1, m).sum(dim=1)
         if not bool((kept == m - n).all()):
             bad = int((kept != m - n).sum())

@@ -73,6 +73,9 @@ def to_cutlass(values: torch.Tensor, indices: torch.Tensor, cols: int) -> tuple[
     from torch.sparse._semi_structured_conversions import _calculate_meta_reordering_scatter_offsets
 
     out = indices.shape[0]
+    if values.shape != (out, cols // 2) or out % 32 or cols % 16 or values.element_size() != 2:
+        raise ValueError(f"to_cutlass takes a 2:4 layer of 16-bit values with rows % 32 == 0 and cols % 16 == 0; "
+                         f"got values {tuple(values.shape)} {values.dtype} for {cols} columns")
     pos = unpack_codes(indices, 2, cols // 2).to(torch.int32).view(out, -1, 8)  # 8 positions per 16 columns
     shifts = torch.arange(8, device=indices.device, dtype=torch.int32) * 2
     meta = (pos << shifts).sum(dim=-1, dtype=torch.int32)  # [out, cols // 16], 16 bits used

@@ -3,7 +3,8 @@ Be Accurately Pruned in One-Shot"), following the reference implementation (IST-
 
 The layer's output error for a pruned W' on calibration inputs X is the same quadratic form as
 GPTQ's, sum over rows of (W_r - W'_r) H (W_r - W'_r)^T with H = 2/N X^T X. SparseGPT walks the
-columns in blocks: at each block it chooses the mask by the OBS saliency w^2 / [H^-1]_jj^2
+columns in blocks: at each block it chooses the mask by the OBS saliency w^2 / U_jj^2 (U the upper
+Cholesky factor of H^-1, U_jj^2 the inverse Hessian's diagonal after eliminating earlier columns)
 (per block of columns for unstructured sparsity, per group of M columns for N:M), then zeroes
 the pruned weights column by column and moves the not-yet-visited columns of each row to cancel
 the error, with the same upper Cholesky factor of H^-1 as GPTQ.
@@ -16,7 +17,7 @@ import logging
 import torch
 
 from compress.errors import CompressError
-from compress.quant.gptq_math import MAX_DAMP, _inverse_hessian_cholesky, _one_cpu_thread
+from compress.quant.gptq_math import MAX_DAMP, inverse_hessian_cholesky, one_cpu_thread
 
 from .masks import keep_top, nm_mask, pruned_per_row
 
@@ -42,7 +43,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, n
     h[dead, dead] = 1
     w[:, dead] = 0
     start = damp
-    while (u := _inverse_hessian_cholesky(h, damp)) is None:
+    while (u := inverse_hessian_cholesky(h, damp)) is None:
         damp = max(damp * 10, 1e-4)
         if damp > MAX_DAMP:
             raise CompressError(f"SparseGPT: the Hessian [{cols}, {cols}] is not positive definite")
@@ -66,7 +67,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, n
             scores = saliency if per_row else saliency.reshape(1, -1)
             keep[:, i1:i2] = keep_top(scores, target - done).view(out, i2 - i1)
             done = target
-        with _one_cpu_thread(w.device):
+        with one_cpu_thread(w.device):
             for i in range(i2 - i1):
                 if nm is not None and i % nm[1] == 0:
                     n, m = nm
@@ -79,4 +80,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, n
                 w1[:, i] = q
                 err1[:, i] = err
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return w * keep, keep
+    if not torch.isfinite(w).all():
+        raise CompressError(f"SparseGPT: the pruned weight [{out}, {cols}] has NaN or infinite entries; "
+                            "raise damp")
+    return w, keep  # pruned entries were set to exactly 0 in the column loop

@@ -13,7 +13,7 @@ from torch import nn
 
 from compress.cuda import int_matmul as im
 from compress.cuda.layout import dequantize_words, unpack_words, words_of
-from compress.cuda.ops import int_linear, int_linear_op
+from compress.cuda.ops import dequantize_int, int_linear, int_linear_op
 from compress.cuda.tuning import Candidate, Tuner
 from compress.quant.layers import QuantLinear
 from compress.quant.packing import pack_codes
@@ -82,10 +82,11 @@ def test_kernel_layout_dequantizes_like_the_module(bits, group_size, symmetric):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dequant_kernel_is_exact(fmt, dtype):
+@pytest.mark.parametrize("block_k", [16, None])  # None: the launcher's choice, tiles of whole groups included
+def test_dequant_kernel_is_exact(fmt, dtype, block_k):
     w = make_weight(*fmt)
     dense = dequantize_words(w.words, w.scales, w.zeros, w.bits, w.group_size, w.in_features, dtype)
-    assert torch.equal(im.dequantize(w, dtype, block_n=16, block_k=16), dense)
+    assert torch.equal(im.dequantize(w, dtype, block_n=16, block_k=block_k), dense)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -144,11 +145,27 @@ def test_op_refuses_unsupported_kernel_requests():
         int_linear(x, w.words, w.scales, w.zeros, 4, 48, 48, kernel="cpu_packed")
 
 
-def test_op_passes_pytorch_opcheck():
+def test_ops_pass_pytorch_opcheck():
     """Schema, fake (meta) implementation and dispatch registrations, as torch.compile needs them."""
     w = make_weight(16, 64, 4, 32, False)
     x = torch.randn(3, 64, device=DEVICE)
     torch.library.opcheck(int_linear_op, (x, w.words, w.scales, w.zeros, 4, 32, 64, "reference", None, None))
+    torch.library.opcheck(dequantize_int, (w.words, w.scales, w.zeros, 4, 32, 64, torch.float32, "triton"))
+
+
+def test_an_empty_batch_gives_an_empty_output():
+    w = make_weight(16, 64, 4, 32, True)
+    y = int_linear(torch.randn(0, 64, device=DEVICE), w.words, w.scales, w.zeros, 4, 32, 64, kernel="triton")
+    assert y.shape == (0, 16)
+
+
+def test_loading_new_weights_drops_the_prepacked_layout():
+    torch.manual_seed(0)
+    a = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(64, 16)).prepack()
+    b = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(64, 16))
+    a.load_state_dict(b.state_dict())
+    x = torch.randn(2, 64)
+    assert torch.equal(a(x), b(x))
 
 
 def test_module_compiles_as_one_graph():
