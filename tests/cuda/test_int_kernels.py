@@ -149,8 +149,11 @@ def test_ops_pass_pytorch_opcheck():
     """Schema, fake (meta) implementation and dispatch registrations, as torch.compile needs them."""
     w = make_weight(16, 64, 4, 32, False)
     x = torch.randn(3, 64, device=DEVICE)
-    torch.library.opcheck(int_linear_op, (x, w.words, w.scales, w.zeros, 4, 32, 64, "reference", None, None))
-    torch.library.opcheck(dequantize_int, (w.words, w.scales, w.zeros, 4, 32, 64, torch.float32, "triton"))
+    for op, args in ((int_linear_op, (x, w.words, w.scales, w.zeros, 4, 32, 64, "reference", None, None)),
+                     (dequantize_int, (w.words, w.scales, w.zeros, 4, 32, 64, torch.float32, "triton"))):
+        results = torch.library.opcheck(op, args)
+        assert {"test_schema", "test_faketensor", "test_aot_dispatch_dynamic"} <= set(results), results
+        assert set(results.values()) == {"SUCCESS"}, results
 
 
 def test_an_empty_batch_gives_an_empty_output():
