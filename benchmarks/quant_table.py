@@ -46,36 +46,43 @@ def timed_quantize(model: str, method: str, bits: int | None, group_size: int, o
     return {"run_seconds": seconds, "peak_rss_mb": peak_mb}
 
 
+def evaluate_base(model_ref: str) -> tuple[dict, object]:
+    """(base row {"method": "none", ...}, its reference distributions for KL and top-1)."""
+    model, tokenizer, _ = load_model(model_ref)
+    base, reference = evaluate(model, tokenizer, EvalConfig(speed=False), keep_reference=True)
+    row = {"method": "none", "perplexity": base.perplexity, "kl": 0.0, "top1": 1.0,
+           "disk_bytes": folder_tensor_bytes(resolve(model_ref))}
+    print(json.dumps(row), flush=True)
+    return row, reference
+
+
+def evaluate_checkpoint(fields: dict, run: dict, reference) -> dict:
+    """One checkpoint against the base's reference: the row, printed as a JSON line.
+    run: {"path", "run_seconds", "peak_rss_mb"}."""
+    start = time.perf_counter()
+    model, tokenizer, _ = load_model(str(run["path"]))
+    result, _ = evaluate(model, tokenizer, EvalConfig(speed=False), reference=reference)
+    row = {**fields, "perplexity": result.perplexity, "kl": result.kl, "top1": result.top1,
+           "bits_per_weight": size_report(model).bits_per_weight, "disk_bytes": folder_tensor_bytes(run["path"]),
+           "params_kept": kept_parameters(model), "run_seconds": run["run_seconds"], "peak_rss_mb": run["peak_rss_mb"]}
+    print(json.dumps(row), flush=True)
+    print(f"# evaluated {fields} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return row
+
+
 def evaluate_checkpoints(model_ref: str, runs: dict) -> list[dict]:
     """Evaluate the base model once (keeping its reference distributions), then every checkpoint
     against it. runs: key -> (row fields, {"path", "run_seconds", "peak_rss_mb"}). Prints and
     returns one row per model, the base first (fields {"method": "none"})."""
-    config = EvalConfig(speed=False)
-    model, tokenizer, _ = load_model(model_ref)
-    base, reference = evaluate(model, tokenizer, config, keep_reference=True)
-    del model
-    results = [{"method": "none", "perplexity": base.perplexity, "kl": 0.0, "top1": 1.0,
-                "disk_bytes": folder_tensor_bytes(resolve(model_ref))}]
-    print(json.dumps(results[0]), flush=True)
-    for fields, run in runs.values():
-        start = time.perf_counter()
-        model, tokenizer, _ = load_model(str(run["path"]))
-        result, _ = evaluate(model, tokenizer, config, reference=reference)
-        row = {**fields, "perplexity": result.perplexity, "kl": result.kl, "top1": result.top1,
-               "bits_per_weight": size_report(model).bits_per_weight, "disk_bytes": folder_tensor_bytes(run["path"]),
-               "params_kept": kept_parameters(model), "run_seconds": run["run_seconds"],
-               "peak_rss_mb": run["peak_rss_mb"]}
-        print(json.dumps(row), flush=True)
-        results.append(row)
-        del model
-        print(f"# evaluated {fields} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return results
+    base, reference = evaluate_base(model_ref)
+    return [base, *(evaluate_checkpoint(fields, run, reference) for fields, run in runs.values())]
 
 
 def kept_parameters(model) -> int:
-    """Weights the model still has: every parameter and compressed weight, minus pruned ones."""
+    """Weights the model still has: every parameter and compressed weight, minus pruned ones
+    (a low-rank module's factors are parameters, or compressed modules of their own)."""
     dense = sum(p.numel() for p in model.parameters())
-    compressed = [m for m in model.modules() if hasattr(m, "format_spec")]
+    compressed = [m for m in model.modules() if hasattr(m, "format_spec") and next(m.parameters(), None) is None]
     return dense + sum(getattr(m, "nnz", m.num_weights()) for m in compressed)
 
 

@@ -17,9 +17,10 @@ activations wait in CPU memory or on disk between layers (activations.py).
 from __future__ import annotations
 
 import time
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -105,10 +106,17 @@ class LayerStep:
     config: MethodConfig
     compressor: Any
     names: list[str]
+    # Modules that do not exist yet when the step is prepared (inside an earlier step's output):
+    # config.check_module runs on them just before they are compressed.
+    unchecked: set[str] = field(default_factory=set)
+
+    def check(self, name: str, module: nn.Module) -> None:
+        if name in self.unchecked:
+            self.config.check_module(name, module)
 
     @property
     def calibrated(self) -> bool:
-        return type(self.config).needs_calibration
+        return self.config.calibrated
 
 
 class LayerIO(Protocol):
@@ -119,6 +127,9 @@ class LayerIO(Protocol):
 
     def release(self, index: int, name: str, layer: nn.Module) -> None:
         """The layer is done (compressed): put it away."""
+
+    def discard(self, index: int, name: str, layer: nn.Module) -> None:
+        """The layer was only looked at (a survey pass): put it back unchanged."""
 
 
 class InMemoryLayers:
@@ -132,6 +143,8 @@ class InMemoryLayers:
 
     def release(self, index: int, name: str, layer: nn.Module) -> None:
         layer.to(self.home)
+
+    discard = release
 
 
 class _DenseView(nn.Module):
@@ -153,8 +166,10 @@ class _DenseView(nn.Module):
 
 @contextmanager
 def dense_views(layer: nn.Module) -> Iterator[None]:
-    """Within the block, the layer's compressed modules run from their decoded weights."""
-    swapped = [(name, m) for name, m in layer.named_modules() if hasattr(m, "dequantized_weight")]
+    """Within the block, the layer's compressed modules run from their decoded weights (those
+    made of other modules, such as low-rank factors, run those instead)."""
+    swapped = [(name, m) for name, m in layer.named_modules()
+               if hasattr(m, "dequantized_weight") and next(m.children(), None) is None]
     for name, m in swapped:
         layer.set_submodule(name, _DenseView(m))
     try:
@@ -225,6 +240,7 @@ def compress_layers(
                 else:
                     for name in names:
                         old = model.get_submodule(name)
+                        step.check(name, old)
                         on_compressed(step, name, old, step.compressor.compress(name, old))
                 seconds[step.index] += time.perf_counter() - t
             if i < last_calibrated:  # a later layer still needs its (compressed) inputs
@@ -256,6 +272,8 @@ def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: LayerS
         found = outputs.get(x.data_ptr()) if isinstance(x, torch.Tensor) else None
         return found[0] if found is not None and found[1].shape == x.shape else None
 
+    for name in names:
+        step.check(name, model.get_submodule(name))
     prepare = getattr(step.compressor, "prepare_layer", None)
     # The producer map costs two hooks on every submodule for every sample: only for methods that use it.
     for sub_name, sub in (layer.named_modules() if prepare is not None else []):
@@ -290,3 +308,66 @@ def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: LayerS
     for name in names:
         old = model.get_submodule(name)
         on_compressed(step, name, old, step.compressor.compress(name, old))
+
+
+@torch.no_grad()
+def survey_layers(
+    model: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    steps: list[LayerStep],
+    io: LayerIO,
+    device: torch.device,
+    calls: Activations | None,
+    progress: Progress = NullProgress(),
+    batch_size: int = 1,
+    probe_samples: int = 8,
+) -> None:
+    """A pass over the *uncompressed* layers for steps that plan before compressing (a budget
+    allocated across all layers): each layer is loaded, its calibrated steps observe it (while
+    it computes the next layer's inputs, from `calls`), every step's `survey(name, module)` looks
+    at its modules, and the layer is put back unchanged.
+
+    `survey` may return a stand-in module; the engine then measures the relative change of the
+    decoder layer's output ||Δout||² / ||out||² on the first `probe_samples` samples with the
+    stand-in swapped in, and reports it through `measured(name, error)`.
+    """
+    last = max((i for i, (name, _) in enumerate(layers)
+                if any(n.startswith(name + ".") for s in steps for n in s.names)), default=-1)
+    with progress.task("Surveying layers", total=last + 1) as advance:
+        for i in range(last + 1):
+            layer_name, layer = layers[i]
+            io.load(i, layer_name, layer)
+            mine = [(s, [n for n in s.names if n.startswith(layer_name + ".")]) for s in steps]
+            handles = [model.get_submodule(n).register_forward_pre_hook(
+                lambda _m, inputs, s=s, n=n: s.compressor.observe(n, _m, inputs[0]))
+                for s, names in mine if s.calibrated for n in names]
+            probe_inputs = list(itertools.islice(iter(calls), probe_samples)) if calls is not None else []
+            try:
+                if calls is not None:
+                    calls.advance(lambda c: _call(layer, c, device), batch_size)
+            finally:
+                for h in handles:
+                    h.remove()
+            probes = [(s, n, probe) for s, names in mine for n in names
+                      if (probe := s.compressor.survey(n, model.get_submodule(n))) is not None]
+            if probes:
+                _measure_probes(model, layer, probes, probe_inputs, device, batch_size)
+            io.discard(i, layer_name, layer)
+            advance(1)
+
+
+def _measure_probes(model: nn.Module, layer: nn.Module, probes, inputs: list[LayerCall], device: torch.device,
+                    batch_size: int) -> None:
+    if not inputs:
+        raise CompressError("a survey asked for a measurement without calibration inputs")
+    reference = [_call(layer, call, device) for call, _ in batches(inputs, batch_size)]
+    norm = sum(r.float().square().sum() for r in reference)
+    for step, name, probe in probes:
+        original = model.get_submodule(name)
+        model.set_submodule(name, probe.to(device))
+        try:
+            change = sum((_call(layer, call, device).float() - r.float()).square().sum()
+                         for (call, _), r in zip(batches(inputs, batch_size), reference))
+        finally:
+            model.set_submodule(name, original)
+        step.compressor.measured(name, float(change / norm.clamp_min(1e-30)))

@@ -236,6 +236,48 @@ def prune(
     _run_and_report(pipeline, None, overwrite, resume, quiet, json_)
 
 
+@app.command()
+@_friendly
+def lowrank(
+    model: Annotated[str, typer.Argument(help="Prepared name, model folder, .gguf file or hub id.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Checkpoint folder to write.")],
+    method: Annotated[str, typer.Option(help="Decomposition: svd (plain), asvd (activation-aware) or svd_llm "
+                                             "(whitened).")] = "svd_llm",
+    keep: Annotated[Optional[float], typer.Option(
+        help="Fraction of parameters to keep, of the targeted layers (or of the model with --scope model) [0.8].")] = None,
+    scope: Annotated[Optional[str], typer.Option(help="What --keep is a fraction of: targets or model [targets].")] = None,
+    allocation: Annotated[Optional[str], typer.Option(
+        help="How ranks are spread: uniform, energy or sensitivity [uniform].")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="A fixed rank for every layer instead of --keep.")] = None,
+    ignore: Ignore = None,
+    targets: Targets = None,
+    evaluate: Evaluate = False,
+    samples: Samples = None,
+    offload: Offload = None,
+    device: Device = "cpu",
+    trust_remote_code: TrustRemote = False,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Replace Linear layers by two low-rank factors and write a compressed checkpoint.
+
+    Ranks meet the parameter budget within one rank step per layer; a layer whose factors would
+    not be smaller than its weight stays dense.
+    """
+    from .registry import method_config, methods
+
+    if "allocation" not in method_config(method).model_fields:
+        low_rank = sorted(name for name, cls in methods().items() if "allocation" in cls.model_fields)
+        raise CompressError(f"lowrank: '{method}' is not a low-rank method; use one of {', '.join(low_rank)}")
+    given = {"keep": keep, "scope": scope, "allocation": allocation, "rank": rank, "ignore": ignore,
+             "targets": targets}
+    pipeline = _one_step(model, output, method, given, {"samples": samples, "offload": offload}, device,
+                         trust_remote_code, evaluate, "lowrank")
+    _run_and_report(pipeline, None, overwrite, resume, quiet, json_)
+
+
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. steps.0.bits=3 (repeatable).")]
 
 

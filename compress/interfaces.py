@@ -45,8 +45,19 @@ class MethodConfig(BaseModel):
     # Data-free methods get modules one at a time; calibrated ones go through the engine.
     needs_calibration: ClassVar[bool] = False
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether this step runs on calibration data: the class's needs_calibration, unless a
+        method decides from its fields."""
+        return type(self).needs_calibration
+
     def build(self) -> Compressor:
         raise NotImplementedError(f"{type(self).__name__} does not define build()")
+
+    def projected(self, module: nn.Module) -> nn.Module | None:
+        """An empty stand-in (meta device) for what this step will put in place of `module`, when
+        later steps may target modules inside it; None when they may not."""
+        return None
 
     def check_module(self, name: str, module: nn.Module) -> None:
         """Raise CompressError if the method cannot apply to this module (called on the meta

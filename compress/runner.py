@@ -7,6 +7,7 @@ changed. A step that changes nothing is an error.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, targets
-from .activations import new_activations, remove_activations
+from .activations import Activations, new_activations, remove_activations
 from .calibration import (
     InMemoryLayers,
     LayerStep,
@@ -27,6 +28,7 @@ from .calibration import (
     compress_layers,
     find_layers,
     place_outside_layers,
+    survey_layers,
 )
 from .data import load_text, token_windows
 from .errors import CompressError, Interrupted
@@ -48,6 +50,8 @@ from .streaming import (
 )
 from .progress import NullProgress, Progress
 from .sizes import SizeReport, dense_weight_bytes, size_report
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -216,13 +220,29 @@ def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, 
                 _swap_recorded(model, change)
     for name, layer in layers[:done]:
         layer.to("meta")
-    needs_calls = any(s.calibrated for s in steps) and done < len(layers)
-    if needs_calls and calls is None:
-        samples = calibration_samples(tokenizer, pipeline.calibration, model.config)
+    samples = None
+
+    def capture(folder: Path) -> Activations:
+        nonlocal samples
+        if samples is None:
+            samples = calibration_samples(tokenizer, pipeline.calibration, model.config)
         place_outside_layers(model, layer_names, device)
         with progress.task("Capturing calibration inputs", total=None):
-            calls = capture_inputs(model, layers[0][1], samples, device,
-                                   new_activations(pipeline.calibration.offload, staging))
+            return capture_inputs(model, layers[0][1], samples, device,
+                                  new_activations(pipeline.calibration.offload, folder))
+
+    plans = state.setdefault("plans", {})
+    if any(_plans(s) for s in steps) and not plans:  # a resumed run keeps the ranks it started with
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="compress-survey-", dir=staging) as folder:
+            plans.update(plan_steps(model, layers, steps, StreamedLayers(source, staging, device, dtype), device,
+                                    lambda: capture(Path(folder)), progress, pipeline.calibration.batch_size))
+        for index, spent in _planning_seconds(steps, time.perf_counter() - t).items():
+            state["seconds"][str(index)] += spent
+    use_plans(steps, plans)
+    needs_calls = any(s.calibrated for s in steps) and done < len(layers)
+    if needs_calls and calls is None:
+        calls = capture(staging)
     # The embeddings and head are not needed again until the end (for a large vocabulary they
     # are the biggest tensors in memory): off until then.
     place_outside_layers(model, layer_names, torch.device("meta"))
@@ -342,19 +362,37 @@ def _swap_recorded(model: nn.Module, change: dict[str, Any]) -> None:
 
 
 def prepare_steps(model: nn.Module, configs: list[MethodConfig]) -> list[LayerStep]:
-    """Resolve each step's targets; a module goes to the first step that targets it."""
+    """Resolve each step's targets; a module goes to the first step that targets it.
+
+    A step whose modules contain others (a low-rank module's two factors: `config.projected`)
+    lets later steps target those: while later targets are resolved, an empty stand-in of the
+    step's output sits in the model (restored afterwards); the modules found inside it are
+    checked when they exist, just before they are compressed.
+    """
     claimed: set[str] = set()
     steps = []
-    for index, config in enumerate(configs):
-        where = f"steps[{index}] ({config.method})"
-        names = [n for n in targets.resolve(model, config.targets, config.ignore, config.supported_modules, where)
-                 if n not in claimed]
-        if not names:
-            raise CompressError(f"{where}: every module it targets is already taken by an earlier step")
-        for name in names:  # shapes are known before any weight is read: fail before long work
-            config.check_module(name, model.get_submodule(name))
-        claimed.update(names)
-        steps.append(LayerStep(index, config, config.build(), names))
+    originals: dict[str, nn.Module] = {}  # module name -> the module a stand-in replaces for now
+    try:
+        for index, config in enumerate(configs):
+            where = f"steps[{index}] ({config.method})"
+            names = [n for n in targets.resolve(model, config.targets, config.ignore, config.supported_modules,
+                                                where) if n not in claimed]
+            if not names:
+                raise CompressError(f"{where}: every module it targets is already taken by an earlier step")
+            inside = {n for n in names if any(n.startswith(o + ".") for o in originals)}
+            for name in names:  # shapes are known before any weight is read: fail before long work
+                if name not in inside:
+                    config.check_module(name, model.get_submodule(name))
+            claimed.update(names)
+            steps.append(LayerStep(index, config, config.build(), names, unchecked=inside))
+            for name in names:
+                stand_in = config.projected(model.get_submodule(name))
+                if stand_in is not None:
+                    originals[name] = model.get_submodule(name)
+                    model.set_submodule(name, stand_in)
+    finally:
+        for name, original in reversed(originals.items()):
+            model.set_submodule(name, original)
     return steps
 
 
@@ -380,9 +418,22 @@ def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Pr
     if calibrated:
         samples = calibration_samples(tokenizer, pipeline.calibration, model.config)
         place_outside_layers(model, layer_names, device)
+
+    def capture(folder: Path) -> Activations:
+        return capture_inputs(model, layers[0][1], samples, device,
+                              new_activations(pipeline.calibration.offload, folder))
+
+    if any(_plans(s) for s in steps):
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="compress-survey-") as folder:
+            use_plans(steps, plan_steps(model, layers or find_layers(model, pipeline.calibration.layers), steps,
+                                        InMemoryLayers(device, home), device, lambda: capture(Path(folder)), progress,
+                                        pipeline.calibration.batch_size))
+        for index, spent in _planning_seconds(steps, time.perf_counter() - t).items():
+            seconds[index] += spent
+    if calibrated:
         with tempfile.TemporaryDirectory(prefix="compress-activations-") as folder:
-            calls = capture_inputs(model, layers[0][1], samples, device,
-                                   new_activations(pipeline.calibration.offload, Path(folder)))
+            calls = capture(Path(folder))
             try:
                 compress_layers(model, layers, steps, InMemoryLayers(device, home), device, on_compressed, calls,
                                 progress=progress, seconds=seconds, batch_size=pipeline.calibration.batch_size)
@@ -405,6 +456,60 @@ def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Pr
         reports.append(StepReport(step.index, step.config.method, step.config.model_dump(mode="json"),
                                   changes[step.index], seconds[step.index]))
     return reports
+
+
+def _plans(step: LayerStep) -> bool:
+    """Whether the step allocates something (ranks) across all its modules before compressing."""
+    return hasattr(step.compressor, "allocate")
+
+
+def plan_steps(model: nn.Module, layers: list[tuple[str, nn.Module]], steps: list[LayerStep], io, device: torch.device,
+               capture, progress: Progress, batch_size: int) -> dict[str, dict[str, Any]]:
+    """{step index: plan} for the steps that plan: a survey pass over the uncompressed layers for
+    those that ask for one (with calibration inputs from `capture()` if they are calibrated), then
+    each step's `allocate(modules, model parameters)`."""
+    planning = [s for s in steps if _plans(s)]
+    surveying = [s for s in planning if s.compressor.needs_survey]
+    if surveying:
+        calls = capture() if any(s.calibrated for s in surveying) else None
+        survey_layers(model, layers, surveying, io, device, calls, progress, batch_size)
+        prefixes = tuple(n + "." for n, _ in layers)
+        for step in surveying:  # data-free steps may also target modules outside the layers (the head)
+            for name in step.names:
+                if not name.startswith(prefixes):
+                    step.compressor.survey(name, model.get_submodule(name))
+    model_params = sum(p.numel() for p in model.parameters())
+    return {str(s.index): s.compressor.allocate({n: model.get_submodule(n) for n in s.names}, model_params)
+            for s in planning}
+
+
+def _planning_seconds(steps: list[LayerStep], spent: float) -> dict[int, float]:
+    """The planning pass's time, shared among the steps that planned."""
+    planning = [s.index for s in steps if _plans(s)]
+    return {i: spent / len(planning) for i in planning}
+
+
+def use_plans(steps: list[LayerStep], plans: dict[str, dict[str, Any]]) -> None:
+    """Hand each planning step its plan; modules the plan leaves alone (None) leave the step."""
+    for step in steps:
+        if not _plans(step):
+            continue
+        plan = plans[str(step.index)]
+        step.compressor.use_plan(plan)
+        kept = [n for n in step.names if plan.get(n) is None]
+        if kept:
+            log.warning("steps[%d] (%s): %d module(s) stay dense, e.g. %s", step.index, step.config.method,
+                        len(kept), kept[0])
+        step.names = [n for n in step.names if plan.get(n) is not None]
+        for later in steps[steps.index(step) + 1:]:  # a later step that targets the factors gets the whole module
+            for name in kept:
+                inside = [n for n in later.names if n.startswith(name + ".")]
+                if inside:
+                    later.names = [n for n in later.names if n not in inside] + [name]
+                    later.unchecked.add(name)
+        if not step.names:
+            raise CompressError(f"steps[{step.index}] ({step.config.method}): the plan leaves every targeted module "
+                                "dense; lower keep (or the rank)")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -38,8 +38,18 @@ def dense_weight_bytes(module: nn.Module) -> int:
     return w.numel() * w.element_size()
 
 
+def outermost_compressed(model: nn.Module) -> list[nn.Module]:
+    """Compressed modules not inside another one (a low-rank module's factors may be compressed
+    too; the outer module accounts for them)."""
+    found: list[str] = []
+    for name, m in model.named_modules():
+        if hasattr(m, "storage_bytes") and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return [model.get_submodule(n) for n in found]
+
+
 def size_report(model: nn.Module) -> SizeReport:
-    compressed = [m for m in model.modules() if hasattr(m, "storage_bytes")]
+    compressed = outermost_compressed(model)
     return SizeReport(
         tensor_bytes=unique_tensor_bytes(model),
         compressed_modules=len(compressed),

@@ -103,6 +103,9 @@ class StreamedLayers:
         tmp = self.staging / (layer_file(index) + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, self.staging / layer_file(index))
+        self.discard(index, name, layer)
+
+    def discard(self, index: int, name: str, layer: nn.Module) -> None:
         layer.to("meta")
         _return_freed_memory()
 

@@ -1,6 +1,7 @@
 """Integration on the real model (smollm2-135m) with the protocol of ../shared/EVAL.md:
 the example pipeline's step and evaluation at 8, 4 and 3 bits, GPTQ against it at 4 and 3
-bits, and the three pruning methods at 2:4, all against one base evaluation.
+bits, the three pruning methods at 2:4 and the three low-rank decompositions at 20% of the
+weights removed, all against one base evaluation.
 
 Bounds come from measurements on the 2-core CPU machine (fp32, wiki, 64 x 512 tokens):
 base ppl 22.232 (EVAL.md says 22.23); RTN int8 g64 sym ppl 22.23x, KL 0.0011;
@@ -27,6 +28,9 @@ TOP1_GAIN = {4: 0.06, 3: 0.15}
 # 2:4 pruning, measured KL (64 calibration samples; the test uses 32): magnitude 4.38, Wanda 2.27,
 # SparseGPT 1.74. Bounds: each method's KL below this fraction of the next weaker one's.
 KL_2_4 = {"sparsegpt": 0.9, "wanda": 0.65}
+# Low-rank keeping 80% of the Linear weights, uniform ranks, KL on the 8 fidelity windows
+# (32 calibration samples): measured svd ?, asvd ?, svd_llm ?.
+KL_LOWRANK = {"svd_llm": 0.9, "asvd": 0.9}
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +123,32 @@ def test_2_4_pruning_orders_as_the_literature(pruned_2_4):
         assert len(report.modules) == 210 and {m.after for m in report.modules} == {"2:4 sparse (50.0%)"}
     assert kl["sparsegpt"] < KL_2_4["sparsegpt"] * kl["wanda"], kl
     assert kl["wanda"] < KL_2_4["wanda"] * kl["magnitude"], kl
+
+
+@pytest.fixture(scope="module")
+def lowrank_20(example, base):
+    """Each decomposition keeping 80% of the Linear weights (uniform ranks; calibrated ones on
+    32 x 512 news tokens), KL and top-1 on the 8 fidelity windows only."""
+    _, tokenizer, _, reference = base
+    fidelity = example.eval.model_copy(update={"windows": example.eval.fidelity_windows})
+    out = {}
+    for method in ("svd", "asvd", "svd_llm"):
+        model = load_model(example.model)[0]
+        pipeline = example.model_copy(update={"steps": [parse_step({"method": method, "keep": 0.8}, "test")],
+                                              "calibration": example.calibration.model_copy(update={"samples": 32})})
+        [report] = compress_model(model, tokenizer, pipeline)
+        result, _ = evaluate(model, tokenizer, fidelity, reference=reference)
+        out[method] = (report, result)
+        del model
+    return out
+
+
+def test_low_rank_orders_as_the_literature(lowrank_20):
+    """Whitened < activation-aware << plain SVD at 20% of the weights removed, KL first; every
+    layer factored at 80% of its weights (within one rank step)."""
+    kl = {method: result.kl for method, (_, result) in lowrank_20.items()}
+    for report, _ in lowrank_20.values():
+        assert len(report.modules) == 210
+        assert 0.79 < report.bytes_after / report.bytes_before <= 0.8
+    assert kl["svd_llm"] < KL_LOWRANK["svd_llm"] * kl["asvd"], kl
+    assert kl["asvd"] < KL_LOWRANK["asvd"] * kl["svd"], kl

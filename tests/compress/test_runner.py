@@ -20,7 +20,11 @@ STEP_SETTINGS = {"rtn": ({"bits": 3, "group_size": 32}, 0.11), "fp8": ({}, 0.27)
                  # pruning keeps float32 values: half of them plus a mask bit per weight (17 of 32 bits),
                  # or N:M positions (2:4: 2 bits, 4:8: 3 bits per kept value)
                  "magnitude": ({"sparsity": 0.5}, 0.54), "wanda": ({"pattern": "2:4"}, 0.54),
-                 "sparsegpt": ({"pattern": "4:8"}, 0.55)}
+                 "sparsegpt": ({"pattern": "4:8"}, 0.55),
+                 # low-rank keeps 30% of the targeted parameters (within one rank step per layer),
+                 # data-free and surveyed (energy) allocation, and a budget of the whole model
+                 "svd": ({"keep": 0.3, "allocation": "energy"}, 0.3), "asvd": ({"keep": 0.3}, 0.3),
+                 "svd_llm": ({"keep": 0.3, "scope": "model"}, 0.3)}
 
 
 def test_every_method_has_matrix_settings():
