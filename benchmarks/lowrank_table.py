@@ -41,6 +41,11 @@ def main() -> None:
         results.append(evaluate_checkpoint(fields, {"path": out, "run_seconds": seconds, "peak_rss_mb": peak_mb},
                                            reference))
 
+    for pipeline in args.pipelines:
+        out = args.out / pipeline.stem
+        row({"method": pipeline.stem, "setting": "pipeline"},
+            [sys.executable, "-m", "compress", "run", str(pipeline), "-o", str(out), "--set", "eval=null",
+             "--overwrite", "--quiet", "--json"], out)
     for removed in args.removed:
         for allocation in args.allocations:
             for method in args.methods:
@@ -48,11 +53,6 @@ def main() -> None:
                 row({"method": method, "setting": f"{removed:.0%} {allocation}"},
                     [sys.executable, "-m", "compress", "lowrank", args.model, "-o", str(out), "--method", method,
                      "--keep", f"{1 - removed:g}", "--allocation", allocation, "--overwrite", "--quiet", "--json"], out)
-    for pipeline in args.pipelines:
-        out = args.out / pipeline.stem
-        row({"method": pipeline.stem, "setting": "pipeline"},
-            [sys.executable, "-m", "compress", "run", str(pipeline), "-o", str(out), "--set", "eval=null",
-             "--overwrite", "--quiet", "--json"], out)
 
     print("\n| method | removed, ranks | perplexity | KL vs base | top-1 | weights kept | on disk | run time "
           "| peak memory |")

@@ -82,7 +82,8 @@ def kept_parameters(model) -> int:
     """Weights the model still has: every parameter and compressed weight, minus pruned ones
     (a low-rank module's factors are parameters, or compressed modules of their own)."""
     dense = sum(p.numel() for p in model.parameters())
-    compressed = [m for m in model.modules() if hasattr(m, "format_spec") and next(m.parameters(), None) is None]
+    compressed = [m for m in model.modules() if hasattr(m, "format_spec") and next(m.parameters(), None) is None
+                  and not any(hasattr(c, "format_spec") for c in m.children())]
     return dense + sum(getattr(m, "nnz", m.num_weights()) for m in compressed)
 
 

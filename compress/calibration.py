@@ -16,8 +16,8 @@ activations wait in CPU memory or on disk between layers (activations.py).
 
 from __future__ import annotations
 
-import time
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,13 +106,9 @@ class LayerStep:
     config: MethodConfig
     compressor: Any
     names: list[str]
-    # Modules that do not exist yet when the step is prepared (inside an earlier step's output):
-    # config.check_module runs on them just before they are compressed.
+    # Modules inside an earlier planning step's output, not checked yet: their shapes exist once
+    # that step's plan does (planning.use_plans checks them then).
     unchecked: set[str] = field(default_factory=set)
-
-    def check(self, name: str, module: nn.Module) -> None:
-        if name in self.unchecked:
-            self.config.check_module(name, module)
 
     @property
     def calibrated(self) -> bool:
@@ -240,7 +236,6 @@ def compress_layers(
                 else:
                     for name in names:
                         old = model.get_submodule(name)
-                        step.check(name, old)
                         on_compressed(step, name, old, step.compressor.compress(name, old))
                 seconds[step.index] += time.perf_counter() - t
             if i < last_calibrated:  # a later layer still needs its (compressed) inputs
@@ -272,8 +267,6 @@ def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: LayerS
         found = outputs.get(x.data_ptr()) if isinstance(x, torch.Tensor) else None
         return found[0] if found is not None and found[1].shape == x.shape else None
 
-    for name in names:
-        step.check(name, model.get_submodule(name))
     prepare = getattr(step.compressor, "prepare_layer", None)
     # The producer map costs two hooks on every submodule for every sample: only for methods that use it.
     for sub_name, sub in (layer.named_modules() if prepare is not None else []):
@@ -310,6 +303,9 @@ def _observe_and_compress(model, layer_name: str, layer: nn.Module, step: LayerS
         on_compressed(step, name, old, step.compressor.compress(name, old))
 
 
+PROBE_SAMPLES = 8  # calibration samples on which a survey measures a stand-in's effect
+
+
 @torch.no_grad()
 def survey_layers(
     model: nn.Module,
@@ -320,15 +316,14 @@ def survey_layers(
     calls: Activations | None,
     progress: Progress = NullProgress(),
     batch_size: int = 1,
-    probe_samples: int = 8,
 ) -> None:
-    """A pass over the *uncompressed* layers for steps that plan before compressing (a budget
-    allocated across all layers): each layer is loaded, its calibrated steps observe it (while
-    it computes the next layer's inputs, from `calls`), every step's `survey(name, module)` looks
-    at its modules, and the layer is put back unchanged.
+    """A pass over the *uncompressed* layers for planning steps (planning.py): each layer is
+    loaded, the steps whose survey is calibrated observe it (while it computes the next layer's
+    inputs, from `calls`), every step's `survey(name, module)` looks at its modules, and the layer
+    is put back unchanged.
 
     `survey` may return a stand-in module; the engine then measures the relative change of the
-    decoder layer's output ||Δout||² / ||out||² on the first `probe_samples` samples with the
+    decoder layer's output ||Δout||² / ||out||² on the first PROBE_SAMPLES samples with the
     stand-in swapped in, and reports it through `measured(name, error)`.
     """
     last = max((i for i, (name, _) in enumerate(layers)
@@ -340,34 +335,44 @@ def survey_layers(
             mine = [(s, [n for n in s.names if n.startswith(layer_name + ".")]) for s in steps]
             handles = [model.get_submodule(n).register_forward_pre_hook(
                 lambda _m, inputs, s=s, n=n: s.compressor.observe(n, _m, inputs[0]))
-                for s, names in mine if s.calibrated for n in names]
-            probe_inputs = list(itertools.islice(iter(calls), probe_samples)) if calls is not None else []
+                for s, names in mine if s.compressor.survey_calibrated for n in names]
+            probe_inputs = list(itertools.islice(iter(calls), PROBE_SAMPLES)) if calls is not None else []
             try:
                 if calls is not None:
                     calls.advance(lambda c: _call(layer, c, device), batch_size)
             finally:
                 for h in handles:
                     h.remove()
-            probes = [(s, n, probe) for s, names in mine for n in names
-                      if (probe := s.compressor.survey(n, model.get_submodule(n))) is not None]
-            if probes:
-                _measure_probes(model, layer, probes, probe_inputs, device, batch_size)
+            reference = None
+            for step, names in mine:
+                for name in names:
+                    probe = step.compressor.survey(name, model.get_submodule(name))
+                    if probe is None:
+                        continue
+                    if reference is None:
+                        reference = _layer_outputs(layer, probe_inputs, device, batch_size)
+                    step.compressor.measured(name, _changed_by(model, layer, name, probe, probe_inputs, reference,
+                                                               device, batch_size))
             io.discard(i, layer_name, layer)
             advance(1)
 
 
-def _measure_probes(model: nn.Module, layer: nn.Module, probes, inputs: list[LayerCall], device: torch.device,
-                    batch_size: int) -> None:
+def _layer_outputs(layer: nn.Module, inputs: list[LayerCall], device: torch.device, batch_size: int
+                   ) -> list[torch.Tensor]:
     if not inputs:
         raise CompressError("a survey asked for a measurement without calibration inputs")
-    reference = [_call(layer, call, device) for call, _ in batches(inputs, batch_size)]
+    return [_call(layer, call, device) for call, _ in batches(inputs, batch_size)]
+
+
+def _changed_by(model: nn.Module, layer: nn.Module, name: str, stand_in: nn.Module, inputs: list[LayerCall],
+                reference: list[torch.Tensor], device: torch.device, batch_size: int) -> float:
+    """||Δout||² / ||out||² of the layer's outputs on `inputs` with `stand_in` in place of `name`."""
+    original = model.get_submodule(name)
+    model.set_submodule(name, stand_in.to(device))
+    try:
+        outputs = _layer_outputs(layer, inputs, device, batch_size)
+    finally:
+        model.set_submodule(name, original)
+    change = sum((o.float() - r.float()).square().sum() for o, r in zip(outputs, reference))
     norm = sum(r.float().square().sum() for r in reference)
-    for step, name, probe in probes:
-        original = model.get_submodule(name)
-        model.set_submodule(name, probe.to(device))
-        try:
-            change = sum((_call(layer, call, device).float() - r.float()).square().sum()
-                         for (call, _), r in zip(batches(inputs, batch_size), reference))
-        finally:
-            model.set_submodule(name, original)
-        step.compressor.measured(name, float(change / norm.clamp_min(1e-30)))
+    return float(change / norm.clamp_min(1e-30))

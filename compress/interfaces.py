@@ -44,6 +44,8 @@ class MethodConfig(BaseModel):
     supported_modules: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
     # Data-free methods get modules one at a time; calibrated ones go through the engine.
     needs_calibration: ClassVar[bool] = False
+    # Planning methods decide across all their modules before compressing any (PlanningCompressor).
+    plans: ClassVar[bool] = False
 
     @property
     def calibrated(self) -> bool:
@@ -54,9 +56,10 @@ class MethodConfig(BaseModel):
     def build(self) -> Compressor:
         raise NotImplementedError(f"{type(self).__name__} does not define build()")
 
-    def projected(self, module: nn.Module) -> nn.Module | None:
-        """An empty stand-in (meta device) for what this step will put in place of `module`, when
-        later steps may target modules inside it; None when they may not."""
+    def projected(self, module: nn.Module, plan: Any = None) -> nn.Module | None:
+        """For planning methods: an empty stand-in (meta device) for what this step will put in
+        place of `module` (at its plan entry, if known), when later steps may target modules
+        inside it; None when they may not."""
         return None
 
     def check_module(self, name: str, module: nn.Module) -> None:
@@ -68,6 +71,32 @@ class Compressor(Protocol):
     """What a step does to one module: return its compressed replacement."""
 
     def compress(self, name: str, module: nn.Module) -> nn.Module: ...
+
+
+class PlanningCompressor(Compressor, Protocol):
+    """The compressor of a planning method (`plans = True`); compress/planning.py drives it."""
+
+    needs_survey: bool  # wants a survey pass over the uncompressed layers before allocating
+    survey_calibrated: bool  # that survey observes calibration inputs (observe(name, module, x))
+
+    def check_plan(self, modules: dict[str, nn.Module], model_params: int) -> None:
+        """Raise CompressError for what shapes alone refuse (called before any long work)."""
+        ...
+
+    def survey(self, name: str, module: nn.Module) -> nn.Module | None:
+        """Look at an uncompressed module; optionally return a stand-in whose effect on its decoder
+        layer's output the engine measures and reports through measured(name, error)."""
+        ...
+
+    def measured(self, name: str, layer_error: float) -> None: ...
+
+    def allocate(self, modules: dict[str, nn.Module], model_params: int) -> dict[str, Any]:
+        """The plan: an entry per module (JSON-serialisable), None for modules left alone."""
+        ...
+
+    def use_plan(self, plan: dict[str, Any]) -> None:
+        """Adopt a plan (one just allocated, or the one an interrupted run recorded)."""
+        ...
 
 
 class CompressedModule(Protocol):

@@ -28,7 +28,6 @@ from .calibration import (
     compress_layers,
     find_layers,
     place_outside_layers,
-    survey_layers,
 )
 from .data import load_text, token_windows
 from .errors import CompressError, Interrupted
@@ -38,6 +37,7 @@ from .interfaces import MethodConfig
 from .loading import DTYPES, load_model, pick_device, place, prepare_kernels
 from .models import is_checkpoint, resolve
 from .pipeline import CalibrationConfig, Pipeline
+from .planning import plan_steps, surveying_seconds, use_plans
 from .streaming import (
     PROGRESS,
     SafetensorsSource,
@@ -232,14 +232,26 @@ def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, 
                                   new_activations(pipeline.calibration.offload, folder))
 
     plans = state.setdefault("plans", {})
-    if any(_plans(s) for s in steps) and not plans:  # a resumed run keeps the ranks it started with
+    if any(s.config.plans for s in steps) and not plans:  # a resumed run keeps the plans it started with
         t = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="compress-survey-", dir=staging) as folder:
-            plans.update(plan_steps(model, layers, steps, StreamedLayers(source, staging, device, dtype), device,
-                                    lambda: capture(Path(folder)), progress, pipeline.calibration.batch_size))
-        for index, spent in _planning_seconds(steps, time.perf_counter() - t).items():
+        try:
+            with tempfile.TemporaryDirectory(prefix="compress-survey-", dir=staging) as folder:
+                plans.update(plan_steps(model, lambda: layers, steps, StreamedLayers(source, staging, device, dtype),
+                                        device, lambda: capture(Path(folder)), progress,
+                                        pipeline.calibration.batch_size))
+            use_plans(model, steps, plans)
+        except BaseException as e:  # nothing worth resuming before the plan is recorded
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, KeyboardInterrupt):
+                raise Interrupted("interrupted while planning, before any layer was compressed; nothing was kept") from None
+            if is_out_of_memory(e):
+                raise CompressError(out_of_memory_advice(e, "the survey pass", device, pipeline, None)) from None
+            raise
+        for index, spent in surveying_seconds(steps, time.perf_counter() - t).items():
             state["seconds"][str(index)] += spent
-    use_plans(steps, plans)
+        save_progress(staging, state, None)
+    else:
+        use_plans(model, steps, plans)
     needs_calls = any(s.calibrated for s in steps) and done < len(layers)
     if needs_calls and calls is None:
         calls = capture(staging)
@@ -364,10 +376,10 @@ def _swap_recorded(model: nn.Module, change: dict[str, Any]) -> None:
 def prepare_steps(model: nn.Module, configs: list[MethodConfig]) -> list[LayerStep]:
     """Resolve each step's targets; a module goes to the first step that targets it.
 
-    A step whose modules contain others (a low-rank module's two factors: `config.projected`)
-    lets later steps target those: while later targets are resolved, an empty stand-in of the
-    step's output sits in the model (restored afterwards); the modules found inside it are
-    checked when they exist, just before they are compressed.
+    A planning step whose outputs contain modules (a low-rank module's two factors:
+    `config.projected`) lets later steps target those: while later targets are resolved, an
+    empty stand-in of the step's output sits in the model (restored afterwards); the modules
+    found inside it are checked at their planned shapes once the plan exists (planning.py).
     """
     claimed: set[str] = set()
     steps = []
@@ -380,13 +392,16 @@ def prepare_steps(model: nn.Module, configs: list[MethodConfig]) -> list[LayerSt
             if not names:
                 raise CompressError(f"{where}: every module it targets is already taken by an earlier step")
             inside = {n for n in names if any(n.startswith(o + ".") for o in originals)}
+            if inside and config.plans:
+                raise CompressError(f"{where}: plans across its modules, so it cannot take modules inside an earlier "
+                                    f"step's output (e.g. {min(inside)}); narrow its targets")
             for name in names:  # shapes are known before any weight is read: fail before long work
                 if name not in inside:
                     config.check_module(name, model.get_submodule(name))
             claimed.update(names)
             steps.append(LayerStep(index, config, config.build(), names, unchecked=inside))
             for name in names:
-                stand_in = config.projected(model.get_submodule(name))
+                stand_in = config.projected(model.get_submodule(name)) if config.plans else None
                 if stand_in is not None:
                     originals[name] = model.get_submodule(name)
                     model.set_submodule(name, stand_in)
@@ -423,13 +438,14 @@ def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Pr
         return capture_inputs(model, layers[0][1], samples, device,
                               new_activations(pipeline.calibration.offload, folder))
 
-    if any(_plans(s) for s in steps):
+    if any(s.config.plans for s in steps):
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="compress-survey-") as folder:
-            use_plans(steps, plan_steps(model, layers or find_layers(model, pipeline.calibration.layers), steps,
-                                        InMemoryLayers(device, home), device, lambda: capture(Path(folder)), progress,
-                                        pipeline.calibration.batch_size))
-        for index, spent in _planning_seconds(steps, time.perf_counter() - t).items():
+            use_plans(model, steps, plan_steps(model, lambda: layers or find_layers(model, pipeline.calibration.layers),
+                                               steps, InMemoryLayers(device, home), device,
+                                               lambda: capture(Path(folder)), progress,
+                                               pipeline.calibration.batch_size))
+        for index, spent in surveying_seconds(steps, time.perf_counter() - t).items():
             seconds[index] += spent
     if calibrated:
         with tempfile.TemporaryDirectory(prefix="compress-activations-") as folder:
@@ -456,60 +472,6 @@ def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Pr
         reports.append(StepReport(step.index, step.config.method, step.config.model_dump(mode="json"),
                                   changes[step.index], seconds[step.index]))
     return reports
-
-
-def _plans(step: LayerStep) -> bool:
-    """Whether the step allocates something (ranks) across all its modules before compressing."""
-    return hasattr(step.compressor, "allocate")
-
-
-def plan_steps(model: nn.Module, layers: list[tuple[str, nn.Module]], steps: list[LayerStep], io, device: torch.device,
-               capture, progress: Progress, batch_size: int) -> dict[str, dict[str, Any]]:
-    """{step index: plan} for the steps that plan: a survey pass over the uncompressed layers for
-    those that ask for one (with calibration inputs from `capture()` if they are calibrated), then
-    each step's `allocate(modules, model parameters)`."""
-    planning = [s for s in steps if _plans(s)]
-    surveying = [s for s in planning if s.compressor.needs_survey]
-    if surveying:
-        calls = capture() if any(s.calibrated for s in surveying) else None
-        survey_layers(model, layers, surveying, io, device, calls, progress, batch_size)
-        prefixes = tuple(n + "." for n, _ in layers)
-        for step in surveying:  # data-free steps may also target modules outside the layers (the head)
-            for name in step.names:
-                if not name.startswith(prefixes):
-                    step.compressor.survey(name, model.get_submodule(name))
-    model_params = sum(p.numel() for p in model.parameters())
-    return {str(s.index): s.compressor.allocate({n: model.get_submodule(n) for n in s.names}, model_params)
-            for s in planning}
-
-
-def _planning_seconds(steps: list[LayerStep], spent: float) -> dict[int, float]:
-    """The planning pass's time, shared among the steps that planned."""
-    planning = [s.index for s in steps if _plans(s)]
-    return {i: spent / len(planning) for i in planning}
-
-
-def use_plans(steps: list[LayerStep], plans: dict[str, dict[str, Any]]) -> None:
-    """Hand each planning step its plan; modules the plan leaves alone (None) leave the step."""
-    for step in steps:
-        if not _plans(step):
-            continue
-        plan = plans[str(step.index)]
-        step.compressor.use_plan(plan)
-        kept = [n for n in step.names if plan.get(n) is None]
-        if kept:
-            log.warning("steps[%d] (%s): %d module(s) stay dense, e.g. %s", step.index, step.config.method,
-                        len(kept), kept[0])
-        step.names = [n for n in step.names if plan.get(n) is not None]
-        for later in steps[steps.index(step) + 1:]:  # a later step that targets the factors gets the whole module
-            for name in kept:
-                inside = [n for n in later.names if n.startswith(name + ".")]
-                if inside:
-                    later.names = [n for n in later.names if n not in inside] + [name]
-                    later.unchecked.add(name)
-        if not step.names:
-            raise CompressError(f"steps[{step.index}] ({step.config.method}): the plan leaves every targeted module "
-                                "dense; lower keep (or the rank)")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -1,7 +1,7 @@
 """Rank allocation: which rank each layer gets so that the kept parameters meet a budget.
 
 A layer [out, in] at rank r stores r·(out + in) parameters; from the break-even rank
-floor(out·in / (out + in)) on, its factors would not be smaller than the dense weight, so it
+ceil(out·in / (out + in)) on, its factors would not be smaller than the dense weight, so it
 stays dense (out·in parameters, no error). Every factored layer keeps at least rank 1.
 """
 
@@ -109,7 +109,3 @@ def by_error(budget: int, shapes: dict[str, Shape], errors: dict[str, torch.Tens
         gain, cost = step(name, rank + 1)
         heapq.heappush(heap, (-gain / cost, name, rank + 1, cost))
     return plan
-
-
-def kept_parameters(plan: dict[str, int | None], shapes: dict[str, Shape]) -> int:
-    return sum(shapes[n].cost(r) for n, r in plan.items())

@@ -15,7 +15,7 @@ A low-rank step runs in three phases, driven by the runner:
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -45,6 +45,8 @@ class LowRankConfig(MethodConfig):
     rank: int | None = Field(None, ge=1, description="A fixed rank for every targeted layer instead of a budget "
                              "(then keep, scope and allocation do not apply).")
 
+    plans: ClassVar[bool] = True
+
     @model_validator(mode="after")
     def _rank_or_budget(self) -> LowRankConfig:
         budget = {"keep", "scope", "allocation"} & self.model_fields_set
@@ -53,9 +55,10 @@ class LowRankConfig(MethodConfig):
                              "(give either rank or a budget)")
         return self
 
-    def projected(self, module: nn.Module) -> LowRankLinear:
-        """Later steps may compress the factors (`down`, `up`); their rank is decided later."""
-        return LowRankLinear(module.in_features, module.out_features, 1, module.bias is not None, device="meta")
+    def projected(self, module: nn.Module, plan: Any = None) -> LowRankLinear:
+        """Later steps may compress the factors (`down`, `up`), at the planned rank once known."""
+        return LowRankLinear(module.in_features, module.out_features, plan or 1, module.bias is not None,
+                             device="meta")
 
     def check_module(self, name: str, module: nn.Module) -> None:
         limit = min(module.in_features, module.out_features)
@@ -65,90 +68,100 @@ class LowRankConfig(MethodConfig):
 
 
 class LowRankCompressor:
-    """What the three methods share; each subclass defines observe() (if calibrated) and
-    factorize(name, module) -> (Factorization, Gram matrix [in, in] or None)."""
+    """What the three methods share (a PlanningCompressor); each subclass defines observe() (if
+    it uses calibration data) and factorize(name, module) -> (Factorization, Gram matrix or None)."""
 
     def __init__(self, config: LowRankConfig) -> None:
         self.config = config
         self.plan: dict[str, int | None] | None = None  # module -> rank (None: stays dense)
+        self.shapes: dict[str, Shape] = {}  # the modules that can be factored
+        self.budget = 0  # parameters those modules may keep
         self.curves: dict[str, torch.Tensor] = {}  # survey: module -> predicted error of rank 0..k, [k + 1]
         self.probed: dict[str, int] = {}  # survey (sensitivity): module -> rank of the measured truncation
-
-    # --- statistics ----------------------------------------------------------------------------
-    @property
-    def surveying(self) -> bool:
-        return self.plan is None and self.needs_survey
 
     @property
     def needs_survey(self) -> bool:
         return self.config.rank is None and self.config.allocation != "uniform"
 
+    @property
+    def survey_calibrated(self) -> bool:
+        return self.config.calibrated or self.config.allocation == "sensitivity"
+
     def wants_gram(self) -> bool:
-        """Whether observe() must accumulate the calibration Gram matrix: sensitivity's survey
+        """Whether observe() must accumulate the calibration Gram matrix now: sensitivity's survey
         predicts output errors with it (whitening needs it always)."""
-        return self.surveying and self.config.allocation == "sensitivity"
+        return self.plan is None and self.needs_survey and self.config.allocation == "sensitivity"
 
     def factorize(self, name: str, module: nn.Linear) -> tuple[Factorization, torch.Tensor | None]:
         raise NotImplementedError
 
+    # --- before any long work ------------------------------------------------------------------
+    def check_plan(self, modules: dict[str, nn.Module], model_params: int) -> None:
+        c = self.config
+        for name, m in modules.items():
+            s = Shape(m.out_features, m.in_features)
+            if allocation.useless(s):
+                log.warning("%s: %s (Linear %d -> %d) is too small for any rank to save parameters; it stays "
+                            "dense", c.method, name, s.in_features, s.out_features)
+            else:
+                self.shapes[name] = s
+        if not self.shapes:
+            raise CompressError(f"{c.method}: no targeted layer is large enough for a rank that saves parameters")
+        if c.rank is None:  # layers too small to factor count as untargeted
+            self.budget = allocation.budget_for(c.keep, c.scope, self.shapes, model_params)
+            floor = sum(s.per_rank for s in self.shapes.values())
+            if self.budget < floor:
+                raise CompressError(f"{c.method}: keep {c.keep} leaves {self.budget:,} parameters for the targeted "
+                                    f"layers, below rank 1 for every one of them ({floor:,}); raise keep")
+
     # --- phase 1: survey -----------------------------------------------------------------------
     def survey(self, name: str, module: nn.Linear) -> nn.Module | None:
-        """Record the layer's predicted error curve; return a truncated copy whose effect on the
-        decoder layer's output the engine should measure (sensitivity), else None."""
+        """Record the layer's predicted error curve; for sensitivity, return a copy truncated at
+        the rank uniform allocation would give it, whose effect the engine measures."""
         f, gram = self.factorize(name, module)
         if self.config.allocation == "energy":
             self.curves[name] = f.energy_tail()
             return None
-        self.curves[name] = f.output_error_tail(gram)
-        s = Shape(module.out_features, module.in_features)
-        rank = min(max(1, int(self.config.keep * s.dense / s.per_rank)), len(f.s))
+        curve = self.curves[name] = f.output_error_tail(gram)
+        s = self.shapes[name]
+        fraction = self.budget / sum(t.dense for t in self.shapes.values())
+        # the probe's predicted error must be > 0 to scale the curve: not past the matrix's rank
+        rank = min(max(1, int(fraction * s.dense / s.per_rank)), int((curve > 0).sum()) - 1)
+        if rank < 1:  # the layer's output is zero on the calibration data: nothing to measure
+            return None
         self.probed[name] = rank
         up, down = f.factors(rank)
         return LowRankLinear.from_factors(up, down, module.bias, module.weight.dtype)
 
     def measured(self, name: str, layer_error: float) -> None:
-        """The relative change ||Δ out||² / ||out||² of the decoder layer's output when `name` was
-        truncated at its probed rank: rescale the layer's curve to it."""
-        curve = self.curves[name]
-        at_probe = curve[self.probed[name]]
-        self.curves[name] = curve * (layer_error / at_probe) if at_probe > 0 else curve
+        """The relative change ||Δout||² / ||out||² of the decoder layer's output with `name`
+        truncated at its probed rank: the layer's curve, rescaled to match it there."""
+        self.curves[name] = self.curves[name] * (layer_error / float(self.curves[name][self.probed[name]]))
 
     # --- phase 2: allocate ---------------------------------------------------------------------
     def allocate(self, modules: dict[str, nn.Module], model_params: int) -> dict[str, int | None]:
         """Ranks for every targeted module (None: stays dense), against the budget."""
         c = self.config
-        shapes = {n: Shape(m.out_features, m.in_features) for n, m in modules.items()}
-        plan: dict[str, int | None] = {}
-        for name, s in list(shapes.items()):
-            if allocation.useless(s):
-                log.warning("%s: %s (Linear %d -> %d) is too small for any rank to save parameters; it stays "
-                            "dense", c.method, name, s.in_features, s.out_features)
-                plan[name] = None
-                del shapes[name]
-        if not shapes:
-            raise CompressError(f"{c.method}: no targeted layer is large enough for a rank that saves parameters")
+        plan: dict[str, int | None] = dict.fromkeys(modules)  # too small to factor: dense
         if c.rank is not None:
-            for name, s in shapes.items():
+            for name, s in self.shapes.items():
                 if c.rank >= s.break_even:
                     log.warning("%s: rank %d keeps %s's factors no smaller than its weight; it stays dense",
                                 c.method, c.rank, name)
                 plan[name] = None if c.rank >= s.break_even else c.rank
+        elif c.allocation == "uniform":
+            plan.update(allocation.uniform(self.budget, self.shapes))
         else:
-            # Layers too small to factor count as untargeted.
-            budget = allocation.budget_for(c.keep, c.scope, shapes, model_params)
-            if c.allocation == "uniform":
-                plan.update(allocation.uniform(budget, shapes))
-            else:
-                missing = [n for n in shapes if n not in self.curves]
-                if missing:
-                    raise RuntimeError(f"{c.method}: {missing[0]} was not surveyed before allocation")
-                plan.update(allocation.by_error(budget, shapes, self.curves))
-            self.curves.clear()
+            missing = [n for n in self.shapes if n not in self.curves]
+            if missing:
+                raise RuntimeError(f"{c.method}: {missing[0]} was not surveyed before allocation")
+            plan.update(allocation.by_error(self.budget, self.shapes, self.curves))
+        self.curves.clear()
         self.plan = plan
         return plan
 
     def use_plan(self, plan: dict[str, int | None]) -> None:
-        """Resume with the ranks allocated before an interruption."""
+        """Adopt the ranks just allocated, or those an interrupted run recorded."""
         self.plan = plan
 
     # --- phase 3: compress ---------------------------------------------------------------------

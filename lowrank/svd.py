@@ -1,5 +1,5 @@
 """Plain truncated SVD of each targeted weight: the data-free baseline (calibration data only
-for `allocation: sensitivity`)."""
+in the survey of `allocation: sensitivity`)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,6 @@ class SVDConfig(LowRankConfig):
     """Truncated SVD of each weight (the baseline: it minimises the weight error, not the output's)."""
 
     method: Literal["svd"] = "svd"
-
-    @property
-    def calibrated(self) -> bool:
-        return self.allocation == "sensitivity" and self.rank is None
 
     def build(self) -> SVDCompressor:
         return SVDCompressor(self)

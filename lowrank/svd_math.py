@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.errors import CompressError
+
 log = logging.getLogger(__name__)
 
 
@@ -89,8 +91,8 @@ def whitening_factor(hessian: torch.Tensor, damp: float, where: str) -> torch.Te
                             where, d, damp)
             return factor
         if d >= 1:
-            raise ValueError(f"{where}: the calibration Gram matrix stays singular even with dampening 1 "
-                             "(are its inputs all zero or not finite?)")
+            raise CompressError(f"{where}: the calibration Gram matrix stays singular even with dampening 1 "
+                                "(are its inputs all zero or not finite?); ignore this layer")
         d = min(max(d * 10, 1e-8), 1.0)
 
 

@@ -28,9 +28,10 @@ TOP1_GAIN = {4: 0.06, 3: 0.15}
 # 2:4 pruning, measured KL (64 calibration samples; the test uses 32): magnitude 4.38, Wanda 2.27,
 # SparseGPT 1.74. Bounds: each method's KL below this fraction of the next weaker one's.
 KL_2_4 = {"sparsegpt": 0.9, "wanda": 0.65}
-# Low-rank keeping 80% of the Linear weights, uniform ranks, KL on the 8 fidelity windows
-# (32 calibration samples): measured svd ?, asvd ?, svd_llm ?.
-KL_LOWRANK = {"svd_llm": 0.9, "asvd": 0.9}
+# Low-rank keeping 80% of the Linear weights, uniform ranks, 64 calibration samples (the README
+# table's rows), measured KL: svd 14.00, asvd 10.64, svd_llm 2.065. Bounds: each method's KL
+# below this fraction of the next weaker one's.
+KL_LOWRANK = {"svd_llm": 0.5, "asvd": 0.9}
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +129,13 @@ def test_2_4_pruning_orders_as_the_literature(pruned_2_4):
 @pytest.fixture(scope="module")
 def lowrank_20(example, base):
     """Each decomposition keeping 80% of the Linear weights (uniform ranks; calibrated ones on
-    32 x 512 news tokens), KL and top-1 on the 8 fidelity windows only."""
+    the example's 64 x 512 news tokens), KL and top-1 on the 8 fidelity windows only."""
     _, tokenizer, _, reference = base
     fidelity = example.eval.model_copy(update={"windows": example.eval.fidelity_windows})
     out = {}
     for method in ("svd", "asvd", "svd_llm"):
         model = load_model(example.model)[0]
-        pipeline = example.model_copy(update={"steps": [parse_step({"method": method, "keep": 0.8}, "test")],
-                                              "calibration": example.calibration.model_copy(update={"samples": 32})})
+        pipeline = example.model_copy(update={"steps": [parse_step({"method": method, "keep": 0.8}, "test")]})
         [report] = compress_model(model, tokenizer, pipeline)
         result, _ = evaluate(model, tokenizer, fidelity, reference=reference)
         out[method] = (report, result)
