@@ -4,7 +4,8 @@ up [out, rank] (with the original bias), so it stores rank·(in + out) weights i
 The factors are ordinary child modules (`down`, `up`), so a later pipeline step can compress
 them like any other Linear (e.g. quantize them with GPTQ): the checkpoint then holds this
 module's spec plus the children's formats, and `dequantized_weight` composes whatever the
-children compute with.
+children compute with. Unlike the other formats, the state therefore lives in the children's
+parameters rather than in buffers of this module (the state dict is still the file format).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.sizes import dense_weight_bytes
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -23,12 +25,6 @@ def _dense(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if hasattr(module, "dequantized_weight"):
         return module.dequantized_weight(dtype)
     return module.weight.to(dtype)
-
-
-def _weight_bytes(module: nn.Module) -> int:
-    if hasattr(module, "storage_bytes"):
-        return module.storage_bytes()
-    return module.weight.numel() * module.weight.element_size()
 
 
 class LowRankLinear(nn.Module):
@@ -84,7 +80,7 @@ class LowRankLinear(nn.Module):
 
     def storage_bytes(self) -> int:
         """Bytes of both factors as they are stored now (dense, or compressed by a later step)."""
-        return _weight_bytes(self.down) + _weight_bytes(self.up)
+        return dense_weight_bytes(self.down) + dense_weight_bytes(self.up)
 
     def describe(self) -> str:
         kept = self.rank * (self.in_features + self.out_features) / self.num_weights()
