@@ -7,7 +7,6 @@ changed. A step that changes nothing is an error.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 import time
@@ -50,8 +49,6 @@ from .streaming import (
 )
 from .progress import NullProgress, Progress
 from .sizes import SizeReport, dense_weight_bytes, size_report
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -430,13 +427,16 @@ def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Pr
         model.set_submodule(name, new)
 
     seconds = {s.index: 0.0 for s in steps}
-    if calibrated:
-        samples = calibration_samples(tokenizer, pipeline.calibration, model.config)
-        place_outside_layers(model, layer_names, device)
+    samples = None
 
     def capture(folder: Path) -> Activations:
-        return capture_inputs(model, layers[0][1], samples, device,
-                              new_activations(pipeline.calibration.offload, folder))
+        """The first layer's calibration inputs (for a survey, also when compressing is data-free)."""
+        nonlocal samples
+        found = layers or find_layers(model, pipeline.calibration.layers)
+        if samples is None:
+            samples = calibration_samples(tokenizer, pipeline.calibration, model.config)
+        place_outside_layers(model, [n for n, _ in found], device)
+        return capture_inputs(model, found[0][1], samples, device, new_activations(pipeline.calibration.offload, folder))
 
     if any(s.config.plans for s in steps):
         t = time.perf_counter()
@@ -457,7 +457,9 @@ def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Pr
                 if not is_out_of_memory(e):
                     raise
                 raise CompressError(out_of_memory_advice(e, "a decoder layer", device, pipeline, None)) from None
-        place_outside_layers(model, layer_names, home)
+    if samples is not None:  # something was captured: the embeddings and head go home
+        place_outside_layers(model, layer_names or [n for n, _ in find_layers(model, pipeline.calibration.layers)],
+                             home)
     prefixes = tuple(n + "." for n in layer_names)
     for step in steps:
         t = time.perf_counter()

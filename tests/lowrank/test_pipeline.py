@@ -31,7 +31,7 @@ def test_budget_is_met_within_one_rank_step_per_layer(tiny_dir, allocation):
     # 14 targeted Linear layers of 2048-6144 weights; modules kept dense are not in the report
     dense = 14 - len(r.steps[0].modules)
     weights, kept = targeted_weights(r)
-    total = sum(2 * (64 * 64 * 2 + 32 * 64 * 2 + 96 * 64 * 3) for _ in [0])  # both layers' Linear weights
+    total = 2 * (64 * 64 * 2 + 32 * 64 * 2 + 96 * 64 * 3)  # both layers' Linear weights
     kept_all = kept + (total - weights)  # dense-kept layers keep all their weights
     assert 0.4 * total - 14 * 160 <= kept_all <= 0.4 * total
     assert dense < 4  # measured: 0 (uniform, energy), 2 (sensitivity)
@@ -146,8 +146,9 @@ def surveyed(tiny_dir, tmp_path_factory):
     return out, [len(s.modules) for s in result.steps]
 
 
-@pytest.mark.parametrize("steps", [SURVEYED, [{"method": "svd", "keep": 0.5, "allocation": "energy"}]],
-                         ids=["sensitivity+gptq", "energy-data-free"])
+@pytest.mark.parametrize("steps", [SURVEYED, [{"method": "svd", "keep": 0.5, "allocation": "energy"}],
+                                   [{"method": "svd", "keep": 0.5, "allocation": "sensitivity"}]],
+                         ids=["sensitivity+gptq", "energy-data-free", "data-free-with-calibrated-survey"])
 def test_streamed_equals_in_memory(tiny_dir, tmp_path, surveyed, steps):
     from compress.loading import load_model
     from compress.pipeline import parse
