@@ -7,9 +7,12 @@ tokens/s is measured on the second call (the first compiles). Variants:
   - bf16:          the dense model;
   - int4:          every decoder Linear RTN-quantized to 4 bits, group 128, in our QuantLinear
                    format, prepacked at load; kernel "auto" picks per shape among our Triton
-                   kernels, dequantize + cuBLAS and PyTorch's tinygemm;
+                   kernels, dequantize + cuBLAS and PyTorch's tinygemm; `choices` lists what
+                   it picked per (N x K, M range);
   - int4-tinygemm: the same codes and scales through PyTorch's `_weight_int4pack_mm` (the kernel
-                   behind torchao's int4 weight-only path), as the peer to beat.
+                   behind torchao's int4 weight-only path), as the peer to beat;
+  - sp24:          every decoder Linear magnitude-pruned 2:4 into our SparseLinear, prepacked at
+                   load for PyTorch's semi-structured sparse kernels (bf16 values).
 Before timing, the int4 model's logits through our kernels are compared with the reference path.
 One JSON line per variant on stdout.
 
@@ -63,8 +66,17 @@ def build(variant: str, layers: int, group_size: int, device: str = "cuda") -> n
     torch.set_default_dtype(torch.float32)
     if variant == "bf16":
         return model
-    rtn = RTNConfig(bits=4, group_size=group_size, symmetric=True).build()
     linears = [(name, m) for name, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]
+    if variant == "sp24":
+        from compress.sparsity.layers import SparseLinear
+        from compress.sparsity.masks import nm_mask
+
+        for name, linear in linears:
+            keep = nm_mask(linear.weight.abs(), 2, 4)
+            sparse = SparseLinear.from_pruned(linear.weight, keep, "2:4", None, None, name).prepack(torch.bfloat16)
+            model.model.layers.set_submodule(name, sparse)
+        return model
+    rtn = RTNConfig(bits=4, group_size=group_size, symmetric=True).build()
     for name, linear in linears:
         q = rtn.compress(name, linear).prepack(torch.bfloat16)
         model.model.layers.set_submodule(name, q if variant == "int4" else TinyGemmLinear(q))
@@ -108,8 +120,8 @@ def tokens_per_second(model: nn.Module, ids: torch.Tensor, tokens: int) -> tuple
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="+", default=["bf16", "int4", "int4-tinygemm"],
-                    choices=["bf16", "int4", "int4-tinygemm"])
+    ap.add_argument("--variants", nargs="+", default=["bf16", "int4", "int4-tinygemm", "sp24"],
+                    choices=["bf16", "int4", "int4-tinygemm", "sp24"])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)
@@ -132,7 +144,10 @@ def main() -> None:
                "weights_GB": round(torch.cuda.memory_allocated() / 1e9, 2)}
         torch.cuda.reset_peak_memory_stats()
         if variant == "int4":
+            from compress.cuda import int_matmul as im
+
             row["logits_relerr_vs_reference"] = round(check_kernels(model, ids), 5)
+            row["choices"] = {f"{k[5]}x{k[6]} M<={k[7]}": name for k, name in im.TUNER.choices().items()}
         first_s, tok_s = tokens_per_second(model, ids, args.tokens)
         row.update(tok_s=round(tok_s, 1), warm_s=round(first_s, 1),
                    mem_GB=round(torch.cuda.max_memory_allocated() / 1e9, 1))

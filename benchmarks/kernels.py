@@ -7,12 +7,18 @@ model runs; launch overhead from Python would otherwise swamp microsecond kernel
   - `cold`:  each call preceded by overwriting a 256 MB buffer, which evicts the weights from L2
              (as in a decode step, which reads every layer's weights once); the time of the
              overwrites alone, measured the same way, is subtracted.
-Contenders: bf16 cuBLAS (F.linear), ours (compress.cuda int_matmul: the fastest of our Triton
-kernels and dequantize + cuBLAS, chosen per shape by measurement; `choice` records which; a
-module's kernel "auto" also weighs tinygemm, listed here as a peer),
-PyTorch's int4 kernel (`_weight_int4pack_mm`, 4-bit only) and its int8 weight-only kernel
-(`_weight_int8pack_mm`, 8-bit only), and bitsandbytes NF4 if it is installed. `*_speedup` is
-bf16 time / that time. One JSON line per row on stdout.
+Contenders: bf16 cuBLAS (F.linear); `ours` (compress.cuda int_matmul restricted to our Triton
+kernels and dequantize + cuBLAS, chosen per shape by measurement; `choice` records which);
+`auto` (what a QuantLinear with kernel "auto" runs after prepack(bfloat16): the same choice
+with PyTorch's tinygemm also weighed where it takes the format; `auto_choice`); and the peers
+alone: PyTorch's int4 kernel (`_weight_int4pack_mm`, 4-bit only), its int8 weight-only kernel
+(`_weight_int8pack_mm`, 8-bit per-channel only), and where installed GemLite (its Triton
+low-bit kernels at its own kernel choice, same codes and scales) and bitsandbytes NF4.
+`*_speedup` is bf16 time / that time. One JSON line per row on stdout.
+
+`sp24`: a 2:4 sparse bf16 weight (magnitude-pruned random weights) through PyTorch's
+semi-structured sparse matmuls, CUTLASS and cuSPARSELt (the path a prepacked 2:4 SparseLinear
+takes is PyTorch's default of the two), against the dense bf16 weight through cuBLAS.
 
     python benchmarks/kernels.py                       # the full table (a few minutes on an H100)
     python benchmarks/kernels.py --kernels w4g128 --ms 1 16 --shapes 11008x4096
@@ -32,6 +38,7 @@ KERNELS = {  # name -> (bits, group_size, symmetric)
     "w4g128": (4, 128, True),
     "w4g128-asym": (4, 128, False),
     "w8g128": (8, 128, True),
+    "sp24": None,  # 2:4 sparse bf16, PyTorch's semi-structured kernels
 }
 
 
@@ -49,14 +56,43 @@ def random_weight(n: int, k: int, bits: int, group_size: int, symmetric: bool):
     return ours, codes
 
 
+def with_library(w, codes: torch.Tensor, dtype: torch.dtype):
+    """`w` with the library layout QuantLinear.prepack(dtype) adds: tinygemm (bf16, 4-bit)."""
+    import dataclasses
+
+    from compress.cuda import tinygemm
+
+    if dtype == torch.bfloat16 and tinygemm.applies(w.bits, w.group_size, w.in_features, w.out_features):
+        zeros = None if w.zeros is None else w.zeros.T.float()
+        return dataclasses.replace(w, tinygemm=tinygemm.pack(codes, w.scales.T.float(), zeros))
+    return w
+
+
+def gemlite_peer(codes: torch.Tensor, w, x: torch.Tensor):
+    """GemLite's matmul of the same codes, scales and zeros (its format: (q - zero) * scale), at
+    its own choice of kernel; None where GemLite is not installed."""
+    try:
+        import gemlite
+    except ImportError:
+        return None
+    kind = gemlite.DType.BF16 if x.dtype == torch.bfloat16 else gemlite.DType.FP16
+    layer = gemlite.GemLiteLinear(w.bits, group_size=w.group_size, in_features=w.in_features,
+                                  out_features=w.out_features, input_dtype=kind, output_dtype=kind)
+    zeros = 2 ** (w.bits - 1) if w.zeros is None else w.zeros.T.to(x.dtype).contiguous()
+    layer.pack(codes, w.scales.T.to(x.dtype).contiguous(), zeros, bias=None)
+    return lambda: layer(x)
+
+
 def peers(codes: torch.Tensor, w: object, x: torch.Tensor) -> dict:
-    """name -> callable for PyTorch's kernels that take this format (same codes and scales)."""
+    """name -> callable for the libraries' kernels that take this format (same codes and scales)."""
     from compress.cuda import tinygemm
 
     out = {}
     if w.bits == 4:
         packed, sz = tinygemm.pack(codes, w.scales.T, None if w.zeros is None else w.zeros.T)
         out["tinygemm"] = lambda: tinygemm.matmul(x, packed, sz, w.group_size)
+    if (gl := gemlite_peer(codes, w, x)) is not None:
+        out["gemlite"] = gl
     if w.bits == 8 and w.zeros is None:  # per-channel only: scales of the first group stand in
         w8 = (codes.to(torch.int16) - 128).to(torch.int8)
         s8 = w.scales[0].to(x.dtype).contiguous()
@@ -71,6 +107,39 @@ def peers(codes: torch.Tensor, w: object, x: torch.Tensor) -> dict:
         q, state = bnbf.quantize_4bit(dense, blocksize=64, quant_type="nf4")
         out["bnb_nf4"] = lambda: bnb.matmul_4bit(x, q.t(), quant_state=state)
     return out
+
+
+def sparse_2of4(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A random [n, k] weight with the two largest of every four consecutive weights of a row kept."""
+    w = torch.randn(n, k // 4, 4, device="cuda", dtype=dtype)
+    keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.abs().topk(2, dim=-1).indices, True)
+    return (w * keep).view(n, k)
+
+
+def sparse_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tensor) -> dict:
+    """One `sp24` row: PyTorch's CUTLASS and cuSPARSELt 2:4 kernels against dense cuBLAS."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    w = sparse_2of4(n, k, dtype)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    ref = x.float() @ w.float().T
+    row = {"kernel": "sp24", "N": n, "K": k, "M": m}
+    bf16_graph, bf16_cold = time_both(lambda: torch.nn.functional.linear(x, w), flush)
+    row.update(bf16_us_graph=round(bf16_graph, 2), bf16_us_cold=round(bf16_cold, 2))
+    backends = (("cutlass", SparseSemiStructuredTensorCUTLASS), ("cusparselt", SparseSemiStructuredTensorCUSPARSELT))
+    for label, kind in backends:
+        try:
+            sparse = kind.from_dense(w)
+            y = torch.nn.functional.linear(x, sparse)
+            row[f"{label}_relerr"] = round(((y.float() - ref).norm() / ref.norm()).item(), 5)
+            graph, cold = time_both(lambda sparse=sparse: torch.nn.functional.linear(x, sparse), flush)
+        except (RuntimeError, ValueError, NotImplementedError) as e:  # no such backend in this build, or shape
+            row[f"{label}_error"] = str(e).splitlines()[0][:120]
+            continue
+        row.update({f"{label}_us_graph": round(graph, 2), f"{label}_us_cold": round(cold, 2),
+                    f"{label}_speedup_graph": round(bf16_graph / graph, 2),
+                    f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
+    return row
 
 
 def graph_us(body, reps: int) -> float:
@@ -122,27 +191,37 @@ def main() -> None:
     print(json.dumps({"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
                       "dtype": args.dtype}), flush=True)
     for name in args.kernels:
+        if name == "sp24":
+            for shape in args.shapes:
+                for m in args.ms:
+                    print(json.dumps(sparse_row(*map(int, shape.split("x")), m, dtype, flush)), flush=True)
+            continue
         bits, group_size, symmetric = KERNELS[name]
         for shape in args.shapes:
             n, k = map(int, shape.split("x"))
             w, codes = random_weight(n, k, bits, group_size, symmetric)
+            w_auto = with_library(w, codes, dtype)
             dense = torch.randn(n, k, device="cuda", dtype=dtype)
             weight_bytes = w.words.numel() * 4 + w.scales.numel() * 2 + (0 if w.zeros is None else w.zeros.numel())
             for m in args.ms:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 row = {"kernel": name, "N": n, "K": k, "M": m}
                 ref = x.float() @ im.dequantize(w, torch.float32).T
-                ours = im.int_matmul(x, w)  # first call: measures the candidates, keeps the fastest
-                row["relerr"] = round(((ours.float() - ref).norm() / ref.norm()).item(), 5)
-                key = next(key for key in im.TUNER.choices() if key[-4:] == (n, k, im._m_bucket(m), False)
-                           and key[1] == dtype and key[2] == bits and key[4] == (not symmetric))
-                row["choice"] = im.TUNER.choices()[key]
+                for label, weight in (("", w), ("auto_", w_auto)):
+                    y = im.int_matmul(x, weight)  # first call: measures the candidates, keeps the fastest
+                    row[f"{label}relerr"] = round(((y.float() - ref).norm() / ref.norm()).item(), 5)
+                    library = weight.tinygemm is not None
+                    key = next(key for key in im.TUNER.choices() if key[-4:] == (n, k, im._m_bucket(m), library)
+                               and key[1] == dtype and key[2] == bits and key[4] == (not symmetric))
+                    row[f"{label}choice"] = im.TUNER.choices()[key]
                 bf16_graph, bf16_cold = time_both(lambda: torch.nn.functional.linear(x, dense), flush)
                 row.update(bf16_us_graph=round(bf16_graph, 2), bf16_us_cold=round(bf16_cold, 2))
-                contenders = {"ours": lambda: im.int_matmul(x, w), **peers(codes, w, x)}
-                if "tinygemm" in contenders:  # same codes and scales as ours: its error is comparable
-                    y = contenders["tinygemm"]().float()
-                    row["tinygemm_relerr"] = round(((y - ref).norm() / ref.norm()).item(), 5)
+                contenders = {"ours": lambda: im.int_matmul(x, w), "auto": lambda: im.int_matmul(x, w_auto),
+                              **peers(codes, w, x)}
+                for peer in ("tinygemm", "gemlite"):  # same codes and scales as ours: errors are comparable
+                    if peer in contenders:
+                        y = contenders[peer]().float()
+                        row[f"{peer}_relerr"] = round(((y - ref).norm() / ref.norm()).item(), 5)
                 for label, fn in contenders.items():
                     try:
                         graph, cold = time_both(fn, flush)
@@ -154,7 +233,7 @@ def main() -> None:
                                 f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
                 row["ours_TBps_cold"] = round(weight_bytes / (row["ours_us_cold"] * 1e-6) / 1e12, 2)
                 print(json.dumps(row), flush=True)
-            del w, codes, dense
+            del w, w_auto, codes, dense
             torch.cuda.empty_cache()
     # every candidate's measured time per problem key (milliseconds), for tuning the candidate lists
     print(json.dumps({"tuner_ms": {str(k): v for k, v in im.TUNER.timings.items()}}), file=sys.stderr)

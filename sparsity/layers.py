@@ -8,12 +8,16 @@ State (registered buffers, so the state dict is the checkpoint format), by `stor
 Values keep the dtype of the weight they came from (pruning rounds nothing); `nnz` counts the
 kept weights in every storage.
 
-Forward is the reference path: decompress, then matmul. There are no sparse GPU kernels yet;
-PyTorch's CUTLASS 2:4 layout is one `to_cutlass` away from the N:M storage.
+Forward is the reference path (decompress, then matmul), except for a 2:4 layer that `prepack`
+prepared on CUDA for 16-bit activations: that one runs PyTorch's semi-structured sparse matmul
+(cuSPARSELt where PyTorch ships it, else CUTLASS), whose layout is made once at load time, so the
+checkpoint format stays as it is. (`packing.to_cutlass` converts the N:M storage to CUTLASS's
+layout exactly, without decompressing.)
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -25,6 +29,7 @@ from .masks import check_mask, parse_pattern
 from .packing import compress_nm, decompress_nm, index_bits, pack_bitmask, unpack_bitmask
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+log = logging.getLogger(__name__)
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -59,6 +64,7 @@ class SparseLinear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=_DTYPES[bias_dtype], device=device))
         else:
             self.bias = None
+        self._semi_structured: torch.Tensor | None = None  # PyTorch's 2:4 sparse weight, made by prepack
 
     @classmethod
     def from_pruned(cls, weight: torch.Tensor, keep: torch.Tensor, pattern: str, ratio: float | None,
@@ -104,8 +110,35 @@ class SparseLinear(nn.Module):
             return dense
         return self.weight.to(dtype)
 
+    # --- kernels ---------------------------------------------------------------------------------
+    def prepack(self, dtype: torch.dtype | None = None) -> SparseLinear:
+        """On CUDA, for a 2:4 layer and 16-bit activations `dtype`: PyTorch's semi-structured sparse
+        weight, which forward then uses for activations of that dtype. Layers whose shapes
+        PyTorch's sparse kernels do not take keep the reference path (logged)."""
+        self._semi_structured = None
+        if self.storage == "nm" and self.pattern == "2:4" and dtype in (torch.float16, torch.bfloat16) \
+                and self.values.is_cuda:
+            from torch.sparse import to_sparse_semi_structured
+
+            try:
+                self._semi_structured = to_sparse_semi_structured(self.dequantized_weight(dtype))
+            except (RuntimeError, ValueError) as e:
+                log.info("2:4 layer %dx%d stays on the reference path: %s", self.out_features, self.in_features,
+                         str(e).splitlines()[0] if str(e) else e)
+        return self
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the prepared weight would be stale
+        self._semi_structured = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
+        self._semi_structured = None
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self._semi_structured is not None and x.dtype == self._semi_structured.dtype:
+            return nn.functional.linear(x, self._semi_structured, bias)
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def sparsity(self) -> float:

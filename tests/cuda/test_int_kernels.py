@@ -240,9 +240,12 @@ def test_large_layer_on_gpu(dtype, m):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_module_under_inductor_and_cuda_graphs():
+@pytest.mark.parametrize("library", [False, True])
+def test_module_under_inductor_and_cuda_graphs(library):
+    """Our kernels alone, and with PyTorch's tinygemm layout prepared as one more candidate."""
     torch.manual_seed(0)
-    q = RTNConfig(bits=4, group_size=128).build().compress("l", nn.Linear(1024, 512)).cuda().prepack()
+    q = RTNConfig(bits=4, group_size=128).build().compress("l", nn.Linear(1024, 512)).cuda()
+    q.prepack(torch.bfloat16 if library else None)
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
     eager = q(x)
     compiled = torch.compile(q, mode="reduce-overhead", fullgraph=True)

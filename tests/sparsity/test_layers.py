@@ -52,3 +52,22 @@ def test_a_mask_off_the_pattern_is_refused_with_the_layer_name():
     keep = torch.ones(4, 8, dtype=torch.bool)
     with pytest.raises(CompressError, match="model.layers.0.q_proj: .* do not keep exactly 2"):
         SparseLinear.from_pruned(w, keep, "2:4", 0.5, None, "model.layers.0.q_proj")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prepacked_2of4_runs_pytorch_semi_structured_kernels():
+    """A 2:4 layer prepared for bf16 on CUDA computes through PyTorch's sparse kernels what the
+    reference computes; new weights drop the prepared layout."""
+    torch.manual_seed(0)
+    w = torch.randn(512, 1024)
+    keep = torch.zeros(512, 256, 4, dtype=torch.bool).scatter_(-1, w.view(512, 256, 4).abs().topk(2, -1).indices, True)
+    layer = SparseLinear.from_pruned(w, keep.view(512, 1024), "2:4", None, torch.randn(512), "l").cuda()
+    layer.prepack(torch.bfloat16)
+    assert layer._semi_structured is not None
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ layer.dequantized_weight().T + layer.bias
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+    layer.load_state_dict(layer.state_dict())
+    assert layer._semi_structured is None
