@@ -36,6 +36,12 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _semi_structured_runs(device: torch.device) -> bool:
+    """PyTorch's 2:4 matmuls run here: cuSPARSELt where this build has it, else CUTLASS's kernels,
+    which exist for compute capability 8.x only (they fail at the first matmul on Hopper)."""
+    return torch.backends.cusparselt.is_available() or torch.cuda.get_device_capability(device)[0] == 8
+
+
 class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, pattern: str, storage: str, nnz: int, value_dtype: str,
                  bias: bool, bias_dtype: str = "float32", device: torch.device | str | None = None) -> None:
@@ -117,7 +123,7 @@ class SparseLinear(nn.Module):
         PyTorch's sparse kernels do not take keep the reference path (logged)."""
         self._semi_structured = None
         if self.storage == "nm" and self.pattern == "2:4" and dtype in (torch.float16, torch.bfloat16) \
-                and self.values.is_cuda:
+                and self.values.is_cuda and _semi_structured_runs(self.values.device):
             from torch.sparse import to_sparse_semi_structured
 
             try:
