@@ -278,6 +278,47 @@ def lowrank(
     _run_and_report(pipeline, None, overwrite, resume, quiet, json_)
 
 
+@app.command()
+@_friendly
+def shrink(
+    model: Annotated[str, typer.Argument(help="Prepared name, model folder, .gguf file or hub id.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Model folder to write (plain transformers).")],
+    unit: Annotated[str, typer.Option(help="What to remove: channels (feed-forward), heads (key/value groups "
+                                           "with their query heads) or layers.")] = "channels",
+    remove: Annotated[float, typer.Option(help="Fraction of the decoder layers' parameters to remove.")] = 0.2,
+    compensate: Annotated[Optional[bool], typer.Option(
+        "--compensate/--no-compensate",
+        help="Fold removed channels' mean output into a bias [on for channels and heads where the config "
+             "can declare biases].")] = None,
+    data: Annotated[str, typer.Option(help="Calibration text: news, wiki, a text file or folder, or hf:<dataset>.")]
+    = "news",
+    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 512,
+    device: Device = "cpu",
+    trust_remote_code: TrustRemote = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    json_: Json = False,
+) -> None:
+    """Structured pruning: remove whole feed-forward channels, head groups or decoder layers.
+
+    Writes a smaller dense model whose config has the new shapes, so plain transformers loads it;
+    the saved folder is reloaded and checked against the pruned model before it appears.
+    """
+    from .shrink import shrink as run_shrink
+
+    summary = run_shrink(model, output, unit, remove, compensate, data, samples, seq_len, device=device,
+                         trust_remote_code=trust_remote_code, overwrite=overwrite, progress=_progress(quiet or json_))
+    if json_:
+        return _print_json({k: v for k, v in summary.items() if k != "removed"})
+    out.print(f"{summary['output']}: removed {summary['removed_fraction']:.1%} of the decoder layers' parameters "
+              f"as whole {unit} (asked {remove:.1%}{', bias-compensated' if summary['compensate'] else ''}); "
+              f"{summary['params_before'] / 1e6:.1f} M -> {summary['params_after'] / 1e6:.1f} M parameters, "
+              f"{summary['decoder_layers']} layers, intermediate size {summary['intermediate_size']}, "
+              f"{summary['attention_heads']} query / {summary['key_value_heads']} key-value heads; reloads in "
+              f"plain transformers with the same logits ({summary['seconds']:.0f} s)", highlight=False)
+
+
 Sets = Annotated[Optional[list[str]], typer.Option("--set", help="Override a key, e.g. steps.0.bits=3 (repeatable).")]
 
 
