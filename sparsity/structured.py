@@ -162,34 +162,37 @@ def plan(model: nn.Module, stats: list[LayerStats], unit: str, remove: float, co
     if unit == "layers":
         scores = [1 - s.cos_sum / s.tokens for s in stats]
         n = round(remove * len(layers))
-        _check_count(n, len(layers), "decoder layers", remove)
+        _check_count(n, len(layers), "decoder layers", remove, 1 / len(layers))
         order = sorted(range(len(layers)), key=scores.__getitem__)
         return Plan(unit, [sorted(order[:n])], [scores], total, n * per_layer, False)
     if unit == "channels":
         size = layers[0].mlp.down_proj.in_features
         unit_params = 3 * hidden  # a row of gate_proj and of up_proj, a column of down_proj
         n = round(remove * per_layer / unit_params)
-        _check_count(n, size, "feed-forward channels per layer", remove)
+        _check_count(n, size, "feed-forward channels per layer", remove, unit_params / per_layer)
         per_unit = [_scores(s.mlp_sum, s.mlp_sq, tokens, layer.mlp.down_proj.weight, compensate)
                     for s, layer in zip(stats, layers)]
     else:
         rep = heads // kv
         unit_params = 2 * (rep + 1) * head_dim * hidden  # the group's q and o slices, its k and v heads
         n = round(remove * per_layer / unit_params)
-        _check_count(n, kv, "key/value head groups per layer", remove)
+        _check_count(n, kv, "key/value head groups per layer", remove, unit_params / per_layer)
         per_unit = [_scores(s.attn_sum, s.attn_sq, tokens, layer.self_attn.o_proj.weight, compensate)
                     .view(kv, rep * head_dim).sum(1) for s, layer in zip(stats, layers)]
     removed = [sorted(torch.argsort(sc)[:n].tolist()) for sc in per_unit]
     return Plan(unit, removed, [sc.tolist() for sc in per_unit], total, n * unit_params * len(layers), compensate)
 
 
-def _check_count(n: int, available: int, what: str, remove: float) -> None:
+def _check_count(n: int, available: int, what: str, remove: float, unit_fraction: float) -> None:
+    """`n` of `available` units, each `unit_fraction` of the budget's whole, must be 1 to available - 1."""
     if n < 1:
-        raise CompressError(f"removing {remove:g} of the parameters is less than one unit of {what} "
-                            f"({available} in all); ask for more, or use smaller units")
+        raise CompressError(f"removing {remove:g} of the parameters is less than one of the {what} "
+                            f"({unit_fraction:.3g} of them); ask for at least {unit_fraction / 2:.3g}, or use "
+                            f"smaller units")
     if n >= available:
-        raise CompressError(f"removing {remove:g} of the parameters would take {n} of the {available} {what}, "
-                            f"that is all of them; ask for less, or use another unit")
+        raise CompressError(f"removing {remove:g} of the parameters would remove {n} of the {available} {what}, "
+                            f"leaving none; ask for at most {(available - 1) * unit_fraction:.3g}, or use "
+                            f"another unit")
 
 
 def _check_bias_config(model: nn.Module, unit: str) -> None:
