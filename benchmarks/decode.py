@@ -143,6 +143,11 @@ def main() -> None:
         row = {"variant": variant, "layers": args.layers, "tokens": args.tokens,
                "weights_GB": round(torch.cuda.memory_allocated() / 1e9, 2)}
         torch.cuda.reset_peak_memory_stats()
+        if variant == "sp24":  # the layers PyTorch's 2:4 kernels took (the rest run the reference)
+            from compress.sparsity.layers import SparseLinear
+
+            row["sparse_kernel_layers"] = sum(m._semi_structured is not None for m in model.modules()
+                                              if isinstance(m, SparseLinear))
         if variant == "int4":
             from compress.cuda import int_matmul as im
 

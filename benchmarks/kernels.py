@@ -79,7 +79,11 @@ def gemlite_peer(codes: torch.Tensor, w, x: torch.Tensor):
     layer = gemlite.GemLiteLinear(w.bits, group_size=w.group_size, in_features=w.in_features,
                                   out_features=w.out_features, input_dtype=kind, output_dtype=kind)
     zeros = 2 ** (w.bits - 1) if w.zeros is None else w.zeros.T.to(x.dtype).contiguous()
-    layer.pack(codes, w.scales.T.to(x.dtype).contiguous(), zeros, bias=None)
+    try:
+        layer.pack(codes, w.scales.T.to(x.dtype).contiguous(), zeros, bias=None)
+    except (RuntimeError, ValueError, AssertionError, NotImplementedError) as e:  # a format it does not take
+        print(f"# gemlite cannot pack this weight: {e}", file=sys.stderr)
+        return None
     return lambda: layer(x)
 
 

@@ -21,7 +21,9 @@ recompressing).
 
 Schemes: gptq-w4, gptq-w3 (GPTQ, dampening 0.01 of mean diag(H), act-order, blocks of 128 on both
 sides) and rtn-w4, rtn-w3 (round to nearest: llm-compressor's QuantizationModifier with no
-calibration data).
+calibration data); sparsegpt-50, sparsegpt-2of4, wanda-50, wanda-2of4 (half the weights of every
+Linear but lm_head pruned, unstructured or 2:4: `compress prune` against llm-compressor's
+SparseGPTModifier / WandaPruningModifier, each at its defaults, on the same calibration tokens).
 
 Fairness:
 - same model file: both sides load the same prepared folder (safetensors, fp32, CPU);
@@ -48,7 +50,7 @@ Another process using the CPU at the same time inflates both sides' times; compa
 within one run.
 
     benchmarks/peers_setup.sh                              # once: benchmarks/.venv-peers
-    .venv/bin/python benchmarks/peers.py                   # all four schemes (an hour or more on 2 cores)
+    .venv/bin/python benchmarks/peers.py                   # every scheme (hours on 2 cores)
     .venv/bin/python benchmarks/peers.py --schemes gptq-w4 --out /tmp/peers
     .venv/bin/python benchmarks/peers.py --skip-peers      # ours only
     .venv/bin/python benchmarks/peers.py --table out/peers.jsonl   # the table of a saved stdout
@@ -76,15 +78,21 @@ from compress.pipeline import CalibrationConfig  # noqa: E402
 from compress.runner import calibration_samples  # noqa: E402
 from compress.sizes import size_report  # noqa: E402
 
-SCHEMES = {"gptq-w4": ("gptq", 4), "gptq-w3": ("gptq", 3), "rtn-w4": ("rtn", 4), "rtn-w3": ("rtn", 3)}
+SCHEMES = {"gptq-w4": ("gptq", 4), "gptq-w3": ("gptq", 3), "rtn-w4": ("rtn", 4), "rtn-w3": ("rtn", 3),
+           # pruning: (method, pattern), half the weights of every Linear but lm_head
+           "sparsegpt-50": ("sparsegpt", "unstructured"), "sparsegpt-2of4": ("sparsegpt", "2:4"),
+           "wanda-50": ("wanda", "unstructured"), "wanda-2of4": ("wanda", "2:4")}
+PRUNING = {"sparsegpt", "wanda"}
 PEERS_PYTHON = HERE / ".venv-peers" / "bin" / "python"
 WORKER = HERE / "peers_worker.py"
 TOOLKITS = {"ours": "compress", "peers": "llm-compressor"}
 
 
-def peer_quantize(model_dir: Path, calibration: Path, method: str, bits: int, group_size: int, out: Path) -> dict:
-    cmd = [str(PEERS_PYTHON), str(WORKER), str(model_dir), str(calibration), str(out), "--method", method,
-           "--bits", str(bits), "--group-size", str(group_size), "--damp", "0.01"]
+def peer_quantize(model_dir: Path, calibration: Path, method: str, bits: int | str, group_size: int,
+                  out: Path) -> dict:
+    cmd = [str(PEERS_PYTHON), str(WORKER), str(model_dir), str(calibration), str(out), "--method", method]
+    cmd += (["--pattern", bits] if method in PRUNING else
+            ["--bits", str(bits), "--group-size", str(group_size), "--damp", "0.01"])
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     stdout, seconds, peak_mb = timed_run(cmd, env)
     info = json.loads(stdout.strip().splitlines()[-1])
@@ -111,7 +119,11 @@ def compress_one(toolkit: str, scheme: str, model_dir: Path, calibration: Path, 
             print(f"# reusing {out} (compressed earlier: {run['run_seconds']:.0f} s)", file=sys.stderr, flush=True)
             return run
     method, bits = SCHEMES[scheme]
-    if toolkit == "ours":
+    if toolkit == "ours" and method in PRUNING:
+        _, seconds, peak_mb = timed_run([sys.executable, "-m", "compress", "prune", str(model_dir), "-o", str(out),
+                                         "--method", method, "--pattern", bits, "--overwrite", "--quiet", "--json"])
+        run = {"run_seconds": seconds, "peak_rss_mb": peak_mb}
+    elif toolkit == "ours":
         run = timed_quantize(str(model_dir), method, bits, group_size, out)
     else:
         run = peer_quantize(model_dir, calibration, method, bits, group_size, out)
@@ -127,7 +139,8 @@ def print_table(base_perplexity: float, results: list[dict], schemes: list[str])
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     print(f"| uncompressed (fp32) | - | {base_perplexity:.3f} | - | - | - | - |")
     for r in results:
-        print(f"| {r['scheme']} g{r['group_size']} | {r['toolkit']} | {r['perplexity']:.3f} | {r['kl']:.4f} | "
+        scheme = r["scheme"] if r["method"] in PRUNING else f"{r['scheme']} g{r['group_size']}"
+        print(f"| {scheme} | {r['toolkit']} | {r['perplexity']:.3f} | {r['kl']:.4f} | "
               f"{r['top1'] * 100:.2f}% | {r['run_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
     by_key = {(r["toolkit"], r["scheme"]): r for r in results}
     lines = []

@@ -36,7 +36,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
 
-def build_recipe(method: str, bits: int, group_size: int, damp: float):
+PRUNERS = ("sparsegpt", "wanda")
+
+
+def build_recipe(method: str, bits: int, group_size: int, damp: float, pattern: str = "unstructured"):
+    if method in PRUNERS:  # llm-compressor's one-shot pruning modifiers at their defaults, half the weights
+        from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+        from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+
+        structure = "0:0" if pattern == "unstructured" else pattern  # their N:M keeps N of every M
+        kind = SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier
+        return kind(sparsity=0.5, mask_structure=structure, targets=["Linear"], ignore=["lm_head"])
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
@@ -58,7 +68,8 @@ def main() -> None:
     ap.add_argument("model", type=Path, help="Hugging Face model folder (safetensors + config + tokenizer).")
     ap.add_argument("calibration", type=Path, help="torch.save'd long tensor [samples, seq_len] (gptq only).")
     ap.add_argument("out", type=Path)
-    ap.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    ap.add_argument("--method", choices=("gptq", "rtn", *PRUNERS), default="gptq")
+    ap.add_argument("--pattern", default="unstructured", help="For pruning: unstructured (50%%) or N:M.")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening_frac (fraction of mean diag(H)).")
@@ -73,7 +84,7 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     kwargs = {}
-    if args.method == "gptq":
+    if args.method != "rtn":
         ids = torch.load(args.calibration, weights_only=True)
         if ids.dtype != torch.long or ids.dim() != 2:
             raise SystemExit(f"{args.calibration}: expected a long tensor [samples, seq_len], got {ids.dtype} "
@@ -85,13 +96,26 @@ def main() -> None:
                       max_seq_length=ids.shape[1], shuffle_calibration_samples=False, batch_size=1)
 
     start = time.perf_counter()
-    model = oneshot(model=model, recipe=build_recipe(args.method, args.bits, args.group_size, args.damp), **kwargs)
+    recipe = build_recipe(args.method, args.bits, args.group_size, args.damp, args.pattern)
+    model = oneshot(model=model, recipe=recipe, **kwargs)
     oneshot_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
     quantized = []
     with torch.no_grad():
         for name, module in model.named_modules():
+            if args.method in PRUNERS:  # the pruned weights are already in place: check each Linear's pattern
+                if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+                    zeros = module.weight == 0
+                    if args.pattern == "unstructured":
+                        pruned = zeros.float().mean() >= 0.499
+                    else:
+                        n, m = map(int, args.pattern.split(":"))
+                        pruned = bool((zeros.view(-1, m).sum(-1) >= m - n).all())  # theirs: N kept of M
+                    if not pruned:
+                        raise SystemExit(f"{name} is not pruned to {args.pattern} / 50%")
+                    quantized.append(name)
+                continue
             scheme = getattr(module, "quantization_scheme", None)
             if scheme is None or scheme.weights is None:
                 continue

@@ -78,9 +78,13 @@ def shrink(ref: str, output: str, unit: str, remove: float, compensate: bool | N
     }
     with atomic_dir(target, overwrite) as tmp:
         with progress.task(f"Writing {target}", total=None):
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        _check_reload(tmp, probe, expected, next(model.parameters()).dtype)
+            try:
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+            except Exception as e:  # transformers' config validation raises plain Exceptions
+                raise CompressError(f"transformers refused to save the pruned model: {str(e).splitlines()[0]}; "
+                                    "nothing was written") from None
+        _check_reload(tmp, probe, expected, next(model.parameters()).dtype, trust_remote_code)
         summary["seconds"] = round(time.perf_counter() - start, 1)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     summary["output"] = str(target)
@@ -92,11 +96,17 @@ def _layer_weights(layers: torch.nn.ModuleList) -> int:
     return sum(m.weight.numel() for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
 
 
-def _check_reload(folder: Path, probe: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+def _check_reload(folder: Path, probe: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
+                  trust_remote_code: bool) -> None:
     """The saved folder loads in plain transformers and computes the in-memory logits."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as e:  # config validation, size mismatches: all mean the folder is not loadable
+        raise CompressError(f"the pruned model does not reload in transformers: {str(e).splitlines()[0]}; "
+                            "nothing was written") from None
     model.to(expected.device).eval()
     with torch.no_grad():
         got = model(probe, use_cache=False).logits

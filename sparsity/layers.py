@@ -36,10 +36,17 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _semi_structured_runs(device: torch.device) -> bool:
-    """PyTorch's 2:4 matmuls run here: cuSPARSELt where this build has it, else CUTLASS's kernels,
-    which exist for compute capability 8.x only (they fail at the first matmul on Hopper)."""
-    return torch.backends.cusparselt.is_available() or torch.cuda.get_device_capability(device)[0] == 8
+def _semi_structured(dense: torch.Tensor) -> torch.Tensor | None:
+    """PyTorch's 2:4 sparse weight of `dense` (16-bit, CUDA): cuSPARSELt where this build has it,
+    else CUTLASS's kernels, which exist for compute capability 8.x only (on Hopper they fail at
+    the first matmul); None where neither runs."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    if torch.backends.cusparselt.is_available():
+        return SparseSemiStructuredTensorCUSPARSELT.from_dense(dense)
+    if torch.cuda.get_device_capability(dense.device)[0] == 8:
+        return SparseSemiStructuredTensorCUTLASS.from_dense(dense)
+    return None
 
 
 class SparseLinear(nn.Module):
@@ -119,15 +126,14 @@ class SparseLinear(nn.Module):
     # --- kernels ---------------------------------------------------------------------------------
     def prepack(self, dtype: torch.dtype | None = None) -> SparseLinear:
         """On CUDA, for a 2:4 layer and 16-bit activations `dtype`: PyTorch's semi-structured sparse
-        weight, which forward then uses for activations of that dtype. Layers whose shapes
-        PyTorch's sparse kernels do not take keep the reference path (logged)."""
+        weight, which forward then uses for activations of that dtype (a second copy of the kept
+        values beside the checkpoint's). Layers whose shapes PyTorch's sparse kernels do not take
+        keep the reference path (logged)."""
         self._semi_structured = None
         if self.storage == "nm" and self.pattern == "2:4" and dtype in (torch.float16, torch.bfloat16) \
-                and self.values.is_cuda and _semi_structured_runs(self.values.device):
-            from torch.sparse import to_sparse_semi_structured
-
+                and self.values.is_cuda:
             try:
-                self._semi_structured = to_sparse_semi_structured(self.dequantized_weight(dtype))
+                self._semi_structured = _semi_structured(self.dequantized_weight(dtype))
             except (RuntimeError, ValueError) as e:
                 log.info("2:4 layer %dx%d stays on the reference path: %s", self.out_features, self.in_features,
                          str(e).splitlines()[0] if str(e) else e)

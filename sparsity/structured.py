@@ -127,7 +127,7 @@ def collect_stats(model: nn.Module, windows: torch.Tensor, batch_size: int,
     try:
         with progress.task("Collecting calibration statistics", total=len(windows)) as advance:
             for batch in windows.split(batch_size):
-                model(batch.to(device), use_cache=False)
+                model(batch.to(device), use_cache=False, logits_to_keep=1)  # the hooks need no logits
                 advance(len(batch))
     finally:
         for h in hooks:
@@ -177,6 +177,7 @@ def plan(model: nn.Module, stats: list[LayerStats], unit: str, remove: float, co
         unit_params = 2 * (rep + 1) * head_dim * hidden  # the group's q and o slices, its k and v heads
         n = round(remove * per_layer / unit_params)
         _check_count(n, kv, "key/value head groups per layer", remove, unit_params / per_layer)
+        n = _loadable_groups(n, kv, rep, hidden)
         per_unit = [_scores(s.attn_sum, s.attn_sq, tokens, layer.self_attn.o_proj.weight, compensate)
                     .view(kv, rep * head_dim).sum(1) for s, layer in zip(stats, layers)]
     removed = [sorted(torch.argsort(sc)[:n].tolist()) for sc in per_unit]
@@ -193,6 +194,17 @@ def _check_count(n: int, available: int, what: str, remove: float, unit_fraction
         raise CompressError(f"removing {remove:g} of the parameters would remove {n} of the {available} {what}, "
                             f"leaving none; ask for at most {(available - 1) * unit_fraction:.3g}, or use "
                             f"another unit")
+
+
+def _loadable_groups(n: int, kv: int, rep: int, hidden: int) -> int:
+    """The count of groups to remove nearest `n` that leaves a head count dividing hidden_size:
+    transformers' config validation refuses any other (even with head_dim set explicitly)."""
+    valid = [g for g in range(1, kv) if hidden % ((kv - g) * rep) == 0]
+    if not valid:
+        raise CompressError(f"no number of key/value head groups (of {kv}, {rep} query heads each) can be removed "
+                            f"leaving a head count that divides the hidden size {hidden}, which transformers "
+                            f"requires; use channels or layers")
+    return min(valid, key=lambda g: (abs(g - n), g))
 
 
 def _check_bias_config(model: nn.Module, unit: str) -> None:
