@@ -209,6 +209,9 @@ def prune(
         help="Fraction of weights to prune, unstructured [method's default: 0.5].")] = None,
     pattern: Annotated[Optional[str], typer.Option(
         help="unstructured, or N:M (N of every M input weights pruned, e.g. 2:4) [unstructured].")] = None,
+    allocation: Annotated[Optional[str], typer.Option(
+        help="Per-layer ratios: uniform, or owl (outlier-weighted, the mean kept; wanda and sparsegpt, "
+             "unstructured) [uniform].")] = None,
     ignore: Ignore = None,
     targets: Targets = None,
     evaluate: Evaluate = False,
@@ -230,7 +233,8 @@ def prune(
     if "pattern" not in method_config(method).model_fields:
         pruners = sorted(name for name, cls in methods().items() if "pattern" in cls.model_fields)
         raise CompressError(f"prune: '{method}' is not a pruning method; use one of {', '.join(pruners)}")
-    given = {"sparsity": sparsity, "pattern": pattern, "ignore": ignore, "targets": targets}
+    given = {"sparsity": sparsity, "pattern": pattern, "allocation": allocation, "ignore": ignore,
+             "targets": targets}
     pipeline = _one_step(model, output, method, given, {"samples": samples, "offload": offload}, device,
                          trust_remote_code, evaluate, "prune")
     _run_and_report(pipeline, None, overwrite, resume, quiet, json_)

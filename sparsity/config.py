@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
@@ -18,6 +20,12 @@ class PruneConfig(MethodConfig):
                             "(unstructured); for N:M it must be N/M or left at its default.")
     pattern: str = Field(UNSTRUCTURED, description="'unstructured', or 'N:M': N of every M consecutive input "
                          "weights pruned (2:4 and 4:8 keep half; 2:4 is what sparse tensor cores run).")
+    allocation: Literal["uniform", "owl"] = Field(
+        "uniform", description="Per-layer ratios: uniform (every layer the same), or owl (outlier-weighted: "
+        "decoder layers with more outlier weights pruned less, the mean kept; unstructured, calibrated methods).")
+    owl_m: float = Field(5.0, gt=1, description="owl: a weight is an outlier when its Wanda score exceeds this "
+                         "multiple of its decoder layer's mean score.")
+    owl_lambda: float = Field(0.08, gt=0, lt=0.5, description="owl: layer ratios spread over target +- lambda.")
 
     @field_validator("pattern")
     @classmethod
@@ -32,6 +40,20 @@ class PruneConfig(MethodConfig):
             raise ValueError(f"pattern {self.pattern} prunes {nm[0] / nm[1]:.2%}; sparsity {self.sparsity} "
                              "contradicts it (leave sparsity out)")
         return self
+
+    @model_validator(mode="after")
+    def _owl_applies(self) -> PruneConfig:
+        if self.allocation == "owl" and parse_pattern(self.pattern) is not None:
+            raise ValueError(f"allocation owl sets unstructured per-layer ratios; pattern {self.pattern} fixes every "
+                             "group's count (use pattern unstructured)")
+        if self.allocation == "owl" and not type(self).needs_calibration:
+            raise ValueError(f"allocation owl scores weights by calibration activations; {self.method} uses none "
+                             "(use wanda or sparsegpt)")
+        return self
+
+    @property
+    def plans(self) -> bool:  # owl decides every layer's ratio before compressing any (compress/planning.py)
+        return self.allocation == "owl"
 
     def ratio(self) -> float:
         nm = parse_pattern(self.pattern)

@@ -23,11 +23,13 @@ class MagnitudeConfig(PruneConfig):
 
 
 def prune_by_scores(name: str, module: nn.Linear, weight: torch.Tensor, scores: torch.Tensor, config: PruneConfig,
-                    per_row: bool) -> SparseLinear:
-    """Prune `weight` [out, in] (the layer's, possibly updated) by `scores` (larger = keep)."""
+                    per_row: bool, ratio: float | None = None) -> SparseLinear:
+    """Prune `weight` [out, in] (the layer's, possibly updated) by `scores` (larger = keep), at
+    `ratio` (unstructured; None: the config's)."""
     nm = parse_pattern(config.pattern)
-    keep = unstructured_mask(scores, config.ratio(), per_row) if nm is None else nm_mask(scores, *nm)
-    return SparseLinear.from_pruned(weight, keep, config.pattern, config.ratio(), module.bias, name)
+    ratio = config.ratio() if ratio is None else ratio
+    keep = unstructured_mask(scores, ratio, per_row) if nm is None else nm_mask(scores, *nm)
+    return SparseLinear.from_pruned(weight, keep, config.pattern, ratio, module.bias, name)
 
 
 class MagnitudeCompressor:

@@ -14,6 +14,7 @@ from compress.quant.hessians import SharedHessians
 from .config import PruneConfig
 from .layers import SparseLinear
 from .masks import parse_pattern
+from .owl import OutlierAllocation
 from .sparsegpt_math import sparsegpt_prune
 
 
@@ -42,18 +43,21 @@ class SparseGPTConfig(PruneConfig):
         return SparseGPTCompressor(self)
 
 
-class SparseGPTCompressor:
+class SparseGPTCompressor(OutlierAllocation):
     def __init__(self, config: SparseGPTConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.hessians = SharedHessians("sparsegpt")
 
     def observe(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
+        if self.surveying:
+            return self.survey_observe(name, x)
         self.hessians.observe(name, x)
 
     @torch.no_grad()
     def compress(self, name: str, module: nn.Linear) -> SparseLinear:
         c = self.config
         h = self.hessians.take(name)
-        w, keep = sparsegpt_prune(module.weight, h, c.ratio(), parse_pattern(c.pattern), c.damp, c.block_size,
+        ratio = self.ratio(name)
+        w, keep = sparsegpt_prune(module.weight, h, ratio, parse_pattern(c.pattern), c.damp, c.block_size,
                                   per_row=c.mask_scope == "row")
-        return SparseLinear.from_pruned(w.to(module.weight.dtype), keep, c.pattern, c.ratio(), module.bias, name)
+        return SparseLinear.from_pruned(w.to(module.weight.dtype), keep, c.pattern, ratio, module.bias, name)

@@ -15,6 +15,7 @@ from compress.errors import CompressError
 from .config import PruneConfig
 from .layers import SparseLinear
 from .magnitude import prune_by_scores
+from .owl import OutlierAllocation
 
 
 class WandaConfig(PruneConfig):
@@ -27,12 +28,14 @@ class WandaConfig(PruneConfig):
         return WandaCompressor(self)
 
 
-class WandaCompressor:
+class WandaCompressor(OutlierAllocation):
     def __init__(self, config: WandaConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.square_sums: dict[str, torch.Tensor] = {}  # module -> sum over tokens of x_j^2, [in] fp32
 
     def observe(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
+        if self.surveying:
+            return self.survey_observe(name, x)
         rows = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, in]
         total = self.square_sums.get(name)
         sums = rows.square().sum(dim=0)
@@ -44,4 +47,5 @@ class WandaCompressor:
             raise CompressError(f"wanda: {name} saw no calibration inputs (is it used in the forward pass?)")
         norms = self.square_sums.pop(name).sqrt().to(module.weight.device)  # [in]
         w = module.weight.detach()
-        return prune_by_scores(name, module, w, w.float().abs() * norms, self.config, per_row=True)
+        return prune_by_scores(name, module, w, w.float().abs() * norms, self.config, per_row=True,
+                               ratio=self.ratio(name))
