@@ -272,8 +272,8 @@ def lowrank(
     """
     from .registry import method_config, methods
 
-    if "allocation" not in method_config(method).model_fields:
-        low_rank = sorted(name for name, cls in methods().items() if "allocation" in cls.model_fields)
+    if "keep" not in method_config(method).model_fields:  # the low-rank budget: only decompositions have it
+        low_rank = sorted(name for name, cls in methods().items() if "keep" in cls.model_fields)
         raise CompressError(f"lowrank: '{method}' is not a low-rank method; use one of {', '.join(low_rank)}")
     given = {"keep": keep, "scope": scope, "allocation": allocation, "rank": rank, "ignore": ignore,
              "targets": targets}
