@@ -25,7 +25,8 @@ class PruneConfig(MethodConfig):
         "decoder layers with more outlier weights pruned less, the mean kept; unstructured, calibrated methods).")
     owl_m: float = Field(5.0, gt=1, description="owl: a weight is an outlier when its Wanda score exceeds this "
                          "multiple of its decoder layer's mean score.")
-    owl_lambda: float = Field(0.08, gt=0, lt=0.5, description="owl: layer ratios spread over target +- lambda.")
+    owl_lambda: float = Field(0.08, gt=0, lt=0.5, description="owl: the layer ratios span 2 * lambda, their "
+                              "mean the target.")
 
     @field_validator("pattern")
     @classmethod

@@ -5,8 +5,9 @@ outlier weights.
 A survey pass over the uncompressed model (compress/planning.py) scores every weight as Wanda
 does, |w_ij| * ||x_j||, and counts per decoder layer the fraction D_l of scores above `m` times
 the layer's mean score. The ratios are target - (D'_l - mean D'), with D' the outlier fractions
-rescaled to [0, 2 * lambda]; a final shift makes the parameter-weighted mean exactly the target
-(the layers of one model may differ in size). Every Linear of a decoder layer gets its layer's
+rescaled to [0, 2 * lambda] (so they span 2 * lambda, not always centred on the target); a final
+shift makes the parameter-weighted mean exactly the target (the layers of one model may differ
+in size). Every Linear of a decoder layer gets its layer's
 ratio; the plan is recorded, so `--resume` keeps it.
 
 Wanda and SparseGPT compressors inherit `OutlierAllocation`; with allocation 'uniform' it plans
