@@ -6,8 +6,8 @@ memory of the run itself); the base model is evaluated first, and every pruned m
 against it as soon as it is written: perplexity, KL, top-1, parameters, bytes on disk. Prints one
 JSON line per row as it goes, then a markdown table.
 
-    python benchmarks/structured_table.py              # smollm2-135m: channels, layers x 10/20/30%; heads 10%
-    python benchmarks/structured_table.py --rows channels:0.2 channels:0.2:no-compensate --out /tmp/sp
+    python benchmarks/structured_table.py              # smollm2-135m: channels, layers x 10/20/30%; heads; compensation
+    python benchmarks/structured_table.py --rows channels:0.2 channels:0.2:compensate --out /tmp/sp
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from pathlib import Path
 
 from quant_table import evaluate_base, evaluate_checkpoint, timed_run
 
-ROWS = ["channels:0.1", "channels:0.2", "channels:0.3", "channels:0.2:no-compensate", "layers:0.1", "layers:0.2",
-        "layers:0.3", "heads:0.1"]
+ROWS = ["channels:0.1:compensate", "channels:0.2:compensate", "channels:0.3:compensate", "channels:0.2",
+        "layers:0.1", "layers:0.2", "layers:0.3", "heads:0.1:compensate"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--rows", nargs="+", default=ROWS, help="unit:fraction[:no-compensate]")
+    ap.add_argument("--rows", nargs="+", default=ROWS, help="unit:fraction[:compensate]")
     ap.add_argument("--out", type=Path, default=Path("out/structured_table"))
     args = ap.parse_args()
 

@@ -290,10 +290,10 @@ def shrink(
     unit: Annotated[str, typer.Option(help="What to remove: channels (feed-forward), heads (key/value groups "
                                            "with their query heads) or layers.")] = "channels",
     remove: Annotated[float, typer.Option(help="Fraction of the decoder layers' parameters to remove.")] = 0.2,
-    compensate: Annotated[Optional[bool], typer.Option(
+    compensate: Annotated[bool, typer.Option(
         "--compensate/--no-compensate",
-        help="Fold removed channels' mean output into a bias [on for channels and heads where the config "
-             "can declare biases].")] = None,
+        help="Fold the removed channels' or heads' mean output into a bias (FLAP); needs a config that can "
+             "declare biases, such as Llama's.")] = False,
     data: Annotated[str, typer.Option(help="Calibration text: news, wiki, a text file or folder, or hf:<dataset>.")]
     = "news",
     samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 64,

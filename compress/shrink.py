@@ -29,13 +29,14 @@ from .progress import NullProgress, Progress
 SUMMARY_FILE = "structured_pruning.json"  # what was removed, written beside the model files
 
 
-def shrink(ref: str, output: str, unit: str, remove: float, compensate: bool | None = None, data: str = "news",
+def shrink(ref: str, output: str, unit: str, remove: float, compensate: bool = False, data: str = "news",
            samples: int = 64, seq_len: int = 512, batch_size: int = 8, device: str = "cpu",
            trust_remote_code: bool = False, overwrite: bool = False,
            progress: Progress = NullProgress()) -> dict[str, Any]:
     """Remove about `remove` of the decoder layers' parameters as whole `unit`s (channels, heads or
-    layers) and write the smaller model to `output`. `compensate` None: bias compensation where
-    the unit and the config allow it. Returns the summary that is also saved in the folder."""
+    layers) and write the smaller model to `output`; `compensate` folds the removed units' mean
+    output into a bias (off by default: on smollm2-135m it did not help, README). Returns the
+    summary that is also saved in the folder."""
     if unit not in structured.UNITS:
         raise CompressError(f"unknown unit '{unit}'; choose one of {', '.join(structured.UNITS)}")
     if not 0 < remove < 1:
@@ -50,9 +51,6 @@ def shrink(ref: str, output: str, unit: str, remove: float, compensate: bool | N
     start = time.perf_counter()
     model, tokenizer, _ = load_model(ref, "auto", device, trust_remote_code, progress=progress)
     layers = structured.decoder_layers(model)
-    if compensate is None:
-        key = {"channels": "mlp_bias", "heads": "attention_bias"}.get(unit)
-        compensate = key is not None and hasattr(model.config, key)
     windows = token_windows(tokenizer, load_text(data), samples, seq_len, f"calibration data '{data}'")
     stats = structured.collect_stats(model, windows, batch_size, progress)
     plan = structured.plan(model, stats, unit, remove, compensate)

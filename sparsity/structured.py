@@ -6,7 +6,7 @@ Units and their importance, from one pass of calibration data through the unprun
 
 - `channels`: intermediate channel j of a layer's MLP (row j of gate_proj and up_proj, column j
   of down_proj). Removing it changes the layer's output by W_down[:, j] * a_j, where a_j is the
-  channel's activation (down_proj's input). With `compensate`, the channel's mean activation is
+  channel's activation (down_proj's input). With `compensate` (opt-in), the mean activation is
   folded into a down_proj bias (W_down[:, j] * mean(a_j), as in FLAP), so the error left is the
   fluctuation: score_j = var(a_j) * |W_down[:, j]|^2; without, score_j = E[a_j^2] * |W_down[:, j]|^2.
 - `heads`: one key/value head with the query heads that share it (a grouped-query attention
