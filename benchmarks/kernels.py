@@ -115,9 +115,10 @@ def peers(codes: torch.Tensor, w: object, x: torch.Tensor) -> dict:
 
 def sparse_2of4(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """A random [n, k] weight with the two largest of every four consecutive weights of a row kept."""
-    w = torch.randn(n, k // 4, 4, device="cuda", dtype=dtype)
-    keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.abs().topk(2, dim=-1).indices, True)
-    return (w * keep).view(n, k)
+    from compress.sparsity.masks import nm_mask
+
+    w = torch.randn(n, k, device="cuda", dtype=dtype)
+    return w * nm_mask(w.abs(), 2, 4)
 
 
 def sparse_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tensor) -> dict:

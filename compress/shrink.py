@@ -37,10 +37,7 @@ def shrink(ref: str, output: str, unit: str, remove: float, compensate: bool = F
     layers) and write the smaller model to `output`; `compensate` folds the removed units' mean
     output into a bias (off by default: on smollm2-135m it did not help, README). Returns the
     summary that is also saved in the folder."""
-    if unit not in structured.UNITS:
-        raise CompressError(f"unknown unit '{unit}'; choose one of {', '.join(structured.UNITS)}")
-    if not 0 < remove < 1:
-        raise CompressError(f"--remove must be a fraction of the parameters in (0, 1), got {remove}")
+    structured.check_request(unit, remove, compensate)
     if samples < 1 or seq_len < 2:
         raise CompressError(f"--samples must be at least 1 and the sequence length at least 2 "
                             f"(got {samples}, {seq_len})")

@@ -29,6 +29,14 @@ from .config import PruneConfig
 _LAYER = re.compile(r"^(.*\.\d+)\.")  # the deepest "<name>.<index>." prefix: the decoder layer
 
 
+def add_square_sums(sums: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> None:
+    """sums[name] += the sum over tokens of x_j^2 (x [..., in]; fp32 [in]): Wanda's input norms."""
+    rows = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, in]
+    total = sums.get(name)
+    squares = rows.square().sum(dim=0)
+    sums[name] = squares if total is None else total.add_(squares)
+
+
 def layer_of(name: str) -> str:
     match = _LAYER.match(name)
     return match.group(1) if match else name
@@ -58,10 +66,7 @@ class OutlierAllocation:
         return self.needs_survey and self.plan is None
 
     def survey_observe(self, name: str, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, in]
-        total = self._square_sums.get(name)
-        sums = rows.square().sum(dim=0)
-        self._square_sums[name] = sums if total is None else total.add_(sums)
+        add_square_sums(self._square_sums, name, x)
 
     def check_plan(self, modules: dict[str, nn.Module], model_params: int) -> None:
         """Nothing to refuse from shapes alone: the config already refused N:M patterns."""

@@ -28,7 +28,7 @@ Supported models: Llama-style decoders (model.layers[i].mlp.{gate,up,down}_proj 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -59,7 +59,6 @@ class Plan:
     params_before: int  # weights of the decoder layers' Linear modules (the budget's whole; norms and biases aside)
     params_removed: int
     compensate: bool
-    notes: list[str] = field(default_factory=list)
 
     @property
     def fraction(self) -> float:
@@ -143,15 +142,20 @@ def _scores(sums: torch.Tensor, squares: torch.Tensor, tokens: int, weight: torc
     return energy.clamp_min(0) * weight.detach().double().square().sum(0).cpu()
 
 
-def plan(model: nn.Module, stats: list[LayerStats], unit: str, remove: float, compensate: bool) -> Plan:
-    """Which units to remove so that about `remove` of the decoder layers' parameters go."""
+def check_request(unit: str, remove: float, compensate: bool) -> None:
+    """What the request alone refuses (before a model is loaded)."""
     if unit not in UNITS:
         raise CompressError(f"unknown unit '{unit}'; choose one of {', '.join(UNITS)}")
     if not 0 < remove < 1:
         raise CompressError(f"--remove must be a fraction of the parameters in (0, 1), got {remove}")
-    layers = decoder_layers(model)
     if unit == "layers" and compensate:
         raise CompressError("--compensate applies to channels and heads, not to whole layers; drop it")
+
+
+def plan(model: nn.Module, stats: list[LayerStats], unit: str, remove: float, compensate: bool) -> Plan:
+    """Which units to remove so that about `remove` of the decoder layers' parameters go."""
+    check_request(unit, remove, compensate)
+    layers = decoder_layers(model)
     if compensate:
         _check_bias_config(model, unit)
     per_layer = sum(m.weight.numel() for m in layers[0].modules() if isinstance(m, nn.Linear))

@@ -15,7 +15,7 @@ from compress.errors import CompressError
 from .config import PruneConfig
 from .layers import SparseLinear
 from .magnitude import prune_by_scores
-from .owl import OutlierAllocation
+from .owl import OutlierAllocation, add_square_sums
 
 
 class WandaConfig(PruneConfig):
@@ -36,10 +36,7 @@ class WandaCompressor(OutlierAllocation):
     def observe(self, name: str, module: nn.Linear, x: torch.Tensor) -> None:
         if self.surveying:
             return self.survey_observe(name, x)
-        rows = x.detach().reshape(-1, x.shape[-1]).float()  # [tokens, in]
-        total = self.square_sums.get(name)
-        sums = rows.square().sum(dim=0)
-        self.square_sums[name] = sums if total is None else total.add_(sums)
+        add_square_sums(self.square_sums, name, x)
 
     @torch.no_grad()
     def compress(self, name: str, module: nn.Linear) -> SparseLinear:

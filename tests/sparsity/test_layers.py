@@ -61,8 +61,7 @@ def test_prepacked_2of4_runs_pytorch_semi_structured_kernels():
     reference computes; new weights drop the prepared layout."""
     torch.manual_seed(0)
     w = torch.randn(512, 1024)
-    keep = torch.zeros(512, 256, 4, dtype=torch.bool).scatter_(-1, w.view(512, 256, 4).abs().topk(2, -1).indices, True)
-    layer = SparseLinear.from_pruned(w, keep.view(512, 1024), "2:4", None, torch.randn(512), "l").cuda()
+    layer = SparseLinear.from_pruned(w, nm_mask(w.abs(), 2, 4), "2:4", None, torch.randn(512), "l").cuda()
     layer.prepack(torch.bfloat16)
     assert layer._semi_structured is not None
     x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
