@@ -7,6 +7,7 @@ JSON line per row, then a markdown table.
 
     python benchmarks/sparsity_table.py                      # smollm2-135m: magnitude/wanda/sparsegpt x 50%, 2:4, 4:8
     python benchmarks/sparsity_table.py --methods wanda --patterns 2:4 --out /tmp/st
+    python benchmarks/sparsity_table.py --methods --patterns 2:4 --bits 4   # SparseGPT 2:4 + 4-bit, joint and separate
 """
 
 from __future__ import annotations
@@ -21,25 +22,33 @@ from quant_table import evaluate_checkpoints, timed_run
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    ap.add_argument("--methods", nargs="*", default=["magnitude", "wanda", "sparsegpt"])
     ap.add_argument("--patterns", nargs="+", default=["unstructured", "2:4", "4:8"])
     ap.add_argument("--sparsity", type=float, default=0.5, help="for the unstructured rows")
+    ap.add_argument("--bits", type=int, help="add SparseGPT rows that also quantize the kept weights to this many "
+                    "bits, for every pattern: joint (one pass) and separate (prune, then quantize)")
+    ap.add_argument("--group-size", type=int, default=128, help="with --bits")
     ap.add_argument("--out", type=Path, default=Path("out/sparsity_table"))
     args = ap.parse_args()
 
+    rows = [(method, pattern, None) for pattern in args.patterns for method in args.methods]
+    if args.bits:
+        rows += [("sparsegpt", pattern, mode) for pattern in args.patterns for mode in ("joint", "separate")]
     runs = {}
-    for pattern in args.patterns:
-        for method in args.methods:
-            out = args.out / f"{method}-{pattern.replace(':', 'of')}"
-            cmd = [sys.executable, "-m", "compress", "prune", args.model, "-o", str(out), "--method", method,
-                   "--pattern", pattern, "--overwrite", "--quiet", "--json"]
-            if pattern == "unstructured":
-                cmd += ["--sparsity", str(args.sparsity)]
-            _, seconds, peak_mb = timed_run(cmd)
-            label = f"{args.sparsity:.0%}" if pattern == "unstructured" else pattern
-            runs[(method, pattern)] = ({"method": method, "pattern": label},
-                                       {"path": out, "run_seconds": seconds, "peak_rss_mb": peak_mb})
-            print(f"# pruned {method} {label}: {seconds:.0f} s", file=sys.stderr)
+    for method, pattern, mode in rows:
+        out = args.out / f"{method}-{pattern.replace(':', 'of')}{f'-w{args.bits}-{mode}' if mode else ''}"
+        cmd = [sys.executable, "-m", "compress", "prune", args.model, "-o", str(out), "--method", method,
+               "--pattern", pattern, "--overwrite", "--quiet", "--json"]
+        if pattern == "unstructured":
+            cmd += ["--sparsity", str(args.sparsity)]
+        label = f"{args.sparsity:.0%}" if pattern == "unstructured" else pattern
+        if mode:
+            cmd += ["--bits", str(args.bits), "--group-size", str(args.group_size), f"--{mode}"]
+            label += f" + {args.bits}-bit g{args.group_size} ({mode})"
+        _, seconds, peak_mb = timed_run(cmd)
+        runs[(method, pattern, mode)] = ({"method": method, "pattern": label},
+                                         {"path": out, "run_seconds": seconds, "peak_rss_mb": peak_mb})
+        print(f"# pruned {method} {label}: {seconds:.0f} s", file=sys.stderr)
 
     results = evaluate_checkpoints(args.model, runs)
     print("\n| method | pattern | perplexity | KL vs base | top-1 | weights kept | on disk | bits/weight | run time "

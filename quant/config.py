@@ -5,15 +5,18 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from compress.errors import CompressError
 from compress.interfaces import MethodConfig
 
 
-class IntWeightConfig(MethodConfig):
-    """Base of the integer weight-only quantization configs: same grid, same QuantLinear format."""
+class IntGridSettings(BaseModel):
+    """The integer grid's fields (quantize.py), shared by the quantization methods and by
+    SparseGPT's joint quantization."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     bits: int = Field(4, ge=2, le=8, description="Bits per weight, 2 to 8.")
     group_size: int = Field(
@@ -38,9 +41,6 @@ class IntWeightConfig(MethodConfig):
     def torch_scale_dtype(self) -> torch.dtype:
         return getattr(torch, self.scale_dtype)
 
-    def check_module(self, name: str, module: nn.Module) -> None:
-        self.group_size_for(name, module.in_features, module.out_features)
-
     def group_size_for(self, name: str, in_features: int, out_features: int) -> int:
         """The group size a layer gets: -1 means its whole input dimension; larger than it is refused."""
         if self.group_size == -1:
@@ -52,3 +52,10 @@ class IntWeightConfig(MethodConfig):
                 "-1 for per-channel, or ignore this layer"
             )
         return self.group_size
+
+
+class IntWeightConfig(IntGridSettings, MethodConfig):
+    """Base of the integer weight-only quantization configs: same grid, same QuantLinear format."""
+
+    def check_module(self, name: str, module: nn.Module) -> None:
+        self.group_size_for(name, module.in_features, module.out_features)

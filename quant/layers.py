@@ -32,7 +32,34 @@ from .quantize import QuantGrid, dequantize, num_groups
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class QuantLinear(nn.Module):
+class GridBuffers:
+    """The stored grid of a layer with `bits`, `group_size`, `symmetric`, `scale_dtype`,
+    `in_features` and `out_features` (mixed into an nn.Module): buffers scales [out, n_groups]
+    and, asymmetric, qzeros uint8 [n_groups, packed_row_bytes(out, bits)]."""
+
+    def _register_grid(self, device: torch.device | str | None) -> None:
+        groups = num_groups(self.in_features, self.group_size)
+        self.register_buffer("scales", torch.empty(self.out_features, groups, dtype=_DTYPES[self.scale_dtype],
+                                                   device=device))
+        if self.symmetric:
+            self.qzeros = None
+        else:
+            self.register_buffer("qzeros", torch.empty(groups, packed_row_bytes(self.out_features, self.bits),
+                                                       dtype=torch.uint8, device=device))
+
+    def _store_grid(self, grid: QuantGrid) -> None:
+        self.scales.copy_(grid.scales)
+        if grid.zeros is not None:
+            self.qzeros.copy_(pack_codes(grid.zeros.to(torch.uint8).T, grid.bits))
+
+    def grid(self) -> QuantGrid:
+        zeros = None
+        if self.qzeros is not None:
+            zeros = unpack_codes(self.qzeros, self.bits, self.out_features).T.float()  # [out, n_groups]
+        return QuantGrid(self.bits, self.group_size, self.scales.float(), zeros)
+
+
+class QuantLinear(GridBuffers, nn.Module):
     def __init__(
         self,
         in_features: int,
@@ -51,17 +78,10 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.scale_dtype, self.bias_dtype = scale_dtype, bias_dtype
-        groups = num_groups(in_features, group_size)
         self.register_buffer(
             "qweight", torch.empty(out_features, packed_row_bytes(in_features, bits), dtype=torch.uint8, device=device)
         )
-        self.register_buffer("scales", torch.empty(out_features, groups, dtype=_DTYPES[scale_dtype], device=device))
-        if symmetric:
-            self.qzeros = None
-        else:
-            self.register_buffer(
-                "qzeros", torch.empty(groups, packed_row_bytes(out_features, bits), dtype=torch.uint8, device=device)
-            )
+        self._register_grid(device)
         if bias:
             self.register_buffer("bias", torch.empty(out_features, dtype=_DTYPES[bias_dtype], device=device))
         else:
@@ -82,20 +102,12 @@ class QuantLinear(nn.Module):
         m = cls(n, out, grid.bits, grid.group_size, grid.symmetric, bias is not None, scale_dtype, bias_dtype,
                 device=codes.device)
         m.qweight.copy_(pack_codes(codes, grid.bits))
-        m.scales.copy_(grid.scales)
-        if grid.zeros is not None:
-            m.qzeros.copy_(pack_codes(grid.zeros.to(torch.uint8).T, grid.bits))
+        m._store_grid(grid)
         if bias is not None:
             m.bias.copy_(bias.detach())
         return m
 
     # --- the reference semantics -------------------------------------------------------------
-    def grid(self) -> QuantGrid:
-        zeros = None
-        if self.qzeros is not None:
-            zeros = unpack_codes(self.qzeros, self.bits, self.out_features).T.float()  # [out, n_groups]
-        return QuantGrid(self.bits, self.group_size, self.scales.float(), zeros)
-
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.qweight, self.bits, self.in_features)
 

@@ -1,2 +1,3 @@
 """Sparsity and pruning: magnitude, Wanda and SparseGPT, unstructured or N:M, stored compressed
-(SparseLinear). Structured pruning is still to come (see the sparsity issue)."""
+(SparseLinear); SparseGPT with joint quantization (SparseQuantLinear); structured pruning that
+writes a smaller dense model (structured.py, `compress shrink`)."""

@@ -28,11 +28,11 @@ from compress.errors import CompressError
 from .masks import check_mask, parse_pattern
 from .packing import compress_nm, decompress_nm, index_bits, pack_bitmask, unpack_bitmask
 
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 log = logging.getLogger(__name__)
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -49,14 +49,52 @@ def _semi_structured(dense: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-class SparseLinear(nn.Module):
+class SemiStructuredPath:
+    """The CUDA path of a 2:4 layer (mixed into SparseLinear and SparseQuantLinear, nn.Modules
+    with `pattern`, `storage`, `indices`, `bias` and `dequantized_weight`): `prepack` makes
+    PyTorch's semi-structured sparse weight once, and forward uses it for activations of its dtype;
+    every other case runs the reference (decompress, then matmul)."""
+
+    _semi_structured: torch.Tensor | None = None  # PyTorch's 2:4 sparse weight, made by prepack
+
+    def prepack(self, dtype: torch.dtype | None = None):
+        """On CUDA, for a 2:4 layer and 16-bit activations `dtype`: PyTorch's semi-structured sparse
+        weight of the dense weight this layer computes with (a second copy of the kept values
+        beside the checkpoint's). Layers whose shapes PyTorch's sparse kernels do not take keep the
+        reference path (logged)."""
+        self._semi_structured = None
+        if self.storage == "nm" and self.pattern == "2:4" and dtype in (torch.float16, torch.bfloat16) \
+                and self.indices.is_cuda:
+            try:
+                self._semi_structured = _semi_structured(self.dequantized_weight(dtype))
+            except (RuntimeError, ValueError) as e:
+                log.info("2:4 layer %dx%d stays on the reference path: %s", self.out_features, self.in_features,
+                         str(e).splitlines()[0] if str(e) else e)
+        return self
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the prepared weight would be stale
+        self._semi_structured = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
+        self._semi_structured = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self._semi_structured is not None and x.dtype == self._semi_structured.dtype:
+            return nn.functional.linear(x, self._semi_structured, bias)
+        return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+
+
+class SparseLinear(SemiStructuredPath, nn.Module):
     def __init__(self, in_features: int, out_features: int, pattern: str, storage: str, nnz: int, value_dtype: str,
                  bias: bool, bias_dtype: str = "float32", device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.pattern, self.storage, self.nnz = pattern, storage, nnz
         self.value_dtype, self.bias_dtype = value_dtype, bias_dtype
-        dtype = _DTYPES[value_dtype]
+        dtype = DTYPES[value_dtype]
         if storage == "nm":
             n, m = parse_pattern(pattern)
             kept = in_features // m * (m - n)
@@ -74,10 +112,9 @@ class SparseLinear(nn.Module):
         else:
             raise ValueError(f"unknown storage '{storage}'")
         if bias:
-            self.register_buffer("bias", torch.empty(out_features, dtype=_DTYPES[bias_dtype], device=device))
+            self.register_buffer("bias", torch.empty(out_features, dtype=DTYPES[bias_dtype], device=device))
         else:
             self.bias = None
-        self._semi_structured: torch.Tensor | None = None  # PyTorch's 2:4 sparse weight, made by prepack
 
     @classmethod
     def from_pruned(cls, weight: torch.Tensor, keep: torch.Tensor, pattern: str, ratio: float | None,
@@ -96,8 +133,8 @@ class SparseLinear(nn.Module):
             storage = "bitmask"
         else:
             storage = "dense"
-        bias_dtype = _name(bias.dtype) if bias is not None else "float32"
-        m = cls(cols, out, pattern, storage, nnz, _name(w.dtype), bias is not None, bias_dtype, device=w.device)
+        bias_dtype = dtype_name(bias.dtype) if bias is not None else "float32"
+        m = cls(cols, out, pattern, storage, nnz, dtype_name(w.dtype), bias is not None, bias_dtype, device=w.device)
         if storage == "nm":
             values, indices = compress_nm(w, keep, *nm)
             m.values.copy_(values)
@@ -122,36 +159,6 @@ class SparseLinear(nn.Module):
             dense[unpack_bitmask(self.mask, self.in_features)] = self.values.to(dtype)
             return dense
         return self.weight.to(dtype)
-
-    # --- kernels ---------------------------------------------------------------------------------
-    def prepack(self, dtype: torch.dtype | None = None) -> SparseLinear:
-        """On CUDA, for a 2:4 layer and 16-bit activations `dtype`: PyTorch's semi-structured sparse
-        weight, which forward then uses for activations of that dtype (a second copy of the kept
-        values beside the checkpoint's). Layers whose shapes PyTorch's sparse kernels do not take
-        keep the reference path (logged)."""
-        self._semi_structured = None
-        if self.storage == "nm" and self.pattern == "2:4" and dtype in (torch.float16, torch.bfloat16) \
-                and self.values.is_cuda:
-            try:
-                self._semi_structured = _semi_structured(self.dequantized_weight(dtype))
-            except (RuntimeError, ValueError) as e:
-                log.info("2:4 layer %dx%d stays on the reference path: %s", self.out_features, self.in_features,
-                         str(e).splitlines()[0] if str(e) else e)
-        return self
-
-    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the prepared weight would be stale
-        self._semi_structured = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
-        self._semi_structured = None
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self._semi_structured is not None and x.dtype == self._semi_structured.dtype:
-            return nn.functional.linear(x, self._semi_structured, bias)
-        return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def sparsity(self) -> float:
         """Fraction of the layer's weights pruned."""

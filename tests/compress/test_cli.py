@@ -271,6 +271,21 @@ def test_prune_writes_a_verified_sparse_checkpoint(tiny_dir, tmp_path):
     assert {m["spec"]["pattern"] for m in manifest["modules"].values()} == {"2:4"}
 
 
+def test_prune_with_bits_stores_kept_codes_that_reload(tiny_dir, tmp_path):
+    r = cli("prune", tiny_dir, "-o", tmp_path / "p", "--pattern", "2:4", "--bits", "4", "--group-size", "32",
+            "--samples", "4", "--seq-len", "64", "--json")
+    assert r.exit_code == 0, r.output
+    step = json.loads(r.stdout)["steps"][0]
+    assert step["formats"] == ["2:4 sparse (50.0%) + int4 g32 sym"] and step["modules"] == 14
+    manifest = json.loads(cli("info", tmp_path / "p", "--json").stdout)
+    specs = [m["spec"] for m in manifest["modules"].values()]
+    assert {(s["pattern"], s["bits"], s["storage"]) for s in specs} == {("2:4", 4, "nm")}
+    # 4-bit kept codes, 2-bit positions and a float16 scale per 32 columns: 3.5 bits per weight
+    assert all(m["bytes"] * 8 == m["weights"] * 3.5 for m in manifest["modules"].values())
+    r = cli("eval", tmp_path / "p", "--windows", 1, "--no-speed", "--json")
+    assert r.exit_code == 0, r.output
+
+
 @pytest.mark.parametrize("args,pattern", [
     (["--pattern", "3:7"], r"pattern 3:7 cannot apply to model\.layers\.0\.self_attn\.q_proj \(Linear 64 -> 64\): "
                            r"its input dimension is not a multiple of 7"),
@@ -278,6 +293,11 @@ def test_prune_writes_a_verified_sparse_checkpoint(tiny_dir, tmp_path):
     (["--pattern", "2:4", "--sparsity", "0.3"], r"pattern 2:4 prunes 50\.00%; sparsity 0\.3 contradicts it"),
     (["--pattern", "1:1"], r"pattern must be 'unstructured' or 'N:M'"),
     (["--method", "gptq"], r"'gptq' is not a pruning method; use one of magnitude, sparsegpt, wanda"),
+    (["--method", "wanda", "--bits", "4"], r"'wanda' does not quantize the kept weights \(--bits\); use sparsegpt"),
+    (["--group-size", "64"], r"add --bits to quantize them"),
+    (["--method", "sparsegpt", "--bits", "4", "--group-size", "48"], r"quantize.group_size 48 and block_size 128"),
+    (["--method", "sparsegpt", "--bits", "4", "--group-size", "128"],
+     r"group size 128 cannot apply to model\.layers\.0\.self_attn\.q_proj \(Linear 64 -> 64\)"),
 ])
 def test_prune_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, args, pattern):
     method = [] if "--method" in args else ["--method", "magnitude"]

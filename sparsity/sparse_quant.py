@@ -1,0 +1,150 @@
+"""`SparseQuantLinear`: a pruned Linear whose kept weights are also integer-quantized (SparseGPT
+with joint quantization), stored with both savings: only the kept weights' codes, plus where
+they are.
+
+State (registered buffers, so the state dict is the checkpoint format), by `storage`:
+    "nm"       qvalues uint8 [out, packed_row_bytes(in * (m - n) / m, bits)]   kept codes, group by
+                                                                              group, in column order
+               indices uint8 [out, packed]          each kept code's position in its group of m
+                                                    (as SparseLinear's N:M storage, packing.py)
+    "bitmask"  mask uint8 [out, ceil(in / 8)]       1 = kept (as SparseLinear's bitmask)
+               qvalues uint8 [packed_row_bytes(nnz, bits)]   kept codes in row-major order, one stream
+    scales     [out, n_groups], qzeros (asymmetric)  the grid, as QuantLinear's: groups of
+                                                    `group_size` columns of the *dense* weight
+    bias       [out] (optional), kept in the original dtype
+
+A 2:4 layer at 4 bits with group 128 and float16 scales costs 4 + 2 bits per kept weight plus
+16 / 128 bits per weight: 3.125 bits per weight, 19.5% of its bf16 bytes (QuantLinear int4
+g128: 4.125, 25.8%). Pruned weights are exactly zero whatever the grid.
+
+Forward is the reference path (decompress the codes, dequantize, zero the pruned, matmul),
+except that a 2:4 layer prepared on CUDA for 16-bit activations (`prepack`, as SparseLinear)
+runs PyTorch's semi-structured sparse matmul on its dequantized weight: 2:4 speed, at the
+memory of a 2:4 bf16 copy beside the codes. A fused 2:4 + int4 kernel is the kernels issue's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+from compress.quant.layers import GridBuffers
+from compress.quant.packing import pack_codes, packed_row_bytes, unpack_codes
+from compress.quant.quantize import QuantGrid, dequantize
+
+from .layers import DTYPES, SemiStructuredPath, dtype_name
+from .masks import check_mask, parse_pattern
+from .packing import compress_nm, decompress_nm, index_bits, pack_bitmask, unpack_bitmask
+
+
+class SparseQuantLinear(SemiStructuredPath, GridBuffers, nn.Module):
+    def __init__(self, in_features: int, out_features: int, pattern: str, storage: str, nnz: int, bits: int,
+                 group_size: int, symmetric: bool, bias: bool, scale_dtype: str = "float16",
+                 bias_dtype: str = "float32", device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {bits}")
+        if not 1 <= group_size <= in_features:
+            raise ValueError(f"group_size must be in [1, {in_features}], got {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.pattern, self.storage, self.nnz = pattern, storage, nnz
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.scale_dtype, self.bias_dtype = scale_dtype, bias_dtype
+        u8 = {"dtype": torch.uint8, "device": device}
+        if storage == "nm":
+            n, m = parse_pattern(pattern)
+            kept = in_features // m * (m - n)
+            if in_features % m or nnz != out_features * kept:
+                raise ValueError(f"nnz {nnz} is not {out_features} x {kept} for pattern {pattern}")
+            self.register_buffer("qvalues", torch.empty(out_features, packed_row_bytes(kept, bits), **u8))
+            self.register_buffer("indices", torch.empty(out_features, packed_row_bytes(kept, index_bits(m)), **u8))
+        elif storage == "bitmask":
+            self.register_buffer("mask", torch.empty(out_features, -(-in_features // 8), **u8))
+            self.register_buffer("qvalues", torch.empty(packed_row_bytes(nnz, bits), **u8))
+        else:
+            raise ValueError(f"unknown storage '{storage}'")
+        self._register_grid(device)
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=DTYPES[bias_dtype], device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, keep: torch.Tensor, grid: QuantGrid, pattern: str, ratio: float | None,
+                   bias: torch.Tensor | None, scale_dtype: str, where: str) -> SparseQuantLinear:
+        """Store codes uint8 [out, in] on `grid` (scales already representable in `scale_dtype`)
+        where `keep` (bool [out, in]) is True, after checking that the mask has exactly the pattern
+        and ratio asked for (CompressError naming `where` otherwise)."""
+        check_mask(keep, pattern, ratio, where)
+        out, cols = codes.shape
+        nm = parse_pattern(pattern)
+        nnz = int(keep.sum())
+        bias_dtype = dtype_name(bias.dtype) if bias is not None else "float32"
+        m = cls(cols, out, pattern, "nm" if nm is not None else "bitmask", nnz, grid.bits, grid.group_size,
+                grid.symmetric, bias is not None, scale_dtype, bias_dtype, device=codes.device)
+        if nm is not None:
+            kept, indices = compress_nm(codes, keep, *nm)  # [out, kept] codes, packed positions
+            m.qvalues.copy_(pack_codes(kept, grid.bits))
+            m.indices.copy_(indices)
+        else:
+            m.mask.copy_(pack_bitmask(keep))
+            m.qvalues.copy_(pack_codes(codes[keep].view(1, -1), grid.bits).view(-1))
+        m._store_grid(grid)
+        if bias is not None:
+            m.bias.copy_(bias.detach())
+        return m
+
+    # --- the reference semantics -------------------------------------------------------------
+    def codes_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes uint8 [out, in], 0 where pruned; keep bool [out, in])."""
+        if self.storage == "nm":
+            n, m = parse_pattern(self.pattern)
+            kept = unpack_codes(self.qvalues, self.bits, self.in_features // m * (m - n))  # [out, kept]
+            codes = decompress_nm(kept, self.indices, n, m, self.in_features)
+            keep = decompress_nm(torch.ones_like(kept), self.indices, n, m, self.in_features).bool()
+            return codes, keep
+        keep = unpack_bitmask(self.mask, self.in_features)
+        codes = torch.zeros(self.out_features, self.in_features, dtype=torch.uint8, device=keep.device)
+        codes[keep] = unpack_codes(self.qvalues.view(1, -1), self.bits, self.nnz).view(-1)
+        return codes, keep
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight [out, in] this module computes with."""
+        codes, keep = self.codes_and_mask()
+        return dequantize(codes, self.grid()).mul_(keep).to(dtype)
+
+    def sparsity(self) -> float:
+        """Fraction of the layer's weights pruned."""
+        return 1 - self.nnz / self.num_weights()
+
+    # --- CompressedModule ----------------------------------------------------------------------
+    def format_spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "pattern": self.pattern,
+                "storage": self.storage, "nnz": self.nnz, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric, "bias": self.bias is not None, "scale_dtype": self.scale_dtype,
+                "bias_dtype": self.bias_dtype}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], device: torch.device | str = "meta") -> SparseQuantLinear:
+        try:
+            return cls(**spec, device=device)
+        except (TypeError, ValueError, KeyError) as e:
+            raise CompressError(f"SparseQuantLinear: bad spec {spec}: {e}") from None
+
+    def num_weights(self) -> int:
+        return self.in_features * self.out_features
+
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for name, t in self.named_buffers() if name != "bias")
+
+    def describe(self) -> str:
+        where = self.pattern if self.storage == "nm" else "unstructured"
+        group = "per-channel" if self.group_size >= self.in_features else f"g{self.group_size}"
+        return (f"{where} sparse ({self.sparsity():.1%}) + int{self.bits} {group} "
+                f"{'sym' if self.symmetric else 'asym'}")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"
