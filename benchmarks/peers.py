@@ -21,9 +21,13 @@ recompressing).
 
 Schemes: gptq-w4, gptq-w3 (GPTQ, dampening 0.01 of mean diag(H), act-order, blocks of 128 on both
 sides) and rtn-w4, rtn-w3 (round to nearest: llm-compressor's QuantizationModifier with no
-calibration data); sparsegpt-50, sparsegpt-2of4, wanda-50, wanda-2of4 (half the weights of every
-Linear but lm_head pruned, unstructured or 2:4: `compress prune` against llm-compressor's
-SparseGPTModifier / WandaPruningModifier, each at its defaults, on the same calibration tokens).
+calibration data); sparsegpt-50, sparsegpt-2of4, wanda-50, wanda-2of4, magnitude-50 (half the
+weights of every Linear but lm_head pruned, unstructured or 2:4: `compress prune` against
+llm-compressor's SparseGPTModifier / WandaPruningModifier / one-shot MagnitudePruningModifier,
+each at its defaults, on the same calibration tokens); sparsegpt-2of4-w4 (2:4 + symmetric 4-bit
+at --group-size: ours prunes and quantizes in one pass, `compress prune --bits 4`; theirs runs
+SparseGPTModifier then GPTQModifier). For the pruning schemes each result's weights are measured
+as evaluated: the share of zeros and, for 2:4, of groups of 4 holding at least 2 zeros.
 
 Fairness:
 - same model file: both sides load the same prepared folder (safetensors, fp32, CPU);
@@ -81,8 +85,11 @@ from compress.sizes import size_report  # noqa: E402
 SCHEMES = {"gptq-w4": ("gptq", 4), "gptq-w3": ("gptq", 3), "rtn-w4": ("rtn", 4), "rtn-w3": ("rtn", 3),
            # pruning: (method, pattern), half the weights of every Linear but lm_head
            "sparsegpt-50": ("sparsegpt", "unstructured"), "sparsegpt-2of4": ("sparsegpt", "2:4"),
-           "wanda-50": ("wanda", "unstructured"), "wanda-2of4": ("wanda", "2:4")}
-PRUNING = {"sparsegpt", "wanda"}
+           "wanda-50": ("wanda", "unstructured"), "wanda-2of4": ("wanda", "2:4"),
+           "magnitude-50": ("magnitude", "unstructured"),
+           # 2:4 + 4-bit at --group-size: ours joint (compress prune --bits 4), theirs SparseGPT then GPTQ
+           "sparsegpt-2of4-w4": ("sparsegpt+gptq", "2:4")}
+PRUNING = {"sparsegpt", "wanda", "magnitude", "sparsegpt+gptq"}
 PEERS_PYTHON = HERE / ".venv-peers" / "bin" / "python"
 WORKER = HERE / "peers_worker.py"
 TOOLKITS = {"ours": "compress", "peers": "llm-compressor"}
@@ -91,8 +98,10 @@ TOOLKITS = {"ours": "compress", "peers": "llm-compressor"}
 def peer_quantize(model_dir: Path, calibration: Path, method: str, bits: int | str, group_size: int,
                   out: Path) -> dict:
     cmd = [str(PEERS_PYTHON), str(WORKER), str(model_dir), str(calibration), str(out), "--method", method]
-    cmd += (["--pattern", bits] if method in PRUNING else
-            ["--bits", str(bits), "--group-size", str(group_size), "--damp", "0.01"])
+    if method in PRUNING:
+        cmd += ["--pattern", bits]
+    if method not in PRUNING or method == "sparsegpt+gptq":
+        cmd += ["--bits", "4" if method in PRUNING else str(bits), "--group-size", str(group_size), "--damp", "0.01"]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     stdout, seconds, peak_mb = timed_run(cmd, env)
     info = json.loads(stdout.strip().splitlines()[-1])
@@ -120,8 +129,10 @@ def compress_one(toolkit: str, scheme: str, model_dir: Path, calibration: Path, 
             return run
     method, bits = SCHEMES[scheme]
     if toolkit == "ours" and method in PRUNING:
+        joint = ["--bits", "4", "--group-size", str(group_size)] if method == "sparsegpt+gptq" else []
         _, seconds, peak_mb = timed_run([sys.executable, "-m", "compress", "prune", str(model_dir), "-o", str(out),
-                                         "--method", method, "--pattern", bits, "--overwrite", "--quiet", "--json"])
+                                         "--method", method.split("+")[0], "--pattern", bits, *joint, "--overwrite",
+                                         "--quiet", "--json"])
         run = {"run_seconds": seconds, "peak_rss_mb": peak_mb}
     elif toolkit == "ours":
         run = timed_quantize(str(model_dir), method, bits, group_size, out)
@@ -133,15 +144,39 @@ def compress_one(toolkit: str, scheme: str, model_dir: Path, calibration: Path, 
     return run
 
 
+def achieved_pattern(model: torch.nn.Module, pattern: str) -> dict:
+    """What a pruning scheme left in the weights the model computes with, over every Linear but
+    lm_head: the share of zeros, and for N:M the share of groups of M with at least N zeros."""
+    zeros = total = groups_ok = groups = 0
+    for name, module in model.named_modules():
+        if name.endswith("lm_head"):
+            continue
+        if hasattr(module, "dequantized_weight"):
+            w = module.dequantized_weight()
+        elif isinstance(module, torch.nn.Linear):
+            w = module.weight.detach()
+        else:
+            continue
+        z = w == 0
+        zeros, total = zeros + int(z.sum()), total + z.numel()
+        if pattern != "unstructured":
+            n, m = map(int, pattern.split(":"))
+            counts = z.reshape(-1, m).sum(-1)
+            groups_ok, groups = groups_ok + int((counts >= n).sum()), groups + counts.numel()
+    return {"zeros": zeros / total, **({"pattern_groups": groups_ok / groups} if groups else {})}
+
+
 def print_table(base_perplexity: float, results: list[dict], schemes: list[str]) -> None:
     """The markdown table of the JSON rows, then one line per scheme with both toolkits side by side."""
-    print("\n| scheme | toolkit | perplexity | KL vs base | top-1 | run time | peak memory |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| uncompressed (fp32) | - | {base_perplexity:.3f} | - | - | - | - |")
+    print("\n| scheme | toolkit | perplexity | KL vs base | top-1 | zeros (pattern groups) | run time | peak memory |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| uncompressed (fp32) | - | {base_perplexity:.3f} | - | - | - | - | - |")
     for r in results:
-        scheme = r["scheme"] if r["method"] in PRUNING else f"{r['scheme']} g{r['group_size']}"
+        scheme = r["scheme"] if r["method"] in PRUNING - {"sparsegpt+gptq"} else f"{r['scheme']} g{r['group_size']}"
+        zeros = "-" if "zeros" not in r else f"{r['zeros'] * 100:.2f}%" + (
+            f" ({r['pattern_groups'] * 100:.3f}%)" if "pattern_groups" in r else "")
         print(f"| {scheme} | {r['toolkit']} | {r['perplexity']:.3f} | {r['kl']:.4f} | "
-              f"{r['top1'] * 100:.2f}% | {r['run_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
+              f"{r['top1'] * 100:.2f}% | {zeros} | {r['run_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB |")
     by_key = {(r["toolkit"], r["scheme"]): r for r in results}
     lines = []
     for scheme in schemes:
@@ -209,6 +244,8 @@ def main() -> None:
             row = {"toolkit": TOOLKITS[toolkit], "scheme": scheme, "method": method, "bits": bits,
                    "group_size": args.group_size, "perplexity": result.perplexity, "kl": result.kl,
                    "top1": result.top1, "run_seconds": run["run_seconds"], "peak_rss_mb": run["peak_rss_mb"]}
+            if method in PRUNING:
+                row |= achieved_pattern(model, bits)
             if toolkit == "ours":
                 row["bits_per_weight"] = size_report(model).bits_per_weight
             else:

@@ -36,28 +36,39 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
 
-PRUNERS = ("sparsegpt", "wanda")
+PRUNERS = ("sparsegpt", "wanda", "magnitude", "sparsegpt+gptq")
 
 
 def build_recipe(method: str, bits: int, group_size: int, damp: float, pattern: str = "unstructured"):
-    if method in PRUNERS:  # llm-compressor's one-shot pruning modifiers at their defaults, half the weights
+    """llm-compressor's modifiers for one scheme: pruning at its defaults (half the weights), GPTQ
+    or RTN on a symmetric group-wise int grid, or SparseGPT then GPTQ (its documented way to a
+    2:4 + 4-bit model)."""
+    structure = "0:0" if pattern == "unstructured" else pattern  # their N:M keeps N of every M
+    if method in ("sparsegpt", "wanda"):
         from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
         from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
 
-        structure = "0:0" if pattern == "unstructured" else pattern  # their N:M keeps N of every M
         kind = SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier
         return kind(sparsity=0.5, mask_structure=structure, targets=["Linear"], ignore=["lm_head"])
+    if method == "magnitude":  # one-shot: start and end at step 0, sparsity 0.5 from the start
+        from llmcompressor.modifiers.pruning.magnitude import MagnitudePruningModifier
+
+        return MagnitudePruningModifier(targets=["re:.*_proj$"], init_sparsity=0.5, final_sparsity=0.5,
+                                        mask_structure=pattern, start=0, end=0, update=1)
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
-    if method == "gptq":
+    if method in ("gptq", "sparsegpt+gptq"):
         from llmcompressor.modifiers.gptq import GPTQModifier
 
         # block_size and actorder are llm-compressor's defaults (128, "static" = weight order:
         # columns processed by decreasing diag(H), groups kept contiguous), written out.
-        return GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=damp, block_size=128,
+        gptq = GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=damp, block_size=128,
                             actorder="static")
+        if method == "gptq":
+            return gptq
+        return [build_recipe("sparsegpt", bits, group_size, damp, pattern), gptq]
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     return QuantizationModifier(config_groups=groups, ignore=["lm_head"])
@@ -84,7 +95,7 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     kwargs = {}
-    if args.method != "rtn":
+    if args.method not in ("rtn", "magnitude"):  # the data-free ones
         ids = torch.load(args.calibration, weights_only=True)
         if ids.dtype != torch.long or ids.dim() != 2:
             raise SystemExit(f"{args.calibration}: expected a long tensor [samples, seq_len], got {ids.dtype} "
@@ -104,16 +115,9 @@ def main() -> None:
     quantized = []
     with torch.no_grad():
         for name, module in model.named_modules():
-            if args.method in PRUNERS:  # the pruned weights are already in place: check each Linear's pattern
+            # pruned weights are already in place (peers.py measures the sparsity both sides reach)
+            if args.method in PRUNERS and args.method != "sparsegpt+gptq":
                 if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-                    zeros = module.weight == 0
-                    if args.pattern == "unstructured":
-                        pruned = zeros.float().mean() >= 0.499
-                    else:
-                        n, m = map(int, args.pattern.split(":"))
-                        pruned = bool((zeros.view(-1, m).sum(-1) >= m - n).all())  # theirs: N kept of M
-                    if not pruned:
-                        raise SystemExit(f"{name} is not pruned to {args.pattern} / 50%")
                     quantized.append(name)
                 continue
             scheme = getattr(module, "quantization_scheme", None)
