@@ -216,7 +216,7 @@ def main() -> None:
                     y = im.int_matmul(x, weight)  # first call: measures the candidates, keeps the fastest
                     row[f"{label}relerr"] = round(((y.float() - ref).norm() / ref.norm()).item(), 5)
                     library = weight.tinygemm is not None
-                    key = next(key for key in im.TUNER.choices() if key[-4:] == (n, k, im._m_bucket(m), library)
+                    key = next(key for key in im.TUNER.choices() if key[-5:] == (n, k, im._m_bucket(m), library, False)
                                and key[1] == dtype and key[2] == bits and key[4] == (not symmetric))
                     row[f"{label}choice"] = im.TUNER.choices()[key]
                 bf16_graph, bf16_cold = time_both(lambda: torch.nn.functional.linear(x, dense), flush)

@@ -30,7 +30,9 @@ class IntWeight:
     """Kernel inputs of one layer (layout.py): words int32 [N, n_words]; scales [n_groups, N];
     zeros uint8 [n_groups, N] or None (symmetric); codes of `bits` in groups of `group_size`
     columns along in_features = K. `tinygemm`: the same weight in PyTorch's int4 layout
-    (tinygemm.pack), when it was prepared."""
+    (tinygemm.pack), when it was prepared. `positions` (int32 [N, n_pos_words]): the weight is
+    2:4 sparse, `words` holding only the K / 2 kept codes of each row and `positions` their slots
+    in their groups of 4 (layout.dequantize_sp24_words)."""
 
     words: torch.Tensor
     scales: torch.Tensor
@@ -39,6 +41,7 @@ class IntWeight:
     group_size: int
     in_features: int
     tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None
+    positions: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -50,14 +53,21 @@ class IntWeight:
         return ONE_GROUP if self.group_size >= self.in_features else self.group_size
 
 
-def block_k_fits(block_k: int, group: int, bits: int) -> bool:
-    """A K tile lies inside one group or covers whole groups, and holds at least one word per row."""
+def block_k_fits(block_k: int, group: int, bits: int, sp24: bool = False) -> bool:
+    """A K tile lies inside one group or covers whole groups, and holds at least one word per row
+    (2:4: of the kept codes, half the tile, and of the positions, 16 per word)."""
+    if sp24:
+        return block_k % 32 == 0 and block_k_fits(block_k // 2, group // 2, bits)
     return (group % block_k == 0 or block_k % group == 0) and block_k >= 32 // bits
 
 
 def _args(w: IntWeight) -> tuple:
+    """(words, positions, scales, zeros, n_pos_words, SP24) as the kernels take them; what a
+    format lacks is passed as another tensor the kernel never reads."""
     zeros = w.zeros if w.zeros is not None else w.scales  # never read when HAS_ZEROS is False
-    return w.words, w.scales, zeros
+    sp24 = w.positions is not None
+    positions = w.positions if sp24 else w.words  # never read when SP24 is False
+    return w.words, positions, w.scales, zeros, positions.shape[1], sp24
 
 
 def gemv(x: torch.Tensor, w: IntWeight, block_n: int, block_k: int, num_warps: int = 4,
@@ -65,10 +75,10 @@ def gemv(x: torch.Tensor, w: IntWeight, block_n: int, block_k: int, num_warps: i
     """x [1, K] -> [1, N]."""
     n, k = w.out_features, w.in_features
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    words, scales, zeros = _args(w)
+    words, positions, scales, zeros, n_pos_words, sp24 = _args(w)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, words, scales, zeros, y, n, k, words.shape[1],
-        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        x, words, positions, scales, zeros, y, n, k, words.shape[1], n_pos_words,
+        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, SP24=sp24, BLOCK_N=block_n, BLOCK_K=block_k,
         STAGES=stages, num_warps=num_warps)
     return y
 
@@ -79,11 +89,11 @@ def dot(x: torch.Tensor, w: IntWeight, block_m: int, block_n: int, block_k: int,
     m, n, k = x.shape[0], w.out_features, w.in_features
     y = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split_k > 1
          else torch.empty(m, n, dtype=x.dtype, device=x.device))
-    words, scales, zeros = _args(w)
+    words, positions, scales, zeros, n_pos_words, sp24 = _args(w)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     _dot_kernel[grid](
-        x, words, scales, zeros, y, m, n, k, words.shape[1], x.stride(0), y.stride(0),
-        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        x, words, positions, scales, zeros, y, m, n, k, words.shape[1], n_pos_words, x.stride(0), y.stride(0),
+        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, SP24=sp24, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split_k, FP32=interpreting() or x.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages)
     return y.to(x.dtype) if split_k > 1 else y
@@ -92,13 +102,13 @@ def dot(x: torch.Tensor, w: IntWeight, block_m: int, block_n: int, block_k: int,
 def dequantize(w: IntWeight, dtype: torch.dtype, block_n: int = 32, block_k: int | None = None) -> torch.Tensor:
     """The dense weight [N, K] in `dtype`."""
     n, k = w.out_features, w.in_features
+    words, positions, scales, zeros, n_pos_words, sp24 = _args(w)
     if block_k is None:
-        block_k = next(b for b in (128, 64, 32, 16) if block_k_fits(b, w.group, w.bits))
+        block_k = next(b for b in (128, 64, 32, 16) if block_k_fits(b, w.group, w.bits, sp24))
     out = torch.empty(n, k, dtype=dtype, device=w.words.device)
-    words, scales, zeros = _args(w)
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
-        words, scales, zeros, out, n, k, words.shape[1],
-        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k)
+        words, positions, scales, zeros, out, n, k, words.shape[1], n_pos_words,
+        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, SP24=sp24, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
 
@@ -135,13 +145,14 @@ DEQUANT_MATMUL = Candidate("dequant+matmul", lambda x, w: torch.nn.functional.li
 TINYGEMM = Candidate("tinygemm (PyTorch)", lambda x, w: tinygemm.matmul(x, *w.tinygemm, w.group_size))
 
 
-def candidates(m: int, dtype: torch.dtype, group: int, bits: int, has_tinygemm: bool) -> list[Candidate]:
+def candidates(m: int, dtype: torch.dtype, group: int, bits: int, has_tinygemm: bool,
+               sp24: bool = False) -> list[Candidate]:
     out: list[Candidate] = [TINYGEMM] if has_tinygemm and dtype == torch.bfloat16 else []
     if dtype != torch.float32:  # fp32 activations: no tensor-core path, dense fp32 matmul instead
         bucket = _m_bucket(m)
         if m == 1:
-            out += [_gemv(*c) for c in GEMV_CONFIGS if block_k_fits(c[1], group, bits)]
-        out += [_dot(*c) for c in DOT_CONFIGS[16 if bucket == 1 else bucket] if block_k_fits(c[2], group, bits)]
+            out += [_gemv(*c) for c in GEMV_CONFIGS if block_k_fits(c[1], group, bits, sp24)]
+        out += [_dot(*c) for c in DOT_CONFIGS[16 if bucket == 1 else bucket] if block_k_fits(c[2], group, bits, sp24)]
     return out + [DEQUANT_MATMUL]
 
 
@@ -156,6 +167,7 @@ def int_matmul(x: torch.Tensor, w: IntWeight) -> torch.Tensor:
     """x [M, K] (contiguous) -> [M, N], the fastest measured candidate for this shape (PyTorch's
     tinygemm among them when `w.tinygemm` is there)."""
     m = x.shape[0]
-    tg = w.tinygemm is not None
-    key = (x.device, x.dtype, w.bits, w.group, w.zeros is not None, w.out_features, w.in_features, _m_bucket(m), tg)
-    return TUNER.run(key, lambda: candidates(m, x.dtype, w.group, w.bits, tg), x, w)
+    tg, sp24 = w.tinygemm is not None, w.positions is not None
+    key = (x.device, x.dtype, w.bits, w.group, w.zeros is not None, w.out_features, w.in_features, _m_bucket(m), tg,
+           sp24)
+    return TUNER.run(key, lambda: candidates(m, x.dtype, w.group, w.bits, tg, sp24), x, w)

@@ -7,6 +7,12 @@ int32 words are already a kernel-friendly layout:
     words   int32 [N, n_words]   code k of row n sits in word k // cpw at bits (k % cpw) * bits,
                                  cpw = 32 // bits codes per word; n_words = ceil(K / cpw)
 
+2:4 sparse weights (sparsity/sparse_quant.py) add, beside the words of the K / 2 kept codes of
+each row, their positions (slot 0..3 in their group of 4 columns) as 2-bit codes in words of
+their own:
+
+    positions int32 [N, n_pos_words]   kept value j of a row sits at column 4 * (j // 2) + slot j
+
 Rows whose byte count is not a multiple of 4 are zero-padded (a copy); all others are a view,
 so prepacking costs no memory for the weights. Scales and zero points are transposed to
 [n_groups, N] so that a kernel loading one group's values for a block of output rows reads
@@ -20,8 +26,11 @@ import torch
 KERNEL_BITS = (2, 4, 8)  # widths whose codes never straddle a 32-bit word
 
 
-def supported(bits: int, group_size: int, in_features: int) -> bool:
-    """Whether the Triton kernels handle this format (else the reference path runs)."""
+def supported(bits: int, group_size: int, in_features: int, sp24: bool = False) -> bool:
+    """Whether the Triton kernels handle this format (else the reference path runs): 2:4 needs
+    groups of whole 32-column tiles and K a multiple of 32."""
+    if sp24:
+        return bits in KERNEL_BITS and in_features % 32 == 0 and (group_size >= in_features or group_size % 32 == 0)
     return bits in KERNEL_BITS and (group_size >= in_features or group_size % 16 == 0)
 
 
@@ -49,11 +58,30 @@ def dequantize_words(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     """The reference semantics of every kernel: weight [N, k] in `dtype`, computed in fp32 as
     (code - zero) * scale with scales [n_groups, N], zeros uint8 [n_groups, N] (None: the
     symmetric zero 2**(bits-1)); column j belongs to group j // group_size."""
-    n, groups = words.shape[0], scales.shape[0]
+    return _dequantize_codes(unpack_words(words, bits, k), scales, zeros, bits, group_size, dtype)
+
+
+def _dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                      group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """codes uint8 [N, k] -> (code - zero) * scale [N, k] in `dtype`, computed in fp32."""
+    (n, k), groups = codes.shape, scales.shape[0]
     span = k if groups == 1 else group_size  # columns per group as stored
-    codes = unpack_words(words, bits, k)
     codes = torch.nn.functional.pad(codes, (0, groups * span - k)).view(n, groups, span)
     w = codes.float()  # [N, n_groups, span], a fresh tensor
     w.sub_(2 ** (bits - 1) if zeros is None else zeros.T.unsqueeze(-1).float())
     w.mul_(scales.T.unsqueeze(-1).float())
     return w.view(n, -1)[:, :k].to(dtype)
+
+
+def dequantize_sp24_words(words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
+                          zeros: torch.Tensor | None, bits: int, group_size: int, k: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """The reference semantics of the 2:4 kernels: weight [N, k] in `dtype`, zero but for the kept
+    values, each dequantized on the group of its dense column."""
+    n = words.shape[0]
+    codes = unpack_words(words, bits, k // 2).view(n, k // 4, 2)  # kept codes, two per group of 4
+    slots = unpack_words(positions, 2, k // 2).view(n, k // 4, 2).long()
+    dense = torch.zeros(n, k // 4, 4, dtype=torch.uint8, device=words.device).scatter_(-1, slots, codes)
+    kept = torch.zeros(n, k // 4, 4, dtype=torch.bool, device=words.device).scatter_(-1, slots, True)
+    w = _dequantize_codes(dense.view(n, k), scales, zeros, bits, group_size, torch.float32)
+    return w.mul_(kept.view(n, k)).to(dtype)

@@ -6,6 +6,9 @@ CUDA graphs), and `int_linear`, the one call a compressed module makes.
         x [..., K] @ dequantize(words).T -> [..., N] in x's dtype
     compress::dequantize_int(words, scales, zeros, bits, group_size, in_features, dtype, kernel)
         the dense weight [N, K]
+    compress::sp24_int_linear(x, words, positions, scales, zeros, bits, group_size, in_features, kernel)
+        the same for a 2:4 sparse weight: `words` hold the K / 2 kept codes of each row, `positions`
+        their slots (layout.dequantize_sp24_words); kernels "auto", "reference" or "triton"
 
 Semantics are those of layout.dequantize_words (the reference). `kernel` picks the
 implementation per call: "reference"; "triton" (our Triton kernels or dequantize + cuBLAS,
@@ -28,21 +31,24 @@ from dataclasses import dataclass
 import torch
 
 from . import cpu_packed
-from .layout import dequantize_words, supported
+from .layout import dequantize_sp24_words, dequantize_words, supported
 from .tuning import interpreting
 
 KERNELS = ("auto", "reference", "triton", "cpu_packed")
 
 
-def _use_triton(device: torch.device, bits: int, group_size: int, in_features: int, kernel: str) -> bool:
+def _use_triton(device: torch.device, bits: int, group_size: int, in_features: int, kernel: str,
+                sp24: bool = False) -> bool:
     if kernel == "triton":
-        if not supported(bits, group_size, in_features):
-            raise ValueError(f"kernel 'triton' supports 2, 4 and 8-bit weights in groups that are a multiple of 16 "
-                             f"or per-channel, not {bits}-bit in groups of {group_size}; use kernel 'auto'")
+        if not supported(bits, group_size, in_features, sp24):
+            what = ("2:4 weights of 2, 4 or 8 bits with K and the groups multiples of 32" if sp24 else
+                    "2, 4 and 8-bit weights in groups that are a multiple of 16")
+            raise ValueError(f"kernel 'triton' supports {what} or per-channel, not {bits}-bit in groups of "
+                             f"{group_size} (K = {in_features}); use kernel 'auto'")
         if device.type != "cuda" and not interpreting():
             raise ValueError("kernel 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use kernel 'auto'")
         return True
-    return kernel == "auto" and device.type == "cuda" and supported(bits, group_size, in_features)
+    return kernel == "auto" and device.type == "cuda" and supported(bits, group_size, in_features, sp24)
 
 
 @torch.library.custom_op("compress::int_linear", mutates_args=())
@@ -81,6 +87,31 @@ def dequantize_int(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 @dequantize_int.register_fake
 def _(words, scales, zeros, bits, group_size, in_features, dtype, kernel):
     return words.new_empty(words.shape[0], in_features, dtype=dtype)
+
+
+@torch.library.custom_op("compress::sp24_int_linear", mutates_args=())
+def sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
+                    zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                    kernel: str = "auto") -> torch.Tensor:
+    if kernel not in ("auto", "reference", "triton"):
+        raise ValueError(f"2:4 weights run kernel 'auto', 'reference' or 'triton', not '{kernel}'")
+    x2 = x.reshape(-1, in_features)
+    if x2.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], words.shape[0])
+    if _use_triton(x.device, bits, group_size, in_features, kernel, sp24=True):
+        from .int_matmul import IntWeight, int_matmul
+
+        y = int_matmul(x2.contiguous(), IntWeight(words, scales, zeros, bits, group_size, in_features,
+                                                  positions=positions))
+    else:
+        y = torch.nn.functional.linear(x2, dequantize_sp24_words(words, positions, scales, zeros, bits, group_size,
+                                                                 in_features, x.dtype))
+    return y.reshape(*x.shape[:-1], words.shape[0])
+
+
+@sp24_int_linear.register_fake
+def _(x, words, positions, scales, zeros, bits, group_size, in_features, kernel="auto"):
+    return x.new_empty(*x.shape[:-1], words.shape[0])
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,13 @@ Codes become floats without an int->float conversion instruction: OR-ing a code 
 the bits of 2**23 gives the float 2**23 + c exactly, and one subtraction (of 2**23 + zero)
 leaves code - zero. Per weight: shift, mask-or, subtract, multiply by the scale, and the FMA.
 
+2:4 sparse weights (`SP24`, the format of sparsity/sparse_quant.py): the words hold only the
+kept codes (K / 2 per row, the groups of `GROUP` dense columns holding GROUP / 2 of them) and
+`p_ptr` their positions, 2 bits each in int32 words (16 per word). `_load_sp24_tile` dequantizes
+the kept half of a tile as above, decodes the positions the same way, and scatters each pair of
+kept values into its group of 4 columns in registers (a select per slot), so the kernels go on
+exactly as for a dense tile: half the codes and a quarter more bits of position per weight read.
+
 Under TRITON_INTERPRET=1 (CPU tests) `FP32` is set: the interpreter gets bf16 arithmetic wrong,
 so everything is upcast right after loading.
 """
@@ -95,8 +102,39 @@ def _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words,
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words,
-                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+def _load_sp24_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dequantized fp32 tile [len(offs_n), BLOCK_K] of dense columns k0 ... k0 + BLOCK_K of a 2:4
+    weight: kept columns k0 / 2 ... (BLOCK_K / 2 of them, BLOCK_K a multiple of 32), zeros between."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    kept = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, N, K // 2, n_words, BITS, GROUP // 2, HAS_ZEROS,
+                      HALF)  # [rows, HALF], kept column order
+    offs_p = k0 // 32 + tl.arange(0, HALF // 16)
+    pw = tl.load(p_ptr + offs_n[:, None] * n_pos_words + offs_p[None, :],
+                 mask=n_ok[:, None] & (offs_p[None, :] < n_pos_words), other=0)
+    one = tl.full(pw.shape, 1.0, tl.float32)
+    pos = _dequant_tile(pw, one, one * MAGIC_F, 2)  # [rows, HALF]: each kept value's slot 0..3, as floats
+    v0, v1 = tl.split(tl.reshape(kept, [kept.shape[0], HALF // 2, 2]))  # the two kept of each group of 4
+    p0, p1 = tl.split(tl.reshape(pos, [kept.shape[0], HALF // 2, 2]))
+    slot = tl.arange(0, 4).to(tl.float32)[None, None, :]
+    dense = tl.where(p0[:, :, None] == slot, v0[:, :, None], 0.0) + tl.where(p1[:, :, None] == slot, v1[:, :, None],
+                                                                             0.0)  # [rows, HALF // 2, 4]
+    return tl.reshape(dense, [kept.shape[0], BLOCK_K])
+
+
+@triton.jit
+def _weight_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SP24: tl.constexpr):
+    if SP24:
+        return _load_sp24_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words, BITS, GROUP,
+                               HAS_ZEROS, BLOCK_K)
+    return _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, n_pos_words,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SP24: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     # x [K], words [N, n_words], scales/zeros [n_groups, N], y [N]. Products accumulate elementwise
     # in [BLOCK_N, BLOCK_K] registers and are summed across threads once, after the loop.
@@ -104,7 +142,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words,
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        w = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+        w = _weight_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words, BITS, GROUP,
+                         HAS_ZEROS, BLOCK_K, SP24)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # masked tail: x = 0
         acc += w * x[None, :]
@@ -112,8 +151,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words,
 
 
 @triton.jit
-def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, stride_xm, stride_ym,
-                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+def _dot_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_pos_words, stride_xm, stride_ym,
+                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SP24: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                 FP32: tl.constexpr):
     # x [M, K], y [M, N] (fp32 and zeroed when SPLIT_K > 1: programs add their partial sums).
@@ -131,7 +170,8 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, stride_xm, 
                     mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         if FP32:
             x = x.to(tl.float32)
-        w = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+        w = _weight_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words, BITS, GROUP,
+                         HAS_ZEROS, BLOCK_K, SP24)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]  # M * N may pass 2**31
     y_mask = m_ok[:, None] & n_ok[None, :]
@@ -142,14 +182,15 @@ def _dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, stride_xm, 
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, n_words,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+def _dequant_kernel(w_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, K, n_words, n_pos_words,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SP24: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # out [N, K] in its own dtype.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
-    w = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+    w = _weight_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words, BITS, GROUP,
+                     HAS_ZEROS, BLOCK_K, SP24)
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=n_ok[:, None] & (offs_k[None, :] < K))

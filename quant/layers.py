@@ -52,6 +52,14 @@ class GridBuffers:
         if grid.zeros is not None:
             self.qzeros.copy_(pack_codes(grid.zeros.to(torch.uint8).T, grid.bits))
 
+    def kernel_grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The grid as the kernels read it (cuda/layout.py): (scales [n_groups, out], zeros uint8
+        [n_groups, out] or None)."""
+        zeros = None
+        if self.qzeros is not None:
+            zeros = unpack_codes(self.qzeros, self.bits, self.out_features).contiguous()
+        return self.scales.T.contiguous(), zeros
+
     def grid(self) -> QuantGrid:
         zeros = None
         if self.qzeros is not None:
@@ -124,10 +132,7 @@ class QuantLinear(GridBuffers, nn.Module):
 
     def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(words int32 [out, n_words], scales [n_groups, out], zeros uint8 [n_groups, out] or None)."""
-        zeros = None
-        if self.qzeros is not None:
-            zeros = unpack_codes(self.qzeros, self.bits, self.out_features).contiguous()
-        return words_of(self.qweight), self.scales.T.contiguous(), zeros
+        return words_of(self.qweight), *self.kernel_grid()
 
     def prepack(self, dtype: torch.dtype | None = None) -> QuantLinear:
         """Derive the kernels' layout from the stored state once, on the module's current device

@@ -17,10 +17,12 @@ A 2:4 layer at 4 bits with group 128 and float16 scales costs 4 + 2 bits per kep
 16 / 128 bits per weight: 3.125 bits per weight, 19.5% of its bf16 bytes (QuantLinear int4
 g128: 4.125, 25.8%). Pruned weights are exactly zero whatever the grid.
 
-Forward is the reference path (decompress the codes, dequantize, zero the pruned, matmul),
-except that a 2:4 layer prepared on CUDA for 16-bit activations (`prepack`, as SparseLinear)
-runs PyTorch's semi-structured sparse matmul on its dequantized weight: 2:4 speed, at the
-memory of a 2:4 bf16 copy beside the codes. A fused 2:4 + int4 kernel is the kernels issue's.
+Forward: a 2:4 layer of 2, 4 or 8 bits calls compress::sp24_int_linear (cuda/ops.py), which on
+CUDA runs our fused kernels (kept codes and positions decompressed in registers, cuda/triton_int.py)
+or dequantize + cuBLAS, whichever is faster for the shape, and elsewhere the reference; `kernel`
+("auto" | "reference" | "triton") picks as QuantLinear's does. The kernels read the stored bytes
+as int32 words (`prepack` derives that layout once, on the module's device). Other layers run the
+reference: decompress the codes, dequantize, zero the pruned, matmul.
 """
 
 from __future__ import annotations
@@ -30,17 +32,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.cuda.layout import KERNEL_BITS, words_of
+from compress.cuda.ops import sp24_int_linear
 from compress.errors import CompressError
 from compress.quant.layers import GridBuffers
 from compress.quant.packing import pack_codes, packed_row_bytes, unpack_codes
 from compress.quant.quantize import QuantGrid, dequantize
 
-from .layers import DTYPES, SemiStructuredPath, dtype_name
+from .layers import DTYPES, dtype_name
 from .masks import check_mask, parse_pattern
 from .packing import compress_nm, decompress_nm, index_bits, pack_bitmask, unpack_bitmask
 
 
-class SparseQuantLinear(SemiStructuredPath, GridBuffers, nn.Module):
+class SparseQuantLinear(GridBuffers, nn.Module):
     def __init__(self, in_features: int, out_features: int, pattern: str, storage: str, nnz: int, bits: int,
                  group_size: int, symmetric: bool, bias: bool, scale_dtype: str = "float16",
                  bias_dtype: str = "float32", device: torch.device | str | None = None) -> None:
@@ -71,6 +75,8 @@ class SparseQuantLinear(SemiStructuredPath, GridBuffers, nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=DTYPES[bias_dtype], device=device))
         else:
             self.bias = None
+        self.kernel = "auto"
+        self._prepacked: tuple[torch.Tensor, ...] | None = None  # the kernels' layout, made by prepack
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, keep: torch.Tensor, grid: QuantGrid, pattern: str, ratio: float | None,
@@ -115,6 +121,43 @@ class SparseQuantLinear(SemiStructuredPath, GridBuffers, nn.Module):
         """The dense weight [out, in] this module computes with."""
         codes, keep = self.codes_and_mask()
         return dequantize(codes, self.grid()).mul_(keep).to(dtype)
+
+    # --- kernels ---------------------------------------------------------------------------------
+    @property
+    def runs_sp24_op(self) -> bool:
+        return self.storage == "nm" and self.pattern == "2:4" and self.bits in KERNEL_BITS
+
+    def kernel_layout(self) -> tuple[torch.Tensor, ...]:
+        """(kept-code words int32 [out, n_words], position words int32 [out, n_pos_words], scales
+        [n_groups, out], zeros uint8 [n_groups, out] or None), cuda/layout.py."""
+        return words_of(self.qvalues), words_of(self.indices), *self.kernel_grid()
+
+    def set_kernel(self, kernel: str) -> SparseQuantLinear:
+        if kernel not in ("auto", "reference", "triton"):
+            raise ValueError(f"unknown kernel '{kernel}'; choose auto, reference or triton")
+        self.kernel = kernel
+        return self
+
+    def prepack(self, dtype: torch.dtype | None = None) -> SparseQuantLinear:
+        """Derive the kernels' layout once, on the module's current device (again after moving it)."""
+        self._prepacked = self.kernel_layout() if self.runs_sp24_op else None
+        return self
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the derived layout would be stale
+        self._prepacked = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
+        self._prepacked = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if not self.runs_sp24_op:
+            return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+        y = sp24_int_linear(x, *(self._prepacked or self.kernel_layout()), self.bits, self.group_size,
+                            self.in_features, self.kernel)
+        return y if bias is None else y + bias
 
     def sparsity(self) -> float:
         """Fraction of the layer's weights pruned."""

@@ -145,15 +145,3 @@ def test_compressor_stores_joint_and_separate_results():
         with torch.no_grad():
             out[joint] = ((m(x) - lin(x)).norm() / lin(x).norm()).item()
     assert 0 < out[True] < 0.5 and 0 < out[False] < 0.5, out
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_prepacked_2of4_int4_runs_pytorch_semi_structured_kernels():
-    codes, keep, grid, b, m = stored("2:4", shape=(512, 1024))
-    m = m.cuda().prepack(torch.bfloat16)
-    assert m._semi_structured is not None
-    x = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)
-    ref = x.float() @ m.dequantized_weight().T + m.bias
-    y = m(x)
-    assert y.dtype == torch.bfloat16 and ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
