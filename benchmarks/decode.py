@@ -12,8 +12,12 @@ tokens/s is measured on the second call (the first compiles). Variants:
   - int4-tinygemm: the same codes and scales through PyTorch's `_weight_int4pack_mm` (the kernel
                    behind torchao's int4 weight-only path), as the peer to beat;
   - sp24:          every decoder Linear magnitude-pruned 2:4 into our SparseLinear, prepacked at
-                   load for PyTorch's semi-structured sparse kernels (bf16 values).
-Before timing, the int4 model's logits through our kernels are compared with the reference path.
+                   load for PyTorch's semi-structured sparse kernels (bf16 values);
+  - sp24-int4:     every decoder Linear magnitude-pruned 2:4, its kept weights RTN-quantized to 4
+                   bits (group 128) in our SparseQuantLinear format (SparseGPT's joint format),
+                   through our fused 2:4 + int4 kernels or dequantize + cuBLAS, chosen per shape.
+Before timing, the int4 and sp24-int4 models' logits through our kernels are compared with the
+reference path.
 One JSON line per variant on stdout.
 
     python benchmarks/decode.py                        # all variants (about 4 minutes on an H100)
@@ -76,6 +80,18 @@ def build(variant: str, layers: int, group_size: int, device: str = "cuda") -> n
             sparse = SparseLinear.from_pruned(linear.weight, keep, "2:4", None, None, name).prepack(torch.bfloat16)
             model.model.layers.set_submodule(name, sparse)
         return model
+    if variant == "sp24-int4":
+        from compress.quant.quantize import compute_grid, quantize
+        from compress.sparsity.masks import nm_mask
+        from compress.sparsity.sparse_quant import SparseQuantLinear
+
+        for name, linear in linears:
+            w = linear.weight.float()
+            keep = nm_mask(w.abs(), 2, 4)
+            grid = compute_grid(w * keep, 4, group_size, True)
+            layer = SparseQuantLinear.from_codes(quantize(w, grid), keep, grid, "2:4", 0.5, None, "float16", name)
+            model.model.layers.set_submodule(name, layer.prepack(torch.bfloat16))
+        return model
     rtn = RTNConfig(bits=4, group_size=group_size, symmetric=True).build()
     for name, linear in linears:
         q = rtn.compress(name, linear).prepack(torch.bfloat16)
@@ -88,8 +104,9 @@ def check_kernels(model: nn.Module, ids: torch.Tensor) -> float:
     path, for the prompt and for a single token (decode shapes); also measures the kernel
     choices for both shapes before any CUDA graph is captured."""
     from compress.quant.layers import QuantLinear
+    from compress.sparsity.sparse_quant import SparseQuantLinear
 
-    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    quant = [m for m in model.modules() if isinstance(m, (QuantLinear, SparseQuantLinear))]
     errors = []
     with torch.no_grad():
         for inputs in (ids, ids[:, :1]):
@@ -120,8 +137,8 @@ def tokens_per_second(model: nn.Module, ids: torch.Tensor, tokens: int) -> tuple
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", nargs="+", default=["bf16", "int4", "int4-tinygemm", "sp24"],
-                    choices=["bf16", "int4", "int4-tinygemm", "sp24"])
+    variants = ["bf16", "int4", "int4-tinygemm", "sp24", "sp24-int4"]
+    ap.add_argument("--variants", nargs="+", default=variants, choices=variants)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)
@@ -148,11 +165,12 @@ def main() -> None:
 
             row["sparse_kernel_layers"] = sum(m._semi_structured is not None for m in model.modules()
                                               if isinstance(m, SparseLinear))
-        if variant == "int4":
+        if variant in ("int4", "sp24-int4"):
             from compress.cuda import int_matmul as im
 
             row["logits_relerr_vs_reference"] = round(check_kernels(model, ids), 5)
-            row["choices"] = {f"{k[5]}x{k[6]} M<={k[7]}": name for k, name in im.TUNER.choices().items()}
+            row["choices"] = {f"{k[5]}x{k[6]} M<={k[7]}": name for k, name in im.TUNER.choices().items()
+                              if k[-1] == (variant == "sp24-int4")}
         first_s, tok_s = tokens_per_second(model, ids, args.tokens)
         row.update(tok_s=round(tok_s, 1), warm_s=round(first_s, 1),
                    mem_GB=round(torch.cuda.max_memory_allocated() / 1e9, 1))

@@ -19,6 +19,10 @@ low-bit kernels at its own kernel choice, same codes and scales) and bitsandbyte
 `sp24`: a 2:4 sparse bf16 weight (magnitude-pruned random weights) through PyTorch's
 semi-structured sparse matmuls, CUTLASS and cuSPARSELt (the path a prepacked 2:4 SparseLinear
 takes is PyTorch's default of the two), against the dense bf16 weight through cuBLAS.
+`sp24w4g128`: a 2:4 sparse weight whose kept values are 4-bit (group 128, symmetric), the format
+of SparseGPT with joint quantization (SparseQuantLinear): our fused kernels (kept codes and
+positions decompressed in registers) or dequantize + cuBLAS, chosen per shape as for the dense
+formats, beside the dense int4 choice and cuSPARSELt on the same weight dequantized to bf16.
 
     python benchmarks/kernels.py                       # the full table (a few minutes on an H100)
     python benchmarks/kernels.py --kernels w4g128 --ms 1 16 --shapes 11008x4096
@@ -39,6 +43,7 @@ KERNELS = {  # name -> (bits, group_size, symmetric)
     "w4g128-asym": (4, 128, False),
     "w8g128": (8, 128, True),
     "sp24": None,  # 2:4 sparse bf16, PyTorch's semi-structured kernels
+    "sp24w4g128": None,  # 2:4 + 4-bit group 128, ours
 }
 
 
@@ -147,6 +152,48 @@ def sparse_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tensor) 
     return row
 
 
+def sparse_int_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tensor) -> dict:
+    """One `sp24w4g128` row: our 2:4 + int4 choice, the dense int4 choice and cuSPARSELt on the
+    dequantized weight, against dense bf16 cuBLAS."""
+    import dataclasses
+
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT
+
+    from compress.cuda import int_matmul as im
+    from compress.cuda.layout import words_of
+    from compress.quant.packing import pack_codes
+
+    dense_int, _ = random_weight(n, k, 4, 128, True)
+    kept = torch.randint(0, 16, (n, k // 2), dtype=torch.uint8, device="cuda")
+    slots = torch.rand(n, k // 4, 4, device="cuda").argsort(-1)[..., :2].sort(-1).values  # 2 of every 4
+    w = dataclasses.replace(dense_int, words=words_of(pack_codes(kept, 4)),
+                            positions=words_of(pack_codes(slots.reshape(n, -1).to(torch.uint8), 2)))
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    dense = im.dequantize(w, dtype)
+    ref = x.float() @ dense.float().T
+    row = {"kernel": "sp24w4g128", "N": n, "K": k, "M": m}
+    y = im.int_matmul(x, w)  # first call: measures the candidates, keeps the fastest
+    row["relerr"] = round(((y.float() - ref).norm() / ref.norm()).item(), 5)
+    row["choice"] = im.TUNER.choices()[next(key for key in im.TUNER.choices()
+                                            if key[-5:] == (n, k, im._m_bucket(m), False, True) and key[1] == dtype)]
+    bf16_graph, bf16_cold = time_both(lambda: torch.nn.functional.linear(x, dense), flush)
+    row.update(bf16_us_graph=round(bf16_graph, 2), bf16_us_cold=round(bf16_cold, 2))
+    contenders = {"ours": lambda: im.int_matmul(x, w), "int4_dense": lambda: im.int_matmul(x, dense_int)}
+    try:
+        semi = SparseSemiStructuredTensorCUSPARSELT.from_dense(dense)
+        contenders["cusparselt"] = lambda: torch.nn.functional.linear(x, semi)
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        row["cusparselt_error"] = str(e).splitlines()[0][:120]
+    for label, fn in contenders.items():
+        graph, cold = time_both(fn, flush)
+        row.update({f"{label}_us_graph": round(graph, 2), f"{label}_us_cold": round(cold, 2),
+                    f"{label}_speedup_graph": round(bf16_graph / graph, 2),
+                    f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
+    weight_bytes = w.words.numel() * 4 + w.positions.numel() * 4 + w.scales.numel() * 2
+    row["ours_TBps_cold"] = round(weight_bytes / (row["ours_us_cold"] * 1e-6) / 1e12, 2)
+    return row
+
+
 def graph_us(body, reps: int) -> float:
     """Microseconds per repetition of `body` captured `reps` times in one CUDA graph (median of 5)."""
     graph = torch.cuda.CUDAGraph()
@@ -196,10 +243,11 @@ def main() -> None:
     print(json.dumps({"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
                       "dtype": args.dtype}), flush=True)
     for name in args.kernels:
-        if name == "sp24":
+        if name in ("sp24", "sp24w4g128"):
+            make_row = sparse_row if name == "sp24" else sparse_int_row
             for shape in args.shapes:
                 for m in args.ms:
-                    print(json.dumps(sparse_row(*map(int, shape.split("x")), m, dtype, flush)), flush=True)
+                    print(json.dumps(make_row(*map(int, shape.split("x")), m, dtype, flush)), flush=True)
             continue
         bits, group_size, symmetric = KERNELS[name]
         for shape in args.shapes:
