@@ -49,45 +49,7 @@ def _semi_structured(dense: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-class SemiStructuredPath:
-    """The CUDA path of a 2:4 layer (mixed into SparseLinear and SparseQuantLinear, nn.Modules
-    with `pattern`, `storage`, `indices`, `bias` and `dequantized_weight`): `prepack` makes
-    PyTorch's semi-structured sparse weight once, and forward uses it for activations of its dtype;
-    every other case runs the reference (decompress, then matmul)."""
-
-    _semi_structured: torch.Tensor | None = None  # PyTorch's 2:4 sparse weight, made by prepack
-
-    def prepack(self, dtype: torch.dtype | None = None):
-        """On CUDA, for a 2:4 layer and 16-bit activations `dtype`: PyTorch's semi-structured sparse
-        weight of the dense weight this layer computes with (a second copy of the kept values
-        beside the checkpoint's). Layers whose shapes PyTorch's sparse kernels do not take keep the
-        reference path (logged)."""
-        self._semi_structured = None
-        if self.storage == "nm" and self.pattern == "2:4" and dtype in (torch.float16, torch.bfloat16) \
-                and self.indices.is_cuda:
-            try:
-                self._semi_structured = _semi_structured(self.dequantized_weight(dtype))
-            except (RuntimeError, ValueError) as e:
-                log.info("2:4 layer %dx%d stays on the reference path: %s", self.out_features, self.in_features,
-                         str(e).splitlines()[0] if str(e) else e)
-        return self
-
-    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the prepared weight would be stale
-        self._semi_structured = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
-        self._semi_structured = None
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self._semi_structured is not None and x.dtype == self._semi_structured.dtype:
-            return nn.functional.linear(x, self._semi_structured, bias)
-        return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
-
-
-class SparseLinear(SemiStructuredPath, nn.Module):
+class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, pattern: str, storage: str, nnz: int, value_dtype: str,
                  bias: bool, bias_dtype: str = "float32", device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -115,6 +77,7 @@ class SparseLinear(SemiStructuredPath, nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=DTYPES[bias_dtype], device=device))
         else:
             self.bias = None
+        self._semi_structured: torch.Tensor | None = None  # PyTorch's 2:4 sparse weight, made by prepack
 
     @classmethod
     def from_pruned(cls, weight: torch.Tensor, keep: torch.Tensor, pattern: str, ratio: float | None,
@@ -159,6 +122,36 @@ class SparseLinear(SemiStructuredPath, nn.Module):
             dense[unpack_bitmask(self.mask, self.in_features)] = self.values.to(dtype)
             return dense
         return self.weight.to(dtype)
+
+    # --- kernels ---------------------------------------------------------------------------------
+    def prepack(self, dtype: torch.dtype | None = None) -> SparseLinear:
+        """On CUDA, for a 2:4 layer and 16-bit activations `dtype`: PyTorch's semi-structured sparse
+        weight, which forward then uses for activations of that dtype (a second copy of the kept
+        values beside the checkpoint's). Layers whose shapes PyTorch's sparse kernels do not take
+        keep the reference path (logged)."""
+        self._semi_structured = None
+        if self.storage == "nm" and self.pattern == "2:4" and dtype in (torch.float16, torch.bfloat16) \
+                and self.values.is_cuda:
+            try:
+                self._semi_structured = _semi_structured(self.dequantized_weight(dtype))
+            except (RuntimeError, ValueError) as e:
+                log.info("2:4 layer %dx%d stays on the reference path: %s", self.out_features, self.in_features,
+                         str(e).splitlines()[0] if str(e) else e)
+        return self
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the prepared weight would be stale
+        self._semi_structured = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
+        self._semi_structured = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self._semi_structured is not None and x.dtype == self._semi_structured.dtype:
+            return nn.functional.linear(x, self._semi_structured, bias)
+        return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def sparsity(self) -> float:
         """Fraction of the layer's weights pruned."""
