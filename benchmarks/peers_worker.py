@@ -50,7 +50,7 @@ def build_recipe(method: str, bits: int, group_size: int, damp: float, pattern: 
 
         kind = SparseGPTModifier if method == "sparsegpt" else WandaPruningModifier
         return kind(sparsity=0.5, mask_structure=structure, targets=["Linear"], ignore=["lm_head"])
-    if method == "magnitude":  # one-shot: start and end at step 0, sparsity 0.5 from the start
+    if method == "magnitude":  # one-shot: start and end at step 0; its masks know "unstructured", not "0:0"
         from llmcompressor.modifiers.pruning.magnitude import MagnitudePruningModifier
 
         return MagnitudePruningModifier(targets=["re:.*_proj$"], init_sparsity=0.5, final_sparsity=0.5,

@@ -184,8 +184,8 @@ def quantize(
     use the protocol's calibration data (news, 64 x 512 tokens).
     """
     given = {"bits": bits, "group_size": group_size, "symmetric": symmetric, "ignore": ignore, "targets": targets}
-    pipeline = _one_step(model, output, method, given, {"samples": samples, "seq_len": seq_len, "offload": offload}, device,
-                         trust_remote_code, evaluate, "quantize")
+    calibration = {"samples": samples, "seq_len": seq_len, "offload": offload}
+    pipeline = _one_step(model, output, method, given, calibration, device, trust_remote_code, evaluate, "quantize")
     _run_and_report(pipeline, None, overwrite, resume, quiet, json_)
 
 
@@ -215,8 +215,8 @@ def prune(
         help="Per-layer ratios: uniform, or owl (outlier-weighted, the mean kept; wanda and sparsegpt, "
              "unstructured) [uniform].")] = None,
     bits: Annotated[Optional[int], typer.Option(
-        help="Also quantize the kept weights to this many bits, 2 to 8, in the same pass (sparsegpt only) "
-             "[no quantization].")] = None,
+        help="Also quantize the kept weights to this many bits, 2 to 8 (sparsegpt only; in the same pass "
+             "unless --separate) [no quantization].")] = None,
     group_size: Annotated[Optional[int], typer.Option(
         help="With --bits: dense input columns per scale; -1 for per-channel [128].")] = None,
     joint: Annotated[Optional[bool], typer.Option(
@@ -256,8 +256,8 @@ def prune(
                             f"{', '.join(joint_methods)}, or quantize in a later pipeline step")
     given = {"sparsity": sparsity, "pattern": pattern, "allocation": allocation, "quantize": quantize or None,
              "ignore": ignore, "targets": targets}
-    pipeline = _one_step(model, output, method, given, {"samples": samples, "seq_len": seq_len, "offload": offload}, device,
-                         trust_remote_code, evaluate, "prune")
+    calibration = {"samples": samples, "seq_len": seq_len, "offload": offload}
+    pipeline = _one_step(model, output, method, given, calibration, device, trust_remote_code, evaluate, "prune")
     _run_and_report(pipeline, None, overwrite, resume, quiet, json_)
 
 
@@ -299,8 +299,8 @@ def lowrank(
         raise CompressError(f"lowrank: '{method}' is not a low-rank method; use one of {', '.join(low_rank)}")
     given = {"keep": keep, "scope": scope, "allocation": allocation, "rank": rank, "ignore": ignore,
              "targets": targets}
-    pipeline = _one_step(model, output, method, given, {"samples": samples, "seq_len": seq_len, "offload": offload}, device,
-                         trust_remote_code, evaluate, "lowrank")
+    calibration = {"samples": samples, "seq_len": seq_len, "offload": offload}
+    pipeline = _one_step(model, output, method, given, calibration, device, trust_remote_code, evaluate, "lowrank")
     _run_and_report(pipeline, None, overwrite, resume, quiet, json_)
 
 

@@ -97,7 +97,8 @@ class SparseQuantLinear(GridBuffers, nn.Module):
             m.indices.copy_(indices)
         else:
             m.mask.copy_(pack_bitmask(keep))
-            m.qvalues.copy_(pack_codes(codes[keep].view(1, -1), grid.bits).view(-1))
+            if nnz:  # a layer pruned entirely keeps no codes
+                m.qvalues.copy_(pack_codes(codes[keep].view(1, -1), grid.bits).view(-1))
         m._store_grid(grid)
         if bias is not None:
             m.bias.copy_(bias.detach())
@@ -114,7 +115,8 @@ class SparseQuantLinear(GridBuffers, nn.Module):
             return codes, keep
         keep = unpack_bitmask(self.mask, self.in_features)
         codes = torch.zeros(self.out_features, self.in_features, dtype=torch.uint8, device=keep.device)
-        codes[keep] = unpack_codes(self.qvalues.view(1, -1), self.bits, self.nnz).view(-1)
+        if self.nnz:
+            codes[keep] = unpack_codes(self.qvalues.view(1, -1), self.bits, self.nnz).view(-1)
         return codes, keep
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -130,7 +130,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, n
                 if grid is not None:
                     g = j // grid.group_size
                     if j % grid.group_size == 0:
-                        _group_grid(w, u, keep, energy, nm, fixed, grid, j, scales, zeros)
+                        _group_grid(w, u, keep, energy, nm, fixed, grid, j, scales, zeros, block_size)
                     q_codes, col_q = quantize_column(col, scales[:, g], None if zeros is None else zeros[:, g],
                                                      grid.bits)
                     codes[:, j] = q_codes.to(torch.uint8)
@@ -153,7 +153,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, n
 
 def _group_grid(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, energy: torch.Tensor,
                 nm: tuple[int, int] | None, fixed: bool, grid: GridSpec, j: int, scales: torch.Tensor,
-                zeros: torch.Tensor | None) -> None:
+                zeros: torch.Tensor | None, block_size: int) -> None:
     """The grid of the group starting at column j, into scales / zeros [out, n_groups], from the
     values its kept weights will have once the group's own pruned weights are compensated: the
     current values of its columns (all up to date: the group starts a block or lies inside the
@@ -168,9 +168,15 @@ def _group_grid(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, energy: to
     ug = u[j:j + k, j:j + k]  # [k, k]
     mask = nm_mask(values.square() / ug.diagonal().square(), *nm) if nm is not None and not fixed \
         else keep[:, j:j + k]  # unstructured: chosen for the current block, True beyond it
-    for c in range(k):
-        err = torch.where(mask[:, c], 0.0, values[:, c]) / ug[c, c]  # [out]
-        values[:, c:] -= err.unsqueeze(1) * ug[c, c:].unsqueeze(0)
+    for c1 in range(0, k, block_size):  # blocked like the main loop: a large group costs matmuls, not k^2 steps
+        c2 = min(c1 + block_size, k)
+        v1, u1 = values[:, c1:c2], ug[c1:c2, c1:c2]  # [out, b] (a view), [b, b]
+        err1 = torch.zeros_like(v1)
+        for c in range(c2 - c1):
+            err = torch.where(mask[:, c1 + c], 0.0, v1[:, c]) / u1[c, c]  # [out]
+            v1[:, c:] -= err.unsqueeze(1) * u1[c, c:].unsqueeze(0)
+            err1[:, c] = err
+        values[:, c2:] -= err1 @ ug[c1:c2, c2:]
     g = cast_grid(compute_grid(values * mask, grid.bits, k, grid.symmetric, grid.clip, energy[j:j + k]),
                   grid.scale_dtype)
     scales[:, j // grid.group_size] = g.scales[:, 0]

@@ -132,8 +132,8 @@ def test_2_4_pruning_orders_as_the_literature(pruned_2_4):
 
 
 def test_2_4_with_joint_4bit_costs_little_over_2_4_alone(pruned_2_4):
-    """SparseGPT 2:4 + 4-bit in one pass: every layer 2:4 with 4-bit kept codes, in about a fifth of
-    the fp32 model's bits, for a small loss over 2:4 alone."""
+    """SparseGPT 2:4 + 4-bit in one pass: every layer 2:4 with 4-bit kept codes, about a fifth of
+    the bits of bf16 weights, for a small loss over 2:4 alone."""
     report, result = pruned_2_4["joint"]
     assert len(report.modules) == 210 and {m.after for m in report.modules} == {"2:4 sparse (50.0%) + int4 g128 sym"}
     assert report.bits_per_weight < 3.2
