@@ -1,9 +1,10 @@
 """Launchers for the integer-weight Triton kernels and the per-shape choice between them.
 
 `int_matmul(x, w)` computes x [M, K] @ dequantize(w).T -> [M, N] in x's dtype. Candidates per
-M: the GEMV kernel (M = 1), the tensor-core kernel at several tile sizes and split-K factors,
-and dequantize + cuBLAS (which wins at large M, where the matmul is compute-bound). The first
-call of each (device, format, N, K, M bucket) times them all once and keeps the fastest
+M: the GEMV kernel (M = 1), the two tensor-core kernels (weights as the MMA's B operand, or as
+its A operand with cheaper dequantization: dense weights) at several tile sizes and split-K
+factors, and dequantize + cuBLAS (which wins at large M, where the matmul is compute-bound). The
+first call of each (device, format, N, K, M bucket) times them all once and keeps the fastest
 (`TUNER.choices()` lists what was chosen). Timing replays CUDA graphs, as a served model runs
 (torch.compile with CUDA graphs): launch overhead from Python would otherwise swamp
 microsecond kernels and pick by it.
@@ -19,7 +20,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from . import tinygemm
-from .triton_int import _dequant_kernel, _dot_kernel, _gemv_kernel
+from .triton_int import _dequant_kernel, _dot_kernel, _gemv_kernel, _mma_kernel
 from .tuning import Candidate, Tuner, interpreting
 
 ONE_GROUP = 1 << 30  # GROUP constant for per-channel scales (one group spans every K)
@@ -99,6 +100,31 @@ def dot(x: torch.Tensor, w: IntWeight, block_m: int, block_n: int, block_k: int,
     return y.to(x.dtype) if split_k > 1 else y
 
 
+def mma_fits(block_k: int, group: int, bits: int) -> bool:
+    """`_mma_kernel` scales each K tile as a whole: the tile lies inside one group (and holds a
+    word per row)."""
+    return group % block_k == 0 and block_k >= 32 // bits
+
+
+def mma(x: torch.Tensor, w: IntWeight, block_m: int, block_n: int, block_k: int, split_k: int = 1,
+        num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """x [M, K] -> [M, N] through tensor cores with the weight as the A operand (dense weights)."""
+    m, n, k = x.shape[0], w.out_features, w.in_features
+    y = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split_k > 1
+         else torch.empty(m, n, dtype=x.dtype, device=x.device))
+    zeros = w.zeros if w.zeros is not None else w.scales  # never read when HAS_ZEROS is False
+    fp32 = interpreting() or x.dtype == torch.float32
+    # bf16 holds 128 + code exactly for codes below 128; otherwise fp16 (1024 + code), converted
+    bf16_codes = x.dtype == torch.bfloat16 and w.bits < 8 and not fp32
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+    _mma_kernel[grid](
+        x, w.words, w.scales, zeros, y, m, n, k, w.words.shape[1], x.stride(0), y.stride(0),
+        0x43004300 if bf16_codes else 0x64006400, BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None,
+        BF16_CODES=bf16_codes, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, FP32=fp32,
+        num_warps=num_warps, num_stages=num_stages)
+    return y.to(x.dtype) if split_k > 1 else y
+
+
 def dequantize(w: IntWeight, dtype: torch.dtype, block_n: int = 32, block_k: int | None = None) -> torch.Tensor:
     """The dense weight [N, K] in `dtype`."""
     n, k = w.out_features, w.in_features
@@ -126,6 +152,16 @@ DOT_CONFIGS = {  # block_k 128 suits 4-bit (16 words), 64 suits 8-bit
     None: [(128, 256, 128, 1, 8, 3)],
 }
 
+# (block_m, block_n, block_k, split_k, warps, stages) for `_mma_kernel` by M range: not yet timed
+# on a GPU; chosen from the compiled code's instruction counts (benchmarks/kernel_sass.py) and from
+# enough programs (N / block_n * split_k) to fill 132 SMs on the benchmark shapes.
+MMA_CONFIGS = {
+    16: [(16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 64, 4, 4, 4)],
+    64: [(64, 64, 128, 2, 4, 3), (64, 128, 128, 2, 4, 3), (32, 128, 128, 2, 4, 3)],
+    256: [(64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 3)],
+    None: [(128, 128, 128, 1, 8, 3)],
+}
+
 
 def _m_bucket(m: int) -> int | None:
     return next((b for b in (1, 16, 64, 256) if m <= b), None)
@@ -133,6 +169,10 @@ def _m_bucket(m: int) -> int | None:
 
 def _gemv(bn: int, bk: int, nw: int, ns: int) -> Candidate:
     return Candidate(f"gemv n{bn} k{bk} w{nw} s{ns}", lambda x, w: gemv(x, w, bn, bk, nw, ns))
+
+
+def _mma(bm: int, bn: int, bk: int, sk: int, nw: int, ns: int) -> Candidate:
+    return Candidate(f"mma m{bm} n{bn} k{bk} split{sk} w{nw} s{ns}", lambda x, w: mma(x, w, bm, bn, bk, sk, nw, ns))
 
 
 def _dot(bm: int, bn: int, bk: int, sk: int, nw: int, ns: int) -> Candidate:
@@ -153,6 +193,8 @@ def candidates(m: int, dtype: torch.dtype, group: int, bits: int, has_tinygemm: 
         if m == 1:
             out += [_gemv(*c) for c in GEMV_CONFIGS if block_k_fits(c[1], group, bits, sp24)]
         out += [_dot(*c) for c in DOT_CONFIGS[16 if bucket == 1 else bucket] if block_k_fits(c[2], group, bits, sp24)]
+        if not sp24:
+            out += [_mma(*c) for c in MMA_CONFIGS[16 if bucket == 1 else bucket] if mma_fits(c[2], group, bits)]
     return out + [DEQUANT_MATMUL]
 
 
@@ -160,7 +202,14 @@ def _measure(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=10)
 
 
-TUNER = Tuner(_measure, skip=(OutOfResources, CompilationError))
+def _agrees(y: torch.Tensor, ref: torch.Tensor) -> bool:
+    """A candidate's output against dequantize + cuBLAS: kernels differ from it by rounding the
+    weight or the sums differently (~1e-3 relative in bf16); a wrong kernel is off by ~1."""
+    tol = 1e-3 if y.dtype == torch.float32 else 2e-2
+    return y.shape == ref.shape and bool(((y.float() - ref.float()).norm() <= tol * ref.float().norm()).item())
+
+
+TUNER = Tuner(_measure, skip=(OutOfResources, CompilationError), agree=_agrees)
 
 
 def int_matmul(x: torch.Tensor, w: IntWeight) -> torch.Tensor:

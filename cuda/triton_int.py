@@ -1,16 +1,18 @@
 """Triton kernels for y = x @ dequantize(words).T with group-wise integer weights (layout.py).
 
-Three kernels, chosen per shape by `int_matmul` (cuda/tuning.py measures which is fastest):
+Four kernels, chosen per shape by `int_matmul` (cuda/tuning.py measures which is fastest):
 
 - `_gemv_kernel` (M = 1, decode): each program owns BLOCK_N output rows and walks the whole K
   dimension, so there is no split-K reduction, no zero-initialised buffer and one launch.
 - `_dot_kernel` (small and medium M): dequantized weight tiles feed tensor cores through tl.dot;
   SPLIT_K > 1 spreads K over programs that add their fp32 partial sums atomically (enough
   programs to fill the GPU when M is small).
+- `_mma_kernel` (dense weights, M = 1 to a few hundred): the same with the operands swapped and
+  cheaper dequantization (below).
 - `_dequant_kernel`: the dense weight, for large M (then cuBLAS does the matmul) and for LoRA
   training or merges.
 
-All three unpack a [rows, words] tile the same way (`_dequant_tile`): code i of every word is
+The first three unpack a [rows, words] tile the same way (`_dequant_tile`): code i of every word is
 peeled off by a logical shift into a "plane" [rows, words]; each plane is dequantized where it
 is (the planes have the loaded words' register layout, so nothing moves between threads); then
 tl.interleave merges the planes back into column order k = cpw * j + i. Interleaving adds a
@@ -28,8 +30,24 @@ the kept half of a tile as above, decodes the positions the same way, and scatte
 kept values into its group of 4 columns in registers (a select per slot), so the kernels go on
 exactly as for a dense tile: half the codes and a quarter more bits of position per weight read.
 
+`_mma_kernel` (M = 1 to a few hundred) is the tensor-core kernel with the operands swapped and
+the dequantization done two codes per instruction, which cuts its hot loop from about 8 to about
+4 instructions per weight and thread (benchmarks/kernel_sass.py counts them in the compiled code):
+- y.T [N, M] = W [N, K] @ x.T [K, M]: the weight tile is the MMA's A operand (64-row Hopper
+  wgmma tiles, taken from registers) and the tokens are its narrow N side (16 and up), so a
+  decode batch wastes MMA width, which is cheap, instead of weight rows, which cost bandwidth.
+- Codes become 16-bit floats in pairs: masking a word with the code mask repeated in both
+  halves (0x000F000F for 4 bits) and OR-ing in the bits of 1024.0 (fp16) or 128.0 (bf16) in both
+  halves gives two floats magic + code in one instruction; one packed subtraction of
+  magic + zero leaves code - zero, exactly (small integers). bf16 holds 128 + code exactly only
+  for codes below 128, so 8-bit codes take the fp16 route and are converted (still exact).
+- The tile's integer-valued weights go through the MMA unscaled; the group's scales multiply
+  the fp32 result [BLOCK_N, BLOCK_M] (a K tile lies inside one group), BLOCK_K / BLOCK_M times
+  fewer multiplications than scaling every weight.
+
 Under TRITON_INTERPRET=1 (CPU tests) `FP32` is set: the interpreter gets bf16 arithmetic wrong,
-so everything is upcast right after loading.
+so everything is upcast right after loading (the MMA kernel dequantizes in fp16 there, which it
+gets right, then upcasts).
 """
 
 from __future__ import annotations
@@ -194,3 +212,90 @@ def _dequant_kernel(w_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, K, n_words, n_pos_wo
                      HAS_ZEROS, BLOCK_K, SP24)
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=n_ok[:, None] & (offs_k[None, :] < K))
+
+
+@triton.jit
+def _pairs16(w, t: tl.constexpr, BITS: tl.constexpr, magic, DQ: tl.constexpr):
+    """Codes t and t + cpw / 2 of every word (uint32 [rows, words]) as 16-bit floats magic + code:
+    one mask-or with `magic` (the float's bits in both halves) gives both, read as two DQ values."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+    p = ((w >> (t * BITS)) & MASK) | magic
+    return p.to(tl.uint16).to(DQ, bitcast=True), (p >> 16).to(tl.uint16).to(DQ, bitcast=True)
+
+
+@triton.jit
+def _codes16(words, zc, BITS: tl.constexpr, magic, DQ: tl.constexpr):
+    """int32 words [rows, words] -> code - zero in DQ [rows, words * cpw], column order; zc = magic +
+    zero (DQ, broadcast against [rows, words]). Planes interleave as in `_dequant_tile`."""
+    w = words.to(tl.uint32, bitcast=True)
+    if BITS == 8:
+        a0, a2 = _pairs16(w, 0, 8, magic, DQ)
+        a1, a3 = _pairs16(w, 1, 8, magic, DQ)
+        return tl.interleave(tl.interleave(a0 - zc, a2 - zc), tl.interleave(a1 - zc, a3 - zc))
+    elif BITS == 4:
+        a0, a4 = _pairs16(w, 0, 4, magic, DQ)
+        a1, a5 = _pairs16(w, 1, 4, magic, DQ)
+        a2, a6 = _pairs16(w, 2, 4, magic, DQ)
+        a3, a7 = _pairs16(w, 3, 4, magic, DQ)
+        return tl.interleave(tl.interleave(tl.interleave(a0 - zc, a4 - zc), tl.interleave(a2 - zc, a6 - zc)),
+                             tl.interleave(tl.interleave(a1 - zc, a5 - zc), tl.interleave(a3 - zc, a7 - zc)))
+    else:  # 2 bits: codes t and t + 8 per pair
+        a0, a8 = _pairs16(w, 0, 2, magic, DQ)
+        a1, a9 = _pairs16(w, 1, 2, magic, DQ)
+        a2, a10 = _pairs16(w, 2, 2, magic, DQ)
+        a3, a11 = _pairs16(w, 3, 2, magic, DQ)
+        a4, a12 = _pairs16(w, 4, 2, magic, DQ)
+        a5, a13 = _pairs16(w, 5, 2, magic, DQ)
+        a6, a14 = _pairs16(w, 6, 2, magic, DQ)
+        a7, a15 = _pairs16(w, 7, 2, magic, DQ)
+        a = tl.interleave(tl.interleave(tl.interleave(a0 - zc, a8 - zc), tl.interleave(a4 - zc, a12 - zc)),
+                          tl.interleave(tl.interleave(a2 - zc, a10 - zc), tl.interleave(a6 - zc, a14 - zc)))
+        b = tl.interleave(tl.interleave(tl.interleave(a1 - zc, a9 - zc), tl.interleave(a5 - zc, a13 - zc)),
+                          tl.interleave(tl.interleave(a3 - zc, a11 - zc), tl.interleave(a7 - zc, a15 - zc)))
+        return tl.interleave(a, b)
+
+
+@triton.jit
+def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, stride_xm, stride_ym, magic,
+                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BF16_CODES: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                FP32: tl.constexpr):
+    # x [M, K], y [M, N] (fp32 and zeroed when SPLIT_K > 1); BLOCK_K divides GROUP. The accumulator
+    # is y.T's tile [BLOCK_N, BLOCK_M]. Codes are dequantized in bf16 (BF16_CODES, magic =
+    # 0x43004300: 128.0 twice) or fp16 (0x64006400: 1024.0 twice). `magic` is a runtime argument
+    # so that it lives in a register: as a constant, ptxas re-creates it before every mask-or
+    # (a LOP3 takes one immediate, and the mask is the other), 10% more instructions per weight.
+    DQ: tl.constexpr = tl.bfloat16 if BF16_CODES else tl.float16
+    MAGIC_V: tl.constexpr = 128.0 if BF16_CODES else 1024.0
+    CPW: tl.constexpr = 32 // BITS
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, tiles)):
+        k0 = t * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None],
+                     mask=m_ok[None, :] & (offs_k[:, None] < K), other=0.0)  # [BLOCK_K, BLOCK_M]; tail x = 0
+        offs_w = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
+        words = tl.load(w_ptr + offs_n[:, None] * n_words + offs_w[None, :],
+                        mask=n_ok[:, None] & (offs_w[None, :] < n_words), other=0)
+        g_off = (k0 // GROUP) * N + offs_n
+        s = tl.load(s_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zc = (tl.load(z_ptr + g_off, mask=n_ok, other=0).to(tl.float32) + MAGIC_V).to(DQ)[:, None]
+        else:
+            zc = tl.full([BLOCK_N, 1], MAGIC_V + (1 << (BITS - 1)), DQ)
+        q = _codes16(words, zc, BITS, magic.to(tl.uint32), DQ)  # [BLOCK_N, BLOCK_K], code - zero (exact)
+        if FP32:
+            xt = xt.to(tl.float32)
+        acc += tl.dot(q.to(xt.dtype), xt) * s[:, None]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]  # M * N may pass 2**31
+    y_mask = m_ok[None, :] & n_ok[:, None]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=y_mask)

@@ -1,7 +1,8 @@
 """The Triton kernels compile to GPU code for Ampere (sm_80) and Hopper (sm_90a) without a GPU.
 
 Triton's compiler runs on the CPU (its bundled ptxas included), so CI checks that every kernel,
-for each weight width, zero-point mode and density (dense or 2:4), lowers through PTX to a cubin for both targets. The
+for each weight width, zero-point mode and density (dense or 2:4) or activation type (the
+swapped-operand kernel), lowers through PTX to a cubin for both targets. The
 check runs in a subprocess: this process has TRITON_INTERPRET=1, under which kernels are
 interpreted and never compiled."""
 
@@ -28,20 +29,29 @@ KERNELS = {  # kernel -> (pointer/int arguments in order, constexprs)
     ti._dequant_kernel: (["*i32", "*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32", "i32"],
                          dict(BLOCK_N=32, BLOCK_K=128)),
 }
+MMA = (["*i32", "*fp16", "*u8", "*fp32"] + ["i32"] * 7, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, FP32=False))
+
+
+def build(fn, types, consts, arch):
+    names = fn.arg_names
+    sig = {n: t for n, t in zip(names, types)} | {n: "constexpr" for n in consts}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    assert kernel.asm["cubin"], (fn.__name__, arch, consts)
+    print(fn.__name__, arch, consts["BITS"], consts["HAS_ZEROS"], consts.get("SP24", types[0]), "ok")
+
+
 for arch in map(int, sys.argv[1:]):
-    for fn, (types, blocks) in KERNELS.items():
-        for bits in (2, 4, 8):
-            for zeros in (False, True):
+    for bits in (2, 4, 8):
+        for zeros in (False, True):
+            for fn, (types, blocks) in KERNELS.items():
                 for sp24 in (False, True):  # dense, or 2:4 (kept codes + positions)
-                    consts = dict(BITS=bits, GROUP=128 if fn is not ti._dot_kernel else 64, HAS_ZEROS=zeros,
-                                  SP24=sp24, **blocks)
-                    names = fn.arg_names
-                    sig = {n: t for n, t in zip(names, types)} | {n: "constexpr" for n in consts}
-                    src = ASTSource(fn=fn, signature=sig,
-                                    constexprs={(names.index(n),): v for n, v in consts.items()})
-                    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-                    assert kernel.asm["cubin"], (fn.__name__, arch, bits, zeros, sp24)
-                    print(fn.__name__, arch, bits, zeros, sp24, "ok")
+                    build(fn, types, dict(BITS=bits, GROUP=128 if fn is not ti._dot_kernel else 64, HAS_ZEROS=zeros,
+                                          SP24=sp24, **blocks), arch)
+            for act in ("*bf16", "*fp16"):  # the activations pick the 16-bit type codes are dequantized in
+                build(ti._mma_kernel, [act] + MMA[0],
+                      dict(BITS=bits, GROUP=128, HAS_ZEROS=zeros, BF16_CODES=act == "*bf16" and bits < 8, **MMA[1]),
+                      arch)
 """
 
 
@@ -51,4 +61,4 @@ def test_kernels_compile_for_sm80_and_sm90():
     proc = subprocess.run([sys.executable, "-c", SCRIPT, "80", "90"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == 3 * 3 * 2 * 2 * 2
+    assert proc.stdout.count(" ok") == 2 * 3 * 2 * (3 * 2 + 2)

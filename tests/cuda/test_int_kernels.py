@@ -105,6 +105,37 @@ def test_gemv_kernel(fmt, dtype, block_n, block_k):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("config", [(16, 32, 32, 1), (16, 16, 32, 3), (32, 64, 64, 2), (16, 32, 16, 2)])
+def test_mma_kernel(fmt, dtype, m, config):
+    """The swapped-operand kernel (codes to 16-bit floats in pairs, scales after the MMA) over K
+    tiles inside groups, several tiles per group, split-K and the N, M and K tails."""
+    w = make_weight(*fmt)
+    if not im.mma_fits(config[2], w.group, w.bits):
+        pytest.skip("tile does not lie inside a group")
+    x = torch.randn(m, w.in_features, device=DEVICE).to(dtype)
+    y = im.mma(x, w, *config)
+    assert y.shape == (m, w.out_features) and y.dtype == dtype
+    assert rel_err(y, reference(x, w)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype,magic", [(torch.float16, 1024), (torch.bfloat16, 128)])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pair_magic_holds_every_code_exactly(dtype, magic, bits):
+    """The bits `_pairs16` ORs into each 16-bit half read as magic + code for every code (bf16
+    only below 128: 8-bit codes take the fp16 route), and magic + zero - (magic + code) is exact."""
+    if dtype == torch.bfloat16 and bits == 8:
+        pytest.skip("8-bit codes are dequantized in fp16")
+    pattern = {torch.float16: 0x6400, torch.bfloat16: 0x4300}[dtype]
+    codes = torch.arange(2**bits, dtype=torch.int32)
+    v = (codes | pattern).to(torch.int16).view(dtype)
+    assert torch.equal(v.float(), codes.float() + magic)
+    zero = torch.tensor(float(magic + 2 ** (bits - 1)), dtype=dtype)
+    assert torch.equal((v - zero).float(), codes.float() - 2 ** (bits - 1))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 33])
 @pytest.mark.parametrize("config", [(16, 32, 128, 1), (16, 16, 128, 3), (32, 64, 256, 2), (16, 32, 64, 2)])
 def test_dot_kernel(fmt, dtype, m, config):
     w = make_weight(*fmt)
@@ -228,14 +259,33 @@ def test_tuner_keeps_the_fastest_candidate_and_skips_failures(monkeypatch):
         tuner.run("other", lambda: [Candidate("c", broken), Candidate("d", broken)])
 
 
+def test_tuner_never_chooses_a_candidate_that_disagrees_with_the_reference(monkeypatch, caplog):
+    """The fastest candidate computing the wrong thing (as a kernel miscompiled on some GPU would)
+    is ruled out before timing; int_matmul's check takes rounding, not a wrong result."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    costs = {"fast but wrong": 0.1, "slower": 1.0, "reference": 2.0}
+    outputs = {"fast but wrong": torch.ones(4), "slower": torch.zeros(4), "reference": torch.zeros(4)}
+    tuner = Tuner(lambda fn: costs[fn()], agree=lambda y, ref: torch.equal(outputs[y], outputs[ref]))
+    cands = [Candidate(n, lambda n=n: n) for n in costs]
+    assert tuner.run("key", lambda: cands) == "slower"
+    assert tuner.rejected == {"key": ["fast but wrong"]} and "disagrees" in caplog.text
+    ref = torch.randn(16, 64, dtype=torch.bfloat16)
+    assert im._agrees(ref.float().mul(1 + 2**-8).to(torch.bfloat16), ref)  # rounding differences
+    assert not im._agrees(ref.flip(1), ref)  # columns in the wrong order
+    assert not im._agrees(ref[:8], ref)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 16, 256])
 def test_large_layer_on_gpu(dtype, m):
+    """The chosen kernel is right, and no candidate was ruled out for disagreeing with the
+    reference (on a GPU that is a kernel bug, which the tuner hides from users but not here)."""
     w = make_weight(4096, 4096, 4, 128, True)
     x = torch.randn(m, 4096, device="cuda").to(dtype)
     assert rel_err(im.int_matmul(x, w), reference(x, w)) < REL_TOL[dtype]
+    assert not any(im.TUNER.rejected.values()), im.TUNER.rejected
 
 
 @pytest.mark.gpu
