@@ -169,19 +169,27 @@ def _gemv_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, n_pos_
 
 
 @triton.jit
+def _program_tiles(M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr):
+    """This program's rows of x, rows of the weight, and its range of K tiles [t_first, t_end)
+    (program ids: 0 along N, 1 along M, 2 the split of K)."""
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    return (pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N), pid_k * per_split,
+            tl.minimum((pid_k + 1) * per_split, tiles))
+
+
+@triton.jit
 def _dot_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_pos_words, stride_xm, stride_ym,
                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SP24: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                 FP32: tl.constexpr):
     # x [M, K], y [M, N] (fp32 and zeroed when SPLIT_K > 1: programs add their partial sums).
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, t_first, t_end = _program_tiles(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     m_ok, n_ok = offs_m < M, offs_n < N
-    tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(tiles, SPLIT_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, tiles)):
+    for t in range(t_first, t_end):
         k0 = t * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :],
@@ -268,14 +276,10 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, stride_xm, 
     DQ: tl.constexpr = tl.bfloat16 if BF16_CODES else tl.float16
     MAGIC_V: tl.constexpr = 128.0 if BF16_CODES else 1024.0
     CPW: tl.constexpr = 32 // BITS
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, t_first, t_end = _program_tiles(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     m_ok, n_ok = offs_m < M, offs_n < N
-    tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(tiles, SPLIT_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, tiles)):
+    for t in range(t_first, t_end):
         k0 = t * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None],
