@@ -288,8 +288,10 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
             del w, w_auto, codes, dense
             torch.cuda.empty_cache()
-    # every candidate's measured time per problem key (milliseconds), for tuning the candidate lists
-    print(json.dumps({"tuner_ms": {str(k): v for k, v in im.TUNER.timings.items()}}), file=sys.stderr)
+    # every candidate's measured time per problem key (milliseconds), for tuning the candidate lists,
+    # and the candidates ruled out for disagreeing with dequantize + cuBLAS (a kernel bug to look at)
+    print(json.dumps({"tuner_ms": {str(k): v for k, v in im.TUNER.timings.items()},
+                      "tuner_rejected": {str(k): v for k, v in im.TUNER.rejected.items()}}), file=sys.stderr)
 
 
 if __name__ == "__main__":
