@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 
-INTS = ("M", "N", "K", "n_words", "n_pos_words", "stride_xm", "stride_ym")  # multiples of 16 on real shapes
+INTS = ("N", "K", "n_words", "n_pos_words", "stride_xm", "stride_ym")  # multiples of 16 on real shapes (M is not: 1 at decode)
 
 
 def compile_kernel(fn, pointer_types: dict[str, str], consts: dict, warps: int, stages: int | None, arch: int):

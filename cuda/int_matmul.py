@@ -100,6 +100,11 @@ def dot(x: torch.Tensor, w: IntWeight, block_m: int, block_n: int, block_k: int,
     return y.to(x.dtype) if split_k > 1 else y
 
 
+# Bits of the 16-bit float the codes are OR-ed into (`_mma_kernel`): 128.0 in bf16, 1024.0 in fp16,
+# whose last mantissa bit is worth 1, so magic | code reads as the float magic + code.
+CODE_MAGIC = {torch.bfloat16: 0x4300, torch.float16: 0x6400}
+
+
 def mma_fits(block_k: int, group: int, bits: int) -> bool:
     """`_mma_kernel` scales each K tile as a whole: the tile lies inside one group (and holds a
     word per row)."""
@@ -112,14 +117,14 @@ def mma(x: torch.Tensor, w: IntWeight, block_m: int, block_n: int, block_k: int,
     m, n, k = x.shape[0], w.out_features, w.in_features
     y = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split_k > 1
          else torch.empty(m, n, dtype=x.dtype, device=x.device))
-    zeros = w.zeros if w.zeros is not None else w.scales  # never read when HAS_ZEROS is False
+    words, _, scales, zeros, _, _ = _args(w)
     fp32 = interpreting() or x.dtype == torch.float32
     # bf16 holds 128 + code exactly for codes below 128; otherwise fp16 (1024 + code), converted
     bf16_codes = x.dtype == torch.bfloat16 and w.bits < 8 and not fp32
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     _mma_kernel[grid](
-        x, w.words, w.scales, zeros, y, m, n, k, w.words.shape[1], x.stride(0), y.stride(0),
-        0x43004300 if bf16_codes else 0x64006400, BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None,
+        x, words, scales, zeros, y, m, n, k, words.shape[1], x.stride(0), y.stride(0),
+        CODE_MAGIC[torch.bfloat16 if bf16_codes else torch.float16] * 0x10001, BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None,
         BF16_CODES=bf16_codes, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, FP32=fp32,
         num_warps=num_warps, num_stages=num_stages)
     return y.to(x.dtype) if split_k > 1 else y

@@ -121,13 +121,13 @@ def test_mma_kernel(fmt, dtype, m, config):
 @pytest.mark.parametrize("dtype,magic", [(torch.float16, 1024), (torch.bfloat16, 128)])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_pair_magic_holds_every_code_exactly(dtype, magic, bits):
-    """The bits `_pairs16` ORs into each 16-bit half read as magic + code for every code (bf16
-    only below 128: 8-bit codes take the fp16 route), and magic + zero - (magic + code) is exact."""
+    """The bits the launcher has `_pairs16` OR into each 16-bit half read as magic + code for every
+    code (bf16 only below 128: 8-bit codes take the fp16 route), and magic + code - (magic + zero)
+    is exact."""
     if dtype == torch.bfloat16 and bits == 8:
         pytest.skip("8-bit codes are dequantized in fp16")
-    pattern = {torch.float16: 0x6400, torch.bfloat16: 0x4300}[dtype]
     codes = torch.arange(2**bits, dtype=torch.int32)
-    v = (codes | pattern).to(torch.int16).view(dtype)
+    v = (codes | im.CODE_MAGIC[dtype]).to(torch.int16).view(dtype)
     assert torch.equal(v.float(), codes.float() + magic)
     zero = torch.tensor(float(magic + 2 ** (bits - 1)), dtype=dtype)
     assert torch.equal((v - zero).float(), codes.float() - 2 ** (bits - 1))
