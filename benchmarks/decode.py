@@ -11,12 +11,13 @@ tokens/s is measured on the second call (the first compiles). Variants:
                    it picked per (N x K, M range);
   - int4-tinygemm: the same codes and scales through PyTorch's `_weight_int4pack_mm` (the kernel
                    behind torchao's int4 weight-only path), as the peer to beat;
-  - sp24:          every decoder Linear magnitude-pruned 2:4 into our SparseLinear, prepacked at
-                   load for PyTorch's semi-structured sparse kernels (bf16 values);
+  - sp24:          every decoder Linear magnitude-pruned 2:4 into our SparseLinear (bf16 values),
+                   prepacked at load; kernel "auto" picks per shape among our 2:4 Triton kernels,
+                   decompress + cuBLAS and PyTorch's cuSPARSELt matmul;
   - sp24-int4:     every decoder Linear magnitude-pruned 2:4, its kept weights RTN-quantized to 4
                    bits (group 128) in our SparseQuantLinear format (SparseGPT's joint format),
                    through our fused 2:4 + int4 kernels or dequantize + cuBLAS, chosen per shape.
-Before timing, the int4 and sp24-int4 models' logits through our kernels are compared with the
+Before timing, every compressed model's logits through the chosen kernels are compared with the
 reference path.
 One JSON line per variant on stdout.
 
@@ -104,9 +105,10 @@ def check_kernels(model: nn.Module, ids: torch.Tensor) -> float:
     path, for the prompt and for a single token (decode shapes); also measures the kernel
     choices for both shapes before any CUDA graph is captured."""
     from compress.quant.layers import QuantLinear
+    from compress.sparsity.layers import SparseLinear
     from compress.sparsity.sparse_quant import SparseQuantLinear
 
-    quant = [m for m in model.modules() if isinstance(m, (QuantLinear, SparseQuantLinear))]
+    quant = [m for m in model.modules() if isinstance(m, (QuantLinear, SparseQuantLinear, SparseLinear))]
     errors = []
     with torch.no_grad():
         for inputs in (ids, ids[:, :1]):
@@ -160,17 +162,18 @@ def main() -> None:
         row = {"variant": variant, "layers": args.layers, "tokens": args.tokens,
                "weights_GB": round(torch.cuda.memory_allocated() / 1e9, 2)}
         torch.cuda.reset_peak_memory_stats()
-        if variant == "sp24":  # the layers PyTorch's 2:4 kernels took (the rest run the reference)
+        if variant == "sp24":  # the layers prepared for cuSPARSELt too (a second copy of their values)
             from compress.sparsity.layers import SparseLinear
 
-            row["sparse_kernel_layers"] = sum(m._semi_structured is not None for m in model.modules()
-                                              if isinstance(m, SparseLinear))
-        if variant in ("int4", "sp24-int4"):
+            row["cusparselt_layers"] = sum(m._prepacked is not None and m._prepacked[2] is not None
+                                           for m in model.modules() if isinstance(m, SparseLinear))
+        if variant in ("int4", "sp24", "sp24-int4"):
             from compress.cuda import int_matmul as im
 
             row["logits_relerr_vs_reference"] = round(check_kernels(model, ids), 5)
+            sp24, bits = variant.startswith("sp24"), 16 if variant == "sp24" else 4  # tuner_key: [2] bits, [9] 2:4
             row["choices"] = {f"{k[5]}x{k[6]} M<={k[7]}": name for k, name in im.TUNER.choices().items()
-                              if k[-1] == (variant == "sp24-int4")}
+                              if k[9] == sp24 and k[2] == bits}
         first_s, tok_s = tokens_per_second(model, ids, args.tokens)
         row.update(tok_s=round(tok_s, 1), warm_s=round(first_s, 1),
                    mem_GB=round(torch.cuda.max_memory_allocated() / 1e9, 1))

@@ -16,19 +16,22 @@ start=$(date +%s)
 stamp() { echo "# $1 at $(( $(date +%s) - start )) s" | tee -a "$out/times.txt"; }
 
 # Times on an H200 (2026-11-27): w4 about 20 s per 3 shapes x 3 M without GemLite installed
-# (GemLite's own tuning adds minutes); decode about 90 s for bf16 + int4. The 2:4 bf16 rows were
-# measured then (benchmarks/results/h200-2026-11-27); this run measures 2:4 + int4 instead. The
-# swapped-operand kernel (_mma_kernel) adds 3-4 candidates per M range to the w4 rows' tuning.
-timeout 170 $py benchmarks/kernels.py --kernels w4g128 --shapes 11008x4096 4096x11008 8192x8192 14336x4096 \
+# (GemLite's own tuning adds minutes); decode about 90 s for bf16 + int4. The swapped-operand
+# kernel (_mma_kernel) adds 3-4 candidates per M range to each row's tuning; the 2:4 rows tune
+# our 2:4 kernels (float values, and 4-bit codes) against decompress + cuBLAS and cuSPARSELt.
+timeout 150 $py benchmarks/kernels.py --kernels w4g128 --shapes 11008x4096 4096x11008 8192x8192 14336x4096 \
     --ms 1 16 64 256 4096 > "$out/kernels.jsonl" 2> "$out/kernels_w4.err"
 stamp "w4 kernels"
-timeout 60 $py benchmarks/kernels.py --kernels sp24w4g128 --shapes 11008x4096 4096x11008 8192x8192 \
+timeout 50 $py benchmarks/kernels.py --kernels sp24 --shapes 11008x4096 4096x11008 \
+    --ms 1 16 256 4096 >> "$out/kernels.jsonl" 2> "$out/kernels_sp24.err"
+stamp "2:4 bf16 kernels"
+timeout 45 $py benchmarks/kernels.py --kernels sp24w4g128 --shapes 11008x4096 4096x11008 \
     --ms 1 16 256 4096 >> "$out/kernels.jsonl" 2> "$out/kernels_sp24w4.err"
 stamp "2:4 + int4 kernels"
-timeout 230 $py benchmarks/decode.py --variants bf16 int4 sp24-int4 > "$out/decode.jsonl" 2> "$out/decode.err"
+timeout 220 $py benchmarks/decode.py --variants bf16 int4 sp24 sp24-int4 > "$out/decode.jsonl" 2> "$out/decode.err"
 stamp "decode"
-timeout 110 $py -m pytest -q tests/cuda tests/sparsity/test_layers.py -p no:cacheprovider \
-    -k "inductor or semi_structured or tinygemm or choice or sp24 or mma or large_layer" > "$out/tests.log" 2>&1
+timeout 100 $py -m pytest -q tests/cuda tests/sparsity/test_layers.py -p no:cacheprovider \
+    -k "inductor or 2of4 or tinygemm or choice or sp24 or mma or large_layer" > "$out/tests.log" 2>&1
 stamp "tests"
 tail -3 "$out/tests.log"
 cat "$out/kernels.jsonl" "$out/decode.jsonl"

@@ -14,6 +14,9 @@ kernel work between GPU sessions: the speed itself is measured by benchmarks/ker
 
     python benchmarks/kernel_sass.py                   # 4-bit, group 128, bf16, sm_90
     python benchmarks/kernel_sass.py --bits 8 --arch 80 --kernels mma gemv
+    python benchmarks/kernel_sass.py --sp24 --bits 16      # 2:4 bf16 values (SparseLinear)
+
+Weights are counted dense: a 2:4 tile of BLOCK_K columns counts BLOCK_K weights per row.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def disassemble(cubin: bytes) -> str:
         return subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
-def configurations(kernels: list[str], bits: int, group: int, dtype: str) -> list[tuple]:
+def configurations(kernels: list[str], bits: int, group: int, dtype: str, sp24: bool) -> list[tuple]:
     """(name, kernel, constexprs, warps, stages, weights per thread and iteration) for each candidate."""
     from compress.cuda import int_matmul as im
     from compress.cuda import triton_int as ti
@@ -80,9 +83,9 @@ def configurations(kernels: list[str], bits: int, group: int, dtype: str) -> lis
     out = []
     if "gemv" in kernels:
         for bn, bk, nw, ns in im.GEMV_CONFIGS:
-            if im.block_k_fits(bk, group, bits):
+            if im.block_k_fits(bk, group, bits, sp24):
                 out.append((f"gemv n{bn} k{bk} w{nw} s{ns}", ti._gemv_kernel,
-                            base | dict(SP24=False, BLOCK_N=bn, BLOCK_K=bk, STAGES=ns), nw, None, bn * bk / (32 * nw)))
+                            base | dict(SP24=sp24, BLOCK_N=bn, BLOCK_K=bk, STAGES=ns), nw, None, bn * bk / (32 * nw)))
     for name, kernel, table, fits in (("dot", ti._dot_kernel, im.DOT_CONFIGS, im.block_k_fits),
                                       ("mma", ti._mma_kernel, im.MMA_CONFIGS, im.mma_fits)):
         if name not in kernels:
@@ -90,13 +93,11 @@ def configurations(kernels: list[str], bits: int, group: int, dtype: str) -> lis
         seen = set()
         for configs in table.values():
             for bm, bn, bk, sk, nw, ns in configs:
-                if (bm, bn, bk, sk, nw, ns) in seen or not fits(bk, group, bits):
+                if (bm, bn, bk, sk, nw, ns) in seen or not fits(bk, group, bits, sp24):
                     continue
                 seen.add((bm, bn, bk, sk, nw, ns))
-                consts = base | dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, FP32=False)
-                if name == "dot":
-                    consts["SP24"] = False
-                else:  # codes dequantized in bf16 where it holds them exactly, as the launcher decides
+                consts = base | dict(SP24=sp24, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, FP32=False)
+                if name == "mma":  # codes dequantized in bf16 where it holds them exactly, as the launcher decides
                     consts["BF16_CODES"] = dtype == "bf16" and bits < 8
                 out.append((f"{name} m{bm} n{bn} k{bk} split{sk} w{nw} s{ns}", kernel, consts, nw, ns,
                             bn * bk / (32 * nw)))
@@ -105,21 +106,26 @@ def configurations(kernels: list[str], bits: int, group: int, dtype: str) -> lis
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bits", type=int, default=4, choices=(2, 4, 8))
+    p.add_argument("--bits", type=int, default=4, choices=(2, 4, 8, 16), help="16: 2:4 float values (with --sp24)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     p.add_argument("--kernels", nargs="+", default=["gemv", "dot", "mma"], choices=("gemv", "dot", "mma"))
+    p.add_argument("--sp24", action="store_true", help="the 2:4 sparse variants (kept values + 2-bit slots)")
     args = p.parse_args(argv)
+    if args.bits == 16 and not args.sp24:
+        p.error("--bits 16 (float values) is a 2:4 format: add --sp24")
     os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret
-    pointers = {"x_ptr": f"*{args.dtype}", "w_ptr": "*i32", "p_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
+    pointers = {"x_ptr": f"*{args.dtype}", "w_ptr": f"*{args.dtype}" if args.bits == 16 else "*i32", "p_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
                 "y_ptr": "*fp32", "magic": "i32"}
-    candidates = configurations(args.kernels, args.bits, args.group_size, args.dtype)
+    group = 1 << 30 if args.bits == 16 else args.group_size  # float values have no groups
+    candidates = configurations(args.kernels, args.bits, group, args.dtype, args.sp24)
     for name, kernel, consts, warps, stages, per_thread in candidates:
         compiled = compile_kernel(kernel, pointers, consts, warps, stages, args.arch)
         ops = hot_loop(disassemble(compiled.asm["cubin"]))
         total = sum(ops.values())
-        print(json.dumps({"candidate": name, "bits": args.bits, "group": args.group_size, "dtype": args.dtype,
+        print(json.dumps({"candidate": name, "bits": args.bits, "sp24": args.sp24,
+                          "group": None if args.bits == 16 else args.group_size, "dtype": args.dtype,
                           "arch": f"sm_{args.arch}", "loop_instructions": total, "weights_per_thread": per_thread,
                           "instructions_per_weight": round(total / per_thread, 2),
                           "top_ops": dict(ops.most_common(8))}), flush=True)

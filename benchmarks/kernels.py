@@ -16,9 +16,11 @@ alone: PyTorch's int4 kernel (`_weight_int4pack_mm`, 4-bit only), its int8 weigh
 low-bit kernels at its own kernel choice, same codes and scales) and bitsandbytes NF4.
 `*_speedup` is bf16 time / that time. One JSON line per row on stdout.
 
-`sp24`: a 2:4 sparse bf16 weight (magnitude-pruned random weights) through PyTorch's
-semi-structured sparse matmuls, CUTLASS and cuSPARSELt (the path a prepacked 2:4 SparseLinear
-takes is PyTorch's default of the two), against the dense bf16 weight through cuBLAS.
+`sp24`: a 2:4 sparse bf16 weight (magnitude-pruned random weights): `ours` (our 2:4 Triton
+kernels reading the kept values and their 2-bit slots, or decompress + cuBLAS, chosen per shape),
+`auto` (the same choice with PyTorch's cuSPARSELt matmul weighed too: what a prepacked 2:4
+SparseLinear runs), and PyTorch's semi-structured sparse matmuls alone (CUTLASS, cuSPARSELt),
+against the dense bf16 weight through cuBLAS.
 `sp24w4g128`: a 2:4 sparse weight whose kept values are 4-bit (group 128, symmetric), the format
 of SparseGPT with joint quantization (SparseQuantLinear): our fused kernels (kept codes and
 positions decompressed in registers) or dequantize + cuBLAS, chosen per shape as for the dense
@@ -127,15 +129,37 @@ def sparse_2of4(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def sparse_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tensor) -> dict:
-    """One `sp24` row: PyTorch's CUTLASS and cuSPARSELt 2:4 kernels against dense cuBLAS."""
+    """One `sp24` row: our 2:4 kernels (`ours`: our Triton kernels or decompress + cuBLAS, chosen per
+    shape; `auto`: the same choice with cuSPARSELt weighed too, what a prepacked 2:4 SparseLinear
+    runs) and PyTorch's CUTLASS and cuSPARSELt 2:4 kernels alone, against dense cuBLAS."""
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
+    from compress.cuda import cusparselt
+    from compress.cuda import int_matmul as im
+    from compress.cuda.layout import words_of
+    from compress.sparsity.packing import compress_nm
+
     w = sparse_2of4(n, k, dtype)
+    values, indices = compress_nm(w, w != 0, 2, 4)
+    ours = im.sp24_values(values, words_of(indices))
+    packed = cusparselt.pack(w) if cusparselt.applies(n, k, dtype, w.device) else None
+    auto = im.sp24_values(values, words_of(indices), packed)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     ref = x.float() @ w.float().T
     row = {"kernel": "sp24", "N": n, "K": k, "M": m}
+    for label, weight in (("", ours), ("auto_", auto)):
+        y = im.int_matmul(x, weight)  # first call: measures the candidates, keeps the fastest
+        row[f"{label}relerr"] = round(((y.float() - ref).norm() / ref.norm()).item(), 5)
+        row[f"{label}choice"] = im.TUNER.choices()[im.tuner_key(x, weight)]
     bf16_graph, bf16_cold = time_both(lambda: torch.nn.functional.linear(x, w), flush)
     row.update(bf16_us_graph=round(bf16_graph, 2), bf16_us_cold=round(bf16_cold, 2))
+    for label, fn in (("ours", lambda: im.int_matmul(x, ours)), ("auto", lambda: im.int_matmul(x, auto))):
+        graph, cold = time_both(fn, flush)
+        row.update({f"{label}_us_graph": round(graph, 2), f"{label}_us_cold": round(cold, 2),
+                    f"{label}_speedup_graph": round(bf16_graph / graph, 2),
+                    f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
+    weight_bytes = values.numel() * values.element_size() + indices.numel()
+    row["ours_TBps_cold"] = round(weight_bytes / (row["ours_us_cold"] * 1e-6) / 1e12, 2)
     backends = (("cutlass", SparseSemiStructuredTensorCUTLASS), ("cusparselt", SparseSemiStructuredTensorCUSPARSELT))
     for label, kind in backends:
         try:
@@ -174,8 +198,7 @@ def sparse_int_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tens
     row = {"kernel": "sp24w4g128", "N": n, "K": k, "M": m}
     y = im.int_matmul(x, w)  # first call: measures the candidates, keeps the fastest
     row["relerr"] = round(((y.float() - ref).norm() / ref.norm()).item(), 5)
-    row["choice"] = im.TUNER.choices()[next(key for key in im.TUNER.choices()
-                                            if key[-5:] == (n, k, im._m_bucket(m), False, True) and key[1] == dtype)]
+    row["choice"] = im.TUNER.choices()[im.tuner_key(x, w)]
     bf16_graph, bf16_cold = time_both(lambda: torch.nn.functional.linear(x, dense), flush)
     row.update(bf16_us_graph=round(bf16_graph, 2), bf16_us_cold=round(bf16_cold, 2))
     contenders = {"ours": lambda: im.int_matmul(x, w), "int4_dense": lambda: im.int_matmul(x, dense_int)}
@@ -263,10 +286,7 @@ def main() -> None:
                 for label, weight in (("", w), ("auto_", w_auto)):
                     y = im.int_matmul(x, weight)  # first call: measures the candidates, keeps the fastest
                     row[f"{label}relerr"] = round(((y.float() - ref).norm() / ref.norm()).item(), 5)
-                    library = weight.tinygemm is not None
-                    key = next(key for key in im.TUNER.choices() if key[-5:] == (n, k, im._m_bucket(m), library, False)
-                               and key[1] == dtype and key[2] == bits and key[4] == (not symmetric))
-                    row[f"{label}choice"] = im.TUNER.choices()[key]
+                    row[f"{label}choice"] = im.TUNER.choices()[im.tuner_key(x, weight)]
                 bf16_graph, bf16_cold = time_both(lambda: torch.nn.functional.linear(x, dense), flush)
                 row.update(bf16_us_graph=round(bf16_graph, 2), bf16_us_cold=round(bf16_cold, 2))
                 contenders = {"ours": lambda: im.int_matmul(x, w), "auto": lambda: im.int_matmul(x, w_auto),

@@ -5,7 +5,8 @@ M: the GEMV kernel (M = 1), the two tensor-core kernels (weights as the MMA's B 
 its A operand with cheaper dequantization: dense weights) at several tile sizes and split-K
 factors, and dequantize + cuBLAS (which wins at large M, where the matmul is compute-bound). The
 first call of each (device, format, N, K, M bucket) times them all once and keeps the fastest
-(`TUNER.choices()` lists what was chosen). Timing replays CUDA graphs, as a served model runs
+(`TUNER.choices()` lists what was chosen); PyTorch's own kernels (tinygemm for int4,
+cuSPARSELt for 2:4 float weights) are candidates where the weight was prepared for them. Timing replays CUDA graphs, as a served model runs
 (torch.compile with CUDA graphs): launch overhead from Python would otherwise swamp
 microsecond kernels and pick by it.
 """
@@ -19,7 +20,7 @@ import triton
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
-from . import tinygemm
+from . import cusparselt, tinygemm
 from .triton_int import _dequant_kernel, _dot_kernel, _gemv_kernel, _mma_kernel
 from .tuning import Candidate, Tuner, interpreting
 
@@ -33,7 +34,9 @@ class IntWeight:
     columns along in_features = K. `tinygemm`: the same weight in PyTorch's int4 layout
     (tinygemm.pack), when it was prepared. `positions` (int32 [N, n_pos_words]): the weight is
     2:4 sparse, `words` holding only the K / 2 kept codes of each row and `positions` their slots
-    in their groups of 4 (layout.dequantize_sp24_words)."""
+    in their groups of 4 (layout.dequantize_sp24_words). `bits` 16: a 2:4 float weight, `words`
+    the kept values themselves (16-bit [N, K / 2], no scales: `sp24_values`); `cusparselt`: the
+    same weight in cuSPARSELt's layout (cusparselt.pack), when it was prepared."""
 
     words: torch.Tensor
     scales: torch.Tensor
@@ -43,6 +46,7 @@ class IntWeight:
     in_features: int
     tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None
     positions: torch.Tensor | None = None
+    cusparselt: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -52,6 +56,12 @@ class IntWeight:
     def group(self) -> int:
         """The GROUP constant the kernels are compiled for."""
         return ONE_GROUP if self.group_size >= self.in_features else self.group_size
+
+
+def sp24_values(values: torch.Tensor, positions: torch.Tensor, packed: torch.Tensor | None = None) -> IntWeight:
+    """A 2:4 float weight: kept values [N, K / 2] (16-bit), positions int32 [N, K / 32]."""
+    k = values.shape[1] * 2
+    return IntWeight(values, values, None, 16, k, k, positions=positions, cusparselt=packed)  # scales: never read
 
 
 def block_k_fits(block_k: int, group: int, bits: int, sp24: bool = False) -> bool:
@@ -105,28 +115,30 @@ def dot(x: torch.Tensor, w: IntWeight, block_m: int, block_n: int, block_k: int,
 CODE_MAGIC = {torch.bfloat16: 0x4300, torch.float16: 0x6400}
 
 
-def mma_fits(block_k: int, group: int, bits: int) -> bool:
+def mma_fits(block_k: int, group: int, bits: int, sp24: bool = False) -> bool:
     """`_mma_kernel` scales each K tile as a whole: the tile lies inside one group (and holds a
-    word per row)."""
+    word per row). 2:4: each of the tile's four MMAs, one per slot, spans at least 16 columns."""
+    if sp24:
+        return block_k % 64 == 0 and mma_fits(block_k // 2, group // 2, bits)
     return group % block_k == 0 and block_k >= 32 // bits
 
 
 def mma(x: torch.Tensor, w: IntWeight, block_m: int, block_n: int, block_k: int, split_k: int = 1,
         num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """x [M, K] -> [M, N] through tensor cores with the weight as the A operand (dense weights)."""
+    """x [M, K] -> [M, N] through tensor cores with the weight as the A operand."""
     m, n, k = x.shape[0], w.out_features, w.in_features
     y = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split_k > 1
          else torch.empty(m, n, dtype=x.dtype, device=x.device))
-    words, _, scales, zeros, _, _ = _args(w)
+    words, positions, scales, zeros, n_pos_words, sp24 = _args(w)
     fp32 = interpreting() or x.dtype == torch.float32
     # bf16 holds 128 + code exactly for codes below 128; otherwise fp16 (1024 + code), converted
     bf16_codes = x.dtype == torch.bfloat16 and w.bits < 8 and not fp32
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     _mma_kernel[grid](
-        x, words, scales, zeros, y, m, n, k, words.shape[1], x.stride(0), y.stride(0),
-        CODE_MAGIC[torch.bfloat16 if bf16_codes else torch.float16] * 0x10001, BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None,
-        BF16_CODES=bf16_codes, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, FP32=fp32,
-        num_warps=num_warps, num_stages=num_stages)
+        x, words, positions, scales, zeros, y, m, n, k, words.shape[1], n_pos_words, x.stride(0), y.stride(0),
+        CODE_MAGIC[torch.bfloat16 if bf16_codes else torch.float16] * 0x10001, BITS=w.bits, GROUP=w.group,
+        HAS_ZEROS=w.zeros is not None, SP24=sp24, BF16_CODES=bf16_codes, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, SPLIT_K=split_k, FP32=fp32, num_warps=num_warps, num_stages=num_stages)
     return y.to(x.dtype) if split_k > 1 else y
 
 
@@ -189,17 +201,19 @@ DEQUANT_MATMUL = Candidate("dequant+matmul", lambda x, w: torch.nn.functional.li
 
 TINYGEMM = Candidate("tinygemm (PyTorch)", lambda x, w: tinygemm.matmul(x, *w.tinygemm, w.group_size))
 
+CUSPARSELT = Candidate("cuSPARSELt (PyTorch)", lambda x, w: cusparselt.matmul(x, w.cusparselt))
+
 
 def candidates(m: int, dtype: torch.dtype, group: int, bits: int, has_tinygemm: bool,
-               sp24: bool = False) -> list[Candidate]:
+               sp24: bool = False, has_cusparselt: bool = False) -> list[Candidate]:
     out: list[Candidate] = [TINYGEMM] if has_tinygemm and dtype == torch.bfloat16 else []
+    out += [CUSPARSELT] if has_cusparselt else []
     if dtype != torch.float32:  # fp32 activations: no tensor-core path, dense fp32 matmul instead
         bucket = _m_bucket(m)
         if m == 1:
             out += [_gemv(*c) for c in GEMV_CONFIGS if block_k_fits(c[1], group, bits, sp24)]
         out += [_dot(*c) for c in DOT_CONFIGS[16 if bucket == 1 else bucket] if block_k_fits(c[2], group, bits, sp24)]
-        if not sp24:
-            out += [_mma(*c) for c in MMA_CONFIGS[16 if bucket == 1 else bucket] if mma_fits(c[2], group, bits)]
+        out += [_mma(*c) for c in MMA_CONFIGS[16 if bucket == 1 else bucket] if mma_fits(c[2], group, bits, sp24)]
     return out + [DEQUANT_MATMUL]
 
 
@@ -217,11 +231,15 @@ def _agrees(y: torch.Tensor, ref: torch.Tensor) -> bool:
 TUNER = Tuner(_measure, skip=(OutOfResources, CompilationError), agree=_agrees)
 
 
+def tuner_key(x: torch.Tensor, w: IntWeight) -> tuple:
+    """The problem `int_matmul(x, w)` is tuned for (`TUNER.choices()` is keyed by it)."""
+    return (x.device, x.dtype, w.bits, w.group, w.zeros is not None, w.out_features, w.in_features,
+            _m_bucket(x.shape[0]), w.tinygemm is not None, w.positions is not None, w.cusparselt is not None)
+
+
 def int_matmul(x: torch.Tensor, w: IntWeight) -> torch.Tensor:
     """x [M, K] (contiguous) -> [M, N], the fastest measured candidate for this shape (PyTorch's
-    tinygemm among them when `w.tinygemm` is there)."""
+    tinygemm or cuSPARSELt among them when `w` was prepared for them)."""
     m = x.shape[0]
-    tg, sp24 = w.tinygemm is not None, w.positions is not None
-    key = (x.device, x.dtype, w.bits, w.group, w.zeros is not None, w.out_features, w.in_features, _m_bucket(m), tg,
-           sp24)
-    return TUNER.run(key, lambda: candidates(m, x.dtype, w.group, w.bits, tg, sp24), x, w)
+    tg, sp24, cslt = w.tinygemm is not None, w.positions is not None, w.cusparselt is not None
+    return TUNER.run(tuner_key(x, w), lambda: candidates(m, x.dtype, w.group, w.bits, tg, sp24, cslt), x, w)

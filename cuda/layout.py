@@ -13,6 +13,9 @@ their own:
 
     positions int32 [N, n_pos_words]   kept value j of a row sits at column 4 * (j // 2) + slot j
 
+A 2:4 float weight (sparsity/layers.py's SparseLinear) is the same with the kept values
+themselves in place of their codes: values [N, K / 2] (16-bit), positions as above.
+
 Rows whose byte count is not a multiple of 4 are zero-padded (a copy); all others are a view,
 so prepacking costs no memory for the weights. Scales and zero points are transposed to
 [n_groups, N] so that a kernel loading one group's values for a block of output rows reads
@@ -85,3 +88,12 @@ def dequantize_sp24_words(words: torch.Tensor, positions: torch.Tensor, scales: 
     kept = torch.zeros(n, k // 4, 4, dtype=torch.bool, device=words.device).scatter_(-1, slots, True)
     w = _dequantize_codes(dense.view(n, k), scales, zeros, bits, group_size, torch.float32)
     return w.mul_(kept.view(n, k)).to(dtype)
+
+
+def dense_sp24_values(values: torch.Tensor, positions: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The reference semantics of the 2:4 float kernels: values [N, k / 2] placed by their
+    positions into the dense weight [N, k] in `dtype`, zeros elsewhere."""
+    n = values.shape[0]
+    slots = unpack_words(positions, 2, k // 2).view(n, k // 4, 2).long()
+    dense = torch.zeros(n, k // 4, 4, dtype=dtype, device=values.device)
+    return dense.scatter_(-1, slots, values.view(n, k // 4, 2).to(dtype)).view(n, k)

@@ -9,6 +9,10 @@ CUDA graphs), and `int_linear`, the one call a compressed module makes.
     compress::sp24_int_linear(x, words, positions, scales, zeros, bits, group_size, in_features, kernel)
         the same for a 2:4 sparse weight: `words` hold the K / 2 kept codes of each row, `positions`
         their slots (layout.dequantize_sp24_words); kernels "auto", "reference" or "triton"
+    compress::sp24_linear(x, values, positions, kernel, cusparselt)
+        x [..., K] @ W.T for a 2:4 float weight: `values` [N, K / 2] the kept weights, `positions`
+        their slots (layout.dense_sp24_values); `cusparselt` the same weight prepared for
+        cuSPARSELt (cusparselt.pack) or None; kernels "auto", "reference" or "triton"
 
 Semantics are those of layout.dequantize_words (the reference). `kernel` picks the
 implementation per call: "reference"; "triton" (our Triton kernels or dequantize + cuBLAS,
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cpu_packed
-from .layout import dequantize_sp24_words, dequantize_words, supported
+from .layout import dense_sp24_values, dequantize_sp24_words, dequantize_words, supported
 from .tuning import interpreting
 
 KERNELS = ("auto", "reference", "triton", "cpu_packed")
@@ -112,6 +116,44 @@ def sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tenso
 @sp24_int_linear.register_fake
 def _(x, words, positions, scales, zeros, bits, group_size, in_features, kernel="auto"):
     return x.new_empty(*x.shape[:-1], words.shape[0])
+
+
+SP24_KERNELS = ("auto", "reference", "triton")
+
+
+def sp24_values_supported(values: torch.Tensor, in_features: int) -> bool:
+    """Whether the Triton kernels take this 2:4 float weight: 16-bit values, K a multiple of 32."""
+    return values.dtype in (torch.float16, torch.bfloat16) and in_features % 32 == 0
+
+
+@torch.library.custom_op("compress::sp24_linear", mutates_args=())
+def sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kernel: str = "auto",
+                cusparselt: torch.Tensor | None = None) -> torch.Tensor:
+    if kernel not in SP24_KERNELS:
+        raise ValueError(f"2:4 weights run kernel 'auto', 'reference' or 'triton', not '{kernel}'")
+    n, k = values.shape[0], values.shape[1] * 2
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    fits = sp24_values_supported(values, k) and x.dtype == values.dtype
+    if kernel == "triton" and not fits:
+        raise ValueError(f"kernel 'triton' takes 2:4 weights of 16-bit values with K a multiple of 32 and "
+                         f"activations of the same dtype, not {values.dtype} values, K = {k}, {x.dtype} "
+                         f"activations; use kernel 'auto'")
+    if kernel == "triton" and x.device.type != "cuda" and not interpreting():
+        raise ValueError("kernel 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use kernel 'auto'")
+    if kernel == "triton" or (kernel == "auto" and x.device.type == "cuda" and fits):
+        from .int_matmul import int_matmul, sp24_values as weight
+
+        y = int_matmul(x2.contiguous(), weight(values, positions, None if kernel == "triton" else cusparselt))
+    else:
+        y = torch.nn.functional.linear(x2, dense_sp24_values(values, positions, k, x.dtype))
+    return y.reshape(*x.shape[:-1], n)
+
+
+@sp24_linear.register_fake
+def _(x, values, positions, kernel="auto", cusparselt=None):
+    return x.new_empty(*x.shape[:-1], values.shape[0])
 
 
 @dataclass(frozen=True)

@@ -60,36 +60,40 @@ MAGIC_F = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def _plane(w, i: tl.constexpr, BITS: tl.constexpr, s, zm):
-    """Code i of every word (uint32 [rows, words]) dequantized: (code - zero) * scale, fp32."""
+def _plane(w, i: tl.constexpr, BITS: tl.constexpr, s, zm, CODES: tl.constexpr):
+    """Code i of every word (uint32 [rows, words]) dequantized: (code - zero) * scale, fp32 (CODES:
+    the code itself, uint32)."""
     code = (w >> (i * BITS)) & ((1 << BITS) - 1)
-    return ((code | MAGIC).to(tl.float32, bitcast=True) - zm) * s
+    if not CODES:
+        code = ((code | MAGIC).to(tl.float32, bitcast=True) - zm) * s
+    return code
 
 
 @triton.jit
-def _dequant_tile(words, s, zm, BITS: tl.constexpr):
+def _dequant_tile(words, s, zm, BITS: tl.constexpr, CODES: tl.constexpr = False):
     """int32 words [rows, words] -> fp32 [rows, words * cpw] in column order; s and zm
-    (2**23 + zero) broadcast against [rows, words]. Plane x pairs with plane x + half at each
-    interleave level, which puts code i of word j at column cpw * j + i."""
+    (2**23 + zero) broadcast against [rows, words] (CODES: the codes, uint32, s and zm unused).
+    Plane x pairs with plane x + half at each interleave level, which puts code i of word j at
+    column cpw * j + i."""
     w = words.to(tl.uint32, bitcast=True)
     if BITS == 8:
-        return tl.interleave(tl.interleave(_plane(w, 0, 8, s, zm), _plane(w, 2, 8, s, zm)),
-                             tl.interleave(_plane(w, 1, 8, s, zm), _plane(w, 3, 8, s, zm)))
+        return tl.interleave(tl.interleave(_plane(w, 0, 8, s, zm, CODES), _plane(w, 2, 8, s, zm, CODES)),
+                             tl.interleave(_plane(w, 1, 8, s, zm, CODES), _plane(w, 3, 8, s, zm, CODES)))
     elif BITS == 4:
-        a = tl.interleave(tl.interleave(_plane(w, 0, 4, s, zm), _plane(w, 4, 4, s, zm)),
-                          tl.interleave(_plane(w, 2, 4, s, zm), _plane(w, 6, 4, s, zm)))
-        b = tl.interleave(tl.interleave(_plane(w, 1, 4, s, zm), _plane(w, 5, 4, s, zm)),
-                          tl.interleave(_plane(w, 3, 4, s, zm), _plane(w, 7, 4, s, zm)))
+        a = tl.interleave(tl.interleave(_plane(w, 0, 4, s, zm, CODES), _plane(w, 4, 4, s, zm, CODES)),
+                          tl.interleave(_plane(w, 2, 4, s, zm, CODES), _plane(w, 6, 4, s, zm, CODES)))
+        b = tl.interleave(tl.interleave(_plane(w, 1, 4, s, zm, CODES), _plane(w, 5, 4, s, zm, CODES)),
+                          tl.interleave(_plane(w, 3, 4, s, zm, CODES), _plane(w, 7, 4, s, zm, CODES)))
         return tl.interleave(a, b)
     else:  # 2 bits, 16 planes
-        a = tl.interleave(tl.interleave(tl.interleave(_plane(w, 0, 2, s, zm), _plane(w, 8, 2, s, zm)),
-                                        tl.interleave(_plane(w, 4, 2, s, zm), _plane(w, 12, 2, s, zm))),
-                          tl.interleave(tl.interleave(_plane(w, 2, 2, s, zm), _plane(w, 10, 2, s, zm)),
-                                        tl.interleave(_plane(w, 6, 2, s, zm), _plane(w, 14, 2, s, zm))))
-        b = tl.interleave(tl.interleave(tl.interleave(_plane(w, 1, 2, s, zm), _plane(w, 9, 2, s, zm)),
-                                        tl.interleave(_plane(w, 5, 2, s, zm), _plane(w, 13, 2, s, zm))),
-                          tl.interleave(tl.interleave(_plane(w, 3, 2, s, zm), _plane(w, 11, 2, s, zm)),
-                                        tl.interleave(_plane(w, 7, 2, s, zm), _plane(w, 15, 2, s, zm))))
+        a = tl.interleave(tl.interleave(tl.interleave(_plane(w, 0, 2, s, zm, CODES), _plane(w, 8, 2, s, zm, CODES)),
+                                        tl.interleave(_plane(w, 4, 2, s, zm, CODES), _plane(w, 12, 2, s, zm, CODES))),
+                          tl.interleave(tl.interleave(_plane(w, 2, 2, s, zm, CODES), _plane(w, 10, 2, s, zm, CODES)),
+                                        tl.interleave(_plane(w, 6, 2, s, zm, CODES), _plane(w, 14, 2, s, zm, CODES))))
+        b = tl.interleave(tl.interleave(tl.interleave(_plane(w, 1, 2, s, zm, CODES), _plane(w, 9, 2, s, zm, CODES)),
+                                        tl.interleave(_plane(w, 5, 2, s, zm, CODES), _plane(w, 13, 2, s, zm, CODES))),
+                          tl.interleave(tl.interleave(_plane(w, 3, 2, s, zm, CODES), _plane(w, 11, 2, s, zm, CODES)),
+                                        tl.interleave(_plane(w, 7, 2, s, zm, CODES), _plane(w, 15, 2, s, zm, CODES))))
         return tl.interleave(a, b)
 
 
@@ -120,24 +124,55 @@ def _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words,
 
 
 @triton.jit
-def _load_sp24_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words,
-                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dequantized fp32 tile [len(offs_n), BLOCK_K] of dense columns k0 ... k0 + BLOCK_K of a 2:4
-    weight: kept columns k0 / 2 ... (BLOCK_K / 2 of them, BLOCK_K a multiple of 32), zeros between."""
+def _sp24_kept(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words,
+               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The kept half of dense columns k0 ... k0 + BLOCK_K (a multiple of 32) of a 2:4 weight, as
+    (v0, v1, p0, p1), each [len(offs_n), BLOCK_K // 4]: the two kept values of every group of 4
+    columns (fp32; dequantized codes, or the values themselves when BITS == 16) and their slots
+    in the group (0..3, uint32, p0 < p1)."""
     HALF: tl.constexpr = BLOCK_K // 2
-    kept = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, N, K // 2, n_words, BITS, GROUP // 2, HAS_ZEROS,
-                      HALF)  # [rows, HALF], kept column order
+    if BITS == 16:  # w_ptr: the kept values [N, K / 2] (n_words = K / 2)
+        offs_v = k0 // 2 + tl.arange(0, HALF)
+        kept = tl.load(w_ptr + offs_n[:, None] * n_words + offs_v[None, :],
+                       mask=n_ok[:, None] & (offs_v[None, :] < n_words), other=0.0).to(tl.float32)
+    else:
+        kept = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, N, K // 2, n_words, BITS, GROUP // 2,
+                          HAS_ZEROS, HALF)  # [rows, HALF], kept column order
     offs_p = k0 // 32 + tl.arange(0, HALF // 16)
     pw = tl.load(p_ptr + offs_n[:, None] * n_pos_words + offs_p[None, :],
                  mask=n_ok[:, None] & (offs_p[None, :] < n_pos_words), other=0)
-    one = tl.full(pw.shape, 1.0, tl.float32)
-    pos = _dequant_tile(pw, one, one * MAGIC_F, 2)  # [rows, HALF]: each kept value's slot 0..3, as floats
-    v0, v1 = tl.split(tl.reshape(kept, [kept.shape[0], HALF // 2, 2]))  # the two kept of each group of 4
+    pos = _dequant_tile(pw, None, None, 2, CODES=True)  # [rows, HALF]: each kept value's slot 0..3
+    v0, v1 = tl.split(tl.reshape(kept, [kept.shape[0], HALF // 2, 2]))
     p0, p1 = tl.split(tl.reshape(pos, [kept.shape[0], HALF // 2, 2]))
-    slot = tl.arange(0, 4).to(tl.float32)[None, None, :]
+    return v0, v1, p0, p1
+
+
+@triton.jit
+def _load_sp24_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dequantized fp32 tile [len(offs_n), BLOCK_K] of dense columns k0 ... k0 + BLOCK_K of a 2:4
+    weight: each kept pair placed into its group of 4 columns (a select per slot), zeros between."""
+    v0, v1, p0, p1 = _sp24_kept(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words, BITS,
+                                GROUP, HAS_ZEROS, BLOCK_K)
+    slot = tl.arange(0, 4).to(tl.uint32)[None, None, :]
     dense = tl.where(p0[:, :, None] == slot, v0[:, :, None], 0.0) + tl.where(p1[:, :, None] == slot, v1[:, :, None],
-                                                                             0.0)  # [rows, HALF // 2, 4]
-    return tl.reshape(dense, [kept.shape[0], BLOCK_K])
+                                                                             0.0)  # [rows, BLOCK_K // 4, 4]
+    return tl.reshape(dense, [v0.shape[0], BLOCK_K])
+
+
+@triton.jit
+def _sp24_products(v0, v1, p0, p1, x):
+    """v0 * x[slot p0] + v1 * x[slot p1] per group of 4 columns: [rows, BLOCK_K // 4] from the kept
+    pairs (`_sp24_kept`) and x fp32 [BLOCK_K]. Picking each kept value's x (p0 is 0..2, p1 is
+    1..3: two selects each) costs half of placing the values into a dense tile, and multiplies
+    only the kept half."""
+    xa, xb = tl.split(tl.reshape(x, [x.shape[0] // 4, 2, 2]))  # xa [G, 2]: x[4g], x[4g + 2]; xb: 4g + 1, 4g + 3
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    x0, x1, x2, x3 = x0[None, :], x1[None, :], x2[None, :], x3[None, :]
+    xs0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, x2))
+    xs1 = tl.where(p1 == 3, x3, tl.where(p1 == 2, x2, x1))
+    return v0 * xs0 + v1 * xs1
 
 
 @triton.jit
@@ -145,9 +180,11 @@ def _weight_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr,
                  SP24: tl.constexpr):
     if SP24:
-        return _load_sp24_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words, BITS, GROUP,
-                               HAS_ZEROS, BLOCK_K)
-    return _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+        w = _load_sp24_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words, BITS, GROUP,
+                            HAS_ZEROS, BLOCK_K)
+    else:
+        w = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+    return w
 
 
 @triton.jit
@@ -155,16 +192,22 @@ def _gemv_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, n_pos_
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SP24: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
     # x [K], words [N, n_words], scales/zeros [n_groups, N], y [N]. Products accumulate elementwise
-    # in [BLOCK_N, BLOCK_K] registers and are summed across threads once, after the loop.
+    # in [BLOCK_N, BLOCK_K] registers ([BLOCK_N, BLOCK_K / 4] for 2:4: a sum per group of 4) and
+    # are summed across threads once, after the loop.
+    ACC_K: tl.constexpr = BLOCK_K // 4 if SP24 else BLOCK_K
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc = tl.zeros([BLOCK_N, ACC_K], tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        w = _weight_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words, BITS, GROUP,
-                         HAS_ZEROS, BLOCK_K, SP24)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # masked tail: x = 0
-        acc += w * x[None, :]
+        if SP24:
+            v0, v1, p0, p1 = _sp24_kept(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words,
+                                        BITS, GROUP, HAS_ZEROS, BLOCK_K)
+            acc += _sp24_products(v0, v1, p0, p1, x)
+        else:
+            acc += _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS,
+                              BLOCK_K) * x[None, :]
     tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -264,18 +307,46 @@ def _codes16(words, zc, BITS: tl.constexpr, magic, DQ: tl.constexpr):
 
 
 @triton.jit
-def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, stride_xm, stride_ym, magic,
-                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BF16_CODES: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                FP32: tl.constexpr):
+def _x_slots(xt):
+    """xt [BLOCK_K, BLOCK_M] -> the rows at slot 0, 1, 2, 3 of every group of 4, [BLOCK_K / 4, BLOCK_M] each."""
+    x4 = tl.permute(tl.reshape(xt, [xt.shape[0] // 4, 2, 2, xt.shape[1]]), (0, 3, 1, 2))  # [G, BLOCK_M, 2, 2]
+    xa, xb = tl.split(x4)  # slots 0, 2 and 1, 3: [G, BLOCK_M, 2]
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _sp24_slot_tiles(kept, pw):
+    """Kept values [rows, HALF] (two per group of 4 columns, any dtype) and their position words
+    int32 [rows, HALF / 16] -> the weight's columns at slot 0, 1, 2, 3 of every group,
+    [rows, HALF / 2] each: W = sum over slots s of W_s placed at columns 4g + s, so W @ x.T is
+    the sum of the four W_s @ x_s.T, each an MMA over a quarter of K, and the kept values never
+    move between registers (placing them into a dense tile would: `_load_sp24_tile`)."""
+    pos = _dequant_tile(pw, None, None, 2, CODES=True)  # [rows, HALF] slots 0..3, p0 < p1 in each pair
+    v0, v1 = tl.split(tl.reshape(kept, [kept.shape[0], kept.shape[1] // 2, 2]))
+    p0, p1 = tl.split(tl.reshape(pos, [kept.shape[0], kept.shape[1] // 2, 2]))
+    zero = tl.zeros_like(v0)
+    return (tl.where(p0 == 0, v0, zero), tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero)),
+            tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero)), tl.where(p1 == 3, v1, zero))
+
+
+@triton.jit
+def _mma_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_pos_words, stride_xm, stride_ym, magic,
+                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SP24: tl.constexpr,
+                BF16_CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SPLIT_K: tl.constexpr, FP32: tl.constexpr):
     # x [M, K], y [M, N] (fp32 and zeroed when SPLIT_K > 1); BLOCK_K divides GROUP. The accumulator
     # is y.T's tile [BLOCK_N, BLOCK_M]. Codes are dequantized in bf16 (BF16_CODES, magic =
     # 0x43004300: 128.0 twice) or fp16 (0x64006400: 1024.0 twice). `magic` is a runtime argument
     # so that it lives in a register: as a constant, ptxas re-creates it before every mask-or
     # (a LOP3 takes one immediate, and the mask is the other), 10% more instructions per weight.
+    # SP24: the words hold the K / 2 kept codes of each row (or, BITS == 16, the kept values
+    # themselves, no scales) and p_ptr their slots; each tile is four MMAs, one per slot.
     DQ: tl.constexpr = tl.bfloat16 if BF16_CODES else tl.float16
     MAGIC_V: tl.constexpr = 128.0 if BF16_CODES else 1024.0
-    CPW: tl.constexpr = 32 // BITS
+    CPW: tl.constexpr = 1 if BITS == 16 else 32 // BITS  # stored columns per element of w_ptr
+    KW: tl.constexpr = BLOCK_K // 2 if SP24 else BLOCK_K  # stored columns (codes or values) per tile
     offs_m, offs_n, t_first, t_end = _program_tiles(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     m_ok, n_ok = offs_m < M, offs_n < N
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -284,19 +355,34 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, stride_xm, 
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None],
                      mask=m_ok[None, :] & (offs_k[:, None] < K), other=0.0)  # [BLOCK_K, BLOCK_M]; tail x = 0
-        offs_w = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
-        words = tl.load(w_ptr + offs_n[:, None] * n_words + offs_w[None, :],
-                        mask=n_ok[:, None] & (offs_w[None, :] < n_words), other=0)
-        g_off = (k0 // GROUP) * N + offs_n
-        s = tl.load(s_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zc = (tl.load(z_ptr + g_off, mask=n_ok, other=0).to(tl.float32) + MAGIC_V).to(DQ)[:, None]
-        else:
-            zc = tl.full([BLOCK_N, 1], MAGIC_V + (1 << (BITS - 1)), DQ)
-        q = _codes16(words, zc, BITS, magic.to(tl.uint32), DQ)  # [BLOCK_N, BLOCK_K], code - zero (exact)
         if FP32:
             xt = xt.to(tl.float32)
-        acc += tl.dot(q.to(xt.dtype), xt) * s[:, None]
+        offs_w = k0 * KW // BLOCK_K // CPW + tl.arange(0, KW // CPW)
+        w_mask = n_ok[:, None] & (offs_w[None, :] < n_words)
+        if BITS == 16:  # the kept values of a 2:4 float weight
+            q = tl.load(w_ptr + offs_n[:, None] * n_words + offs_w[None, :], mask=w_mask, other=0.0).to(xt.dtype)
+        else:
+            words = tl.load(w_ptr + offs_n[:, None] * n_words + offs_w[None, :], mask=w_mask, other=0)
+            g_off = (k0 // GROUP) * N + offs_n
+            s = tl.load(s_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                zc = (tl.load(z_ptr + g_off, mask=n_ok, other=0).to(tl.float32) + MAGIC_V).to(DQ)[:, None]
+            else:
+                zc = tl.full([BLOCK_N, 1], MAGIC_V + (1 << (BITS - 1)), DQ)
+            q = _codes16(words, zc, BITS, magic.to(tl.uint32), DQ).to(xt.dtype)  # [BLOCK_N, KW], code - zero (exact)
+        if SP24:
+            offs_p = k0 // 32 + tl.arange(0, KW // 16)
+            pw = tl.load(p_ptr + offs_n[:, None] * n_pos_words + offs_p[None, :],
+                         mask=n_ok[:, None] & (offs_p[None, :] < n_pos_words), other=0)
+            w0, w1, w2, w3 = _sp24_slot_tiles(q, pw)
+            x0, x1, x2, x3 = _x_slots(xt)
+            part = tl.dot(w3, x3, tl.dot(w2, x2, tl.dot(w1, x1, tl.dot(w0, x0))))
+        else:
+            part = tl.dot(q, xt)
+        if BITS == 16:
+            acc += part
+        else:
+            acc += part * s[:, None]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]  # M * N may pass 2**31
     y_mask = m_ok[None, :] & n_ok[:, None]
     if SPLIT_K == 1:

@@ -8,45 +8,36 @@ State (registered buffers, so the state dict is the checkpoint format), by `stor
 Values keep the dtype of the weight they came from (pruning rounds nothing); `nnz` counts the
 kept weights in every storage.
 
-Forward is the reference path (decompress, then matmul), except for a 2:4 layer that `prepack`
-prepared on CUDA for 16-bit activations: that one runs PyTorch's semi-structured sparse matmul
-(cuSPARSELt where PyTorch ships it, else CUTLASS), whose layout is made once at load time, so the
-checkpoint format stays as it is. (`packing.to_cutlass` converts the N:M storage to CUTLASS's
-layout exactly, without decompressing.)
+Forward is the reference path (decompress, then matmul), except for 2:4 layers: they call
+compress::sp24_linear (cuda/ops.py), which on CUDA with 16-bit activations runs the fastest of
+our Triton kernels (kept values and their 2-bit slots read as stored, placed in registers),
+decompress + cuBLAS, and PyTorch's cuSPARSELt matmul, measured per shape (cuda/int_matmul.py);
+elsewhere the reference. `prepack(dtype)` makes, once at load time, the values in the activation
+dtype and cuSPARSELt's own layout of the weight, so the checkpoint format stays as it is.
+`kernel` ("auto" | "reference" | "triton") picks as QuantLinear's does. (`packing.to_cutlass`
+converts the N:M storage to the layout of PyTorch's CUTLASS 2:4 kernels exactly.)
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from torch import nn
 
+from compress.cuda import cusparselt
+from compress.cuda.layout import words_of
+from compress.cuda.ops import SP24_KERNELS, sp24_linear
 from compress.errors import CompressError
 
 from .masks import check_mask, parse_pattern
 from .packing import compress_nm, decompress_nm, index_bits, pack_bitmask, unpack_bitmask
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-log = logging.getLogger(__name__)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _semi_structured(dense: torch.Tensor) -> torch.Tensor | None:
-    """PyTorch's 2:4 sparse weight of `dense` (16-bit, CUDA): cuSPARSELt where this build has it,
-    else CUTLASS's kernels, which exist for compute capability 8.x only (on Hopper they fail at
-    the first matmul); None where neither runs."""
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
-
-    if torch.backends.cusparselt.is_available():
-        return SparseSemiStructuredTensorCUSPARSELT.from_dense(dense)
-    if torch.cuda.get_device_capability(dense.device)[0] == 8:
-        return SparseSemiStructuredTensorCUTLASS.from_dense(dense)
-    return None
 
 
 class SparseLinear(nn.Module):
@@ -77,7 +68,8 @@ class SparseLinear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=DTYPES[bias_dtype], device=device))
         else:
             self.bias = None
-        self._semi_structured: torch.Tensor | None = None  # PyTorch's 2:4 sparse weight, made by prepack
+        self.kernel = "auto"
+        self._prepacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # made by prepack
 
     @classmethod
     def from_pruned(cls, weight: torch.Tensor, keep: torch.Tensor, pattern: str, ratio: float | None,
@@ -124,34 +116,50 @@ class SparseLinear(nn.Module):
         return self.weight.to(dtype)
 
     # --- kernels ---------------------------------------------------------------------------------
+    @property
+    def runs_sp24_op(self) -> bool:
+        return self.storage == "nm" and self.pattern == "2:4"
+
+    def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """(kept values [out, in / 2], position words int32 [out, in / 32], no cuSPARSELt weight):
+        the stored bytes as the 2:4 kernels read them (cuda/layout.py)."""
+        return self.values, words_of(self.indices), None
+
+    def set_kernel(self, kernel: str) -> SparseLinear:
+        if kernel not in SP24_KERNELS:
+            raise ValueError(f"unknown kernel '{kernel}'; choose {', '.join(SP24_KERNELS)}")
+        self.kernel = kernel
+        return self
+
     def prepack(self, dtype: torch.dtype | None = None) -> SparseLinear:
-        """On CUDA, for a 2:4 layer and 16-bit activations `dtype`: PyTorch's semi-structured sparse
-        weight, which forward then uses for activations of that dtype (a second copy of the kept
-        values beside the checkpoint's). Layers whose shapes PyTorch's sparse kernels do not take
-        keep the reference path (logged)."""
-        self._semi_structured = None
-        if self.storage == "nm" and self.pattern == "2:4" and dtype in (torch.float16, torch.bfloat16) \
-                and self.values.is_cuda:
-            try:
-                self._semi_structured = _semi_structured(self.dequantized_weight(dtype))
-            except (RuntimeError, ValueError) as e:
-                log.info("2:4 layer %dx%d stays on the reference path: %s", self.out_features, self.in_features,
-                         str(e).splitlines()[0] if str(e) else e)
+        """For a 2:4 layer and 16-bit activations `dtype` on CUDA: the kept values in `dtype` (a copy
+        only when stored in another dtype) and, where PyTorch has cuSPARSELt and the shape suits
+        it, cuSPARSELt's layout of the weight (a second copy of the kept values), which the
+        per-shape choice then weighs against our kernels."""
+        self._prepacked = None
+        if self.runs_sp24_op and dtype in cusparselt.DTYPES and self.values.is_cuda:
+            values = self.values.to(dtype)
+            packed = None
+            if cusparselt.applies(self.out_features, self.in_features, dtype, self.values.device):
+                packed = cusparselt.pack(self.dequantized_weight(dtype))
+            self._prepacked = (values, words_of(self.indices), packed)
         return self
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda(): the prepared weight would be stale
-        self._semi_structured = None
+        self._prepacked = None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
-        self._semi_structured = None
+        self._prepacked = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self._semi_structured is not None and x.dtype == self._semi_structured.dtype:
-            return nn.functional.linear(x, self._semi_structured, bias)
-        return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+        if not self.runs_sp24_op:
+            return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+        values, positions, packed = self._prepacked or self.kernel_layout()
+        y = sp24_linear(x, values, positions, self.kernel, packed)
+        return y if bias is None else y + bias
 
     def sparsity(self) -> float:
         """Fraction of the layer's weights pruned."""

@@ -1,8 +1,9 @@
 """The Triton kernels compile to GPU code for Ampere (sm_80) and Hopper (sm_90a) without a GPU.
 
 Triton's compiler runs on the CPU (its bundled ptxas included), so CI checks that every kernel,
-for each weight width, zero-point mode and density (dense or 2:4) or activation type (the
-swapped-operand kernel), lowers through PTX to a cubin for both targets. The
+for each weight width, zero-point mode, density (dense or 2:4) and, for the swapped-operand
+kernel, activation type, and for 2:4 float weights (BITS 16, the values themselves), lowers
+through PTX to a cubin for both targets. The
 check runs in a subprocess: this process has TRITON_INTERPRET=1, under which kernels are
 interpreted and never compiled."""
 
@@ -29,7 +30,8 @@ KERNELS = {  # kernel -> (pointer/int arguments in order, constexprs)
     ti._dequant_kernel: (["*i32", "*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32", "i32"],
                          dict(BLOCK_N=32, BLOCK_K=128)),
 }
-MMA = (["*i32", "*fp16", "*u8", "*fp32"] + ["i32"] * 7, dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, FP32=False))
+MMA = (["*i32", "*i32", "*fp16", "*u8", "*fp32"] + ["i32"] * 8,
+       dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, FP32=False))
 
 
 def build(fn, types, consts, arch):
@@ -49,9 +51,15 @@ for arch in map(int, sys.argv[1:]):
                     build(fn, types, dict(BITS=bits, GROUP=128 if fn is not ti._dot_kernel else 64, HAS_ZEROS=zeros,
                                           SP24=sp24, **blocks), arch)
             for act in ("*bf16", "*fp16"):  # the activations pick the 16-bit type codes are dequantized in
-                build(ti._mma_kernel, [act] + MMA[0],
-                      dict(BITS=bits, GROUP=128, HAS_ZEROS=zeros, BF16_CODES=act == "*bf16" and bits < 8, **MMA[1]),
-                      arch)
+                for sp24 in (False, True):
+                    build(ti._mma_kernel, [act] + MMA[0], dict(BITS=bits, GROUP=128, HAS_ZEROS=zeros, SP24=sp24,
+                                                               BF16_CODES=act == "*bf16" and bits < 8, **MMA[1]), arch)
+    values = dict(BITS=16, GROUP=1 << 30, HAS_ZEROS=False, SP24=True)  # 2:4 float weights: the kept values
+    for fn, (types, blocks) in KERNELS.items():
+        at = 0 if fn is ti._dequant_kernel else 1  # w_ptr: the values take the int32 words' place
+        build(fn, types[:at] + ["*bf16"] + types[at + 1:], values | blocks, arch)
+    for act in ("*bf16", "*fp16"):
+        build(ti._mma_kernel, [act, act] + MMA[0][1:], values | dict(BF16_CODES=False, **MMA[1]), arch)
 """
 
 
@@ -61,4 +69,4 @@ def test_kernels_compile_for_sm80_and_sm90():
     proc = subprocess.run([sys.executable, "-c", SCRIPT, "80", "90"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == 2 * 3 * 2 * (3 * 2 + 2)
+    assert proc.stdout.count(" ok") == 2 * (3 * 2 * (3 * 2 + 2 * 2) + 3 + 2)

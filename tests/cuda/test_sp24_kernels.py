@@ -1,5 +1,6 @@
-"""2:4 sparse integer-weight kernels (the SparseQuantLinear format) against the reference
-semantics (cuda/layout.dequantize_sp24_words), in the interpreter on CPU (fp32) or compiled on a
+"""2:4 sparse kernels, for integer weights (the SparseQuantLinear format) and float weights (the
+SparseLinear format), against the reference semantics (cuda/layout.dequantize_sp24_words and
+dense_sp24_values), in the interpreter on CPU (fp32) or compiled on a
 GPU (fp16 and bf16), with the tolerances of test_int_kernels.py."""
 
 from __future__ import annotations
@@ -8,14 +9,15 @@ import pytest
 import torch
 
 from compress.cuda import int_matmul as im
-from compress.cuda.layout import dequantize_sp24_words, words_of
-from compress.cuda.ops import sp24_int_linear
+from compress.cuda.layout import dense_sp24_values, dequantize_sp24_words, words_of
+from compress.cuda.ops import sp24_int_linear, sp24_linear
 from compress.quant.packing import pack_codes
 from compress.quant.quantize import compute_grid, quantize
+from compress.sparsity.layers import SparseLinear
 from compress.sparsity.masks import nm_mask
 from compress.sparsity.sparse_quant import SparseQuantLinear
 
-from .test_int_kernels import DEVICE, DTYPES, REL_TOL, rel_err
+from .test_int_kernels import CUDA, DEVICE, DTYPES, REL_TOL, rel_err
 
 # (N, K, bits, group_size, symmetric); group_size None = per-channel
 FORMATS = [
@@ -99,3 +101,117 @@ def test_module_runs_the_op_and_its_kernels_as_its_reference():
     assert rel_err(m(x.to(DEVICE)) - m.bias, (want - m.bias.cpu()).to(DEVICE)) < REL_TOL[torch.float32]
     with pytest.raises(ValueError, match="2:4 weights of 2, 4 or 8 bits with K and the groups multiples of 32"):
         sp24_int_linear(x[0, :, :48], *m.kernel_layout()[:4], 4, 16, 48, "triton")
+
+
+# 2:4 float weights (SparseLinear): the kept values themselves, 16 bits on a GPU (fp32 in the
+# interpreter, where the kernels compute in fp32 whatever the values' dtype)
+VALUE_SHAPES = [(50, 192), (33, 160), (64, 256)]  # N tails, K tails inside a tile of 128
+
+
+def make_sp24_values(n, k, dtype, seed=0) -> im.IntWeight:
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, k // 2, generator=g).to(dtype)
+    slots = torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2].sort(-1).values
+    positions = words_of(pack_codes(slots.reshape(n, -1).to(torch.uint8), 2))
+    return im.sp24_values(values.to(DEVICE), positions.to(DEVICE))
+
+
+def values_reference(x: torch.Tensor, w: im.IntWeight) -> torch.Tensor:
+    return x.float() @ dense_sp24_values(w.words, w.positions, w.in_features, torch.float32).T
+
+
+def test_values_reference_is_the_modules_decompression():
+    torch.manual_seed(0)
+    weight = torch.randn(24, 96)
+    layer = SparseLinear.from_pruned(weight, nm_mask(weight.abs(), 2, 4), "2:4", None, None, "l")
+    values, positions, _ = layer.kernel_layout()
+    assert torch.equal(dense_sp24_values(values, positions, 96, torch.float32), layer.dequantized_weight())
+
+
+@pytest.mark.parametrize("shape", VALUE_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sp24_values_dequant_kernel_is_exact(shape, dtype):
+    w = make_sp24_values(*shape, dtype)
+    assert torch.equal(im.dequantize(w, dtype, block_n=16), dense_sp24_values(w.words, w.positions, shape[1], dtype))
+
+
+@pytest.mark.parametrize("shape", VALUE_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_n,block_k", [(16, 32), (8, 128), (4, 512)])
+def test_sp24_values_gemv_kernel(shape, dtype, block_n, block_k):
+    w = make_sp24_values(*shape, dtype)
+    x = torch.randn(1, w.in_features, device=DEVICE).to(dtype)
+    y = im.gemv(x, w, block_n, block_k)
+    assert y.shape == (1, w.out_features) and rel_err(y, values_reference(x, w)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("shape", VALUE_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,config", [(1, (16, 32, 64, 2)), (5, (16, 32, 128, 1)), (33, (32, 64, 64, 1))])
+def test_sp24_values_dot_kernel(shape, dtype, m, config):
+    w = make_sp24_values(*shape, dtype)
+    x = torch.randn(m, w.in_features, device=DEVICE).to(dtype)
+    y = im.dot(x, w, *config)
+    assert y.shape == (m, w.out_features) and rel_err(y, values_reference(x, w)) < REL_TOL[dtype]
+
+
+def test_sp24_linear_op_passes_pytorch_opcheck():
+    w = make_sp24_values(16, 64, torch.float16)
+    x = torch.randn(3, 64, device=DEVICE, dtype=torch.float16)
+    results = torch.library.opcheck(sp24_linear, (x, w.words, w.positions, "reference", None))
+    assert {"test_schema", "test_faketensor", "test_aot_dispatch_dynamic"} <= set(results), results
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+def test_sparse_linear_runs_the_op_and_its_kernels_as_its_reference():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 256)
+    layer = SparseLinear.from_pruned(weight, nm_mask(weight.abs(), 2, 4), "2:4", None, torch.randn(48), "l")
+    x = torch.randn(2, 3, 256)
+    want = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    assert torch.allclose(layer(x), want, atol=1e-5)  # CPU "auto": the op's reference
+    half = SparseLinear.from_pruned(weight.half(), nm_mask(weight.abs(), 2, 4), "2:4", None, None, "l")
+    half = half.to(DEVICE).set_kernel("triton").prepack(torch.float16)
+    xh = x.half().to(DEVICE)
+    ref = xh.float() @ half.dequantized_weight().T.to(DEVICE)
+    assert rel_err(half(xh), ref) < REL_TOL[torch.float16]  # the kernels, in the interpreter on CPU
+    assert rel_err(half(xh[:, :1]), ref[:, :1]) < REL_TOL[torch.float16]
+    with pytest.raises(ValueError, match="16-bit values with K a multiple of 32 and activations of the same dtype"):
+        half(xh.float())
+    with pytest.raises(ValueError, match="unknown kernel 'cuda'"):
+        half.set_kernel("cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,config", [(1, (16, 32, 64, 1)), (5, (16, 64, 128, 2)), (33, (32, 32, 64, 1))])
+def test_sp24_mma_kernel(dtype, m, config):
+    """The swapped tensor-core kernel, one MMA per slot: integer codes (per format) and float values."""
+    formats = FORMATS + [(40, 128, 2, 64, False)]  # 2 bits: a tile of 64 columns needs groups of 64
+    for w in [make_sp24(*fmt) for fmt in formats] + [make_sp24_values(*shape, dtype) for shape in VALUE_SHAPES]:
+        if not im.mma_fits(config[2], w.group, w.bits, sp24=True):
+            continue
+        x = torch.randn(m, w.in_features, device=DEVICE).to(dtype)
+        ref = values_reference(x, w) if w.bits == 16 else reference(x, w)
+        y = im.mma(x, w, *config)
+        assert y.shape == (m, w.out_features) and rel_err(y, ref) < REL_TOL[dtype], (w.bits, w.group_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_large_2of4_layers_on_gpu(m):
+    """The chosen kernels are right for 2:4 float (with cuSPARSELt weighed where PyTorch has it) and
+    2:4 + int4 weights, cuSPARSELt's own output too, and no candidate disagreed with the reference."""
+    from compress.cuda import cusparselt
+
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    w = make_sp24_values(4096, 4096, torch.bfloat16)
+    ref = values_reference(x, w)
+    if cusparselt.applies(4096, 4096, torch.bfloat16, x.device):
+        packed = cusparselt.pack(dense_sp24_values(w.words, w.positions, 4096, torch.bfloat16))
+        assert rel_err(cusparselt.matmul(x, packed), ref) < REL_TOL[torch.bfloat16]
+        w = im.sp24_values(w.words, w.positions, packed)
+    assert rel_err(im.int_matmul(x, w), ref) < REL_TOL[torch.bfloat16]
+    wq = make_sp24(4096, 4096, 4, 128, True)
+    assert rel_err(im.int_matmul(x, wq), reference(x, wq)) < REL_TOL[torch.bfloat16]
+    assert not any(im.TUNER.rejected.values()), im.TUNER.rejected
