@@ -44,7 +44,9 @@ def compile_kernel(fn, pointer_types: dict[str, str], consts: dict, warps: int, 
     sig = {n: pointer_types.get(n, "i32") for n in names if n not in consts} | {n: "constexpr" for n in consts}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in sig if sig[n].startswith("*") or n in INTS}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs)
-    options = {"num_warps": warps} | ({"num_stages": stages} if stages else {})
+    from compress.cuda.int_matmul import FP_FUSION
+
+    options = {"num_warps": warps, "enable_fp_fusion": FP_FUSION} | ({"num_stages": stages} if stages else {})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 

@@ -25,6 +25,10 @@ from .triton_int import _dequant_kernel, _dot_kernel, _gemv_kernel, _mma_kernel
 from .tuning import Candidate, Tuner, interpreting
 
 ONE_GROUP = 1 << 30  # GROUP constant for per-channel scales (one group spans every K)
+# Multiply-adds fused into FMAs, asked for at every launch: Triton 3.10 turns fusion off by
+# default, which splits them into separate instructions in loops bound by instruction issue
+# (the GEMV's K loop: 8.6-8.8 instructions per weight against 7.6-7.9, kernel_sass.py).
+FP_FUSION = True
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,7 @@ def gemv(x: torch.Tensor, w: IntWeight, block_n: int, block_k: int, num_warps: i
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, words, positions, scales, zeros, y, n, k, words.shape[1], n_pos_words,
         BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, SP24=sp24, BLOCK_N=block_n, BLOCK_K=block_k,
-        STAGES=stages, num_warps=num_warps)
+        STAGES=stages, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     return y
 
 
@@ -106,7 +110,7 @@ def dot(x: torch.Tensor, w: IntWeight, block_m: int, block_n: int, block_k: int,
         x, words, positions, scales, zeros, y, m, n, k, words.shape[1], n_pos_words, x.stride(0), y.stride(0),
         BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, SP24=sp24, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, SPLIT_K=split_k, FP32=interpreting() or x.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=FP_FUSION)
     return y.to(x.dtype) if split_k > 1 else y
 
 
@@ -138,7 +142,8 @@ def mma(x: torch.Tensor, w: IntWeight, block_m: int, block_n: int, block_k: int,
         x, words, positions, scales, zeros, y, m, n, k, words.shape[1], n_pos_words, x.stride(0), y.stride(0),
         CODE_MAGIC[torch.bfloat16 if bf16_codes else torch.float16] * 0x10001, BITS=w.bits, GROUP=w.group,
         HAS_ZEROS=w.zeros is not None, SP24=sp24, BF16_CODES=bf16_codes, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT_K=split_k, FP32=fp32, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_K=block_k, SPLIT_K=split_k, FP32=fp32, num_warps=num_warps, num_stages=num_stages,
+        enable_fp_fusion=FP_FUSION)
     return y.to(x.dtype) if split_k > 1 else y
 
 
@@ -151,7 +156,8 @@ def dequantize(w: IntWeight, dtype: torch.dtype, block_n: int = 32, block_k: int
     out = torch.empty(n, k, dtype=dtype, device=w.words.device)
     _dequant_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, block_k))](
         words, positions, scales, zeros, out, n, k, words.shape[1], n_pos_words,
-        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, SP24=sp24, BLOCK_N=block_n, BLOCK_K=block_k)
+        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, SP24=sp24, BLOCK_N=block_n, BLOCK_K=block_k,
+        enable_fp_fusion=FP_FUSION)
     return out
 
 

@@ -38,7 +38,7 @@ def build(fn, types, consts, arch):
     names = fn.arg_names
     sig = {n: t for n, t in zip(names, types)} | {n: "constexpr" for n in consts}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "enable_fp_fusion": True})
     assert kernel.asm["cubin"], (fn.__name__, arch, consts)
     print(fn.__name__, arch, consts["BITS"], consts["HAS_ZEROS"], consts.get("SP24", types[0]), "ok")
 
