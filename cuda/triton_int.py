@@ -25,14 +25,18 @@ leaves code - zero. Per weight: shift, mask-or, subtract, multiply by the scale,
 
 2:4 sparse weights (`SP24`, the format of sparsity/sparse_quant.py): the words hold only the
 kept codes (K / 2 per row, the groups of `GROUP` dense columns holding GROUP / 2 of them) and
-`p_ptr` their positions, 2 bits each in int32 words (16 per word). `_load_sp24_tile` dequantizes
-the kept half of a tile as above, decodes the positions the same way, and scatters each pair of
-kept values into its group of 4 columns in registers (a select per slot), so the kernels go on
-exactly as for a dense tile: half the codes and a quarter more bits of position per weight read.
+`p_ptr` their positions, 2 bits each in int32 words (16 per word); with BITS == 16 (2:4 float
+weights, sparsity/layers.py) w_ptr holds the kept values themselves. `_sp24_kept` gives each
+group of 4 columns' two kept values and their slots. The GEMV multiplies them by the x at those
+slots (`_sp24_products`); `_mma_kernel` splits the tile by slot into four MMAs
+(`_sp24_slot_tiles`); `_dot_kernel` and `_dequant_kernel` place them into a dense tile
+(`_load_sp24_tile`, a select per slot). Half the codes and a quarter more bits of position per
+weight are read.
 
 `_mma_kernel` (M = 1 to a few hundred) is the tensor-core kernel with the operands swapped and
-the dequantization done two codes per instruction, which cuts its hot loop from about 8 to about
-4 instructions per weight and thread (benchmarks/kernel_sass.py counts them in the compiled code):
+the dequantization done two codes per instruction, which cuts its hot loop from about 8 to 3-4
+instructions per weight and thread at M <= 16 (benchmarks/kernel_sass.py counts them in the
+compiled code):
 - y.T [N, M] = W [N, K] @ x.T [K, M]: the weight tile is the MMA's A operand (64-row Hopper
   wgmma tiles, taken from registers) and the tokens are its narrow N side (16 and up), so a
   decode batch wastes MMA width, which is cheap, instead of weight rows, which cost bandwidth.
@@ -275,19 +279,27 @@ def _pairs16(w, t: tl.constexpr, BITS: tl.constexpr, magic, DQ: tl.constexpr):
 
 
 @triton.jit
-def _codes16(words, zc, BITS: tl.constexpr, magic, DQ: tl.constexpr):
-    """int32 words [rows, words] -> code - zero in DQ [rows, words * cpw], column order; zc = magic +
-    zero (DQ, broadcast against [rows, words]). Planes interleave as in `_dequant_tile`."""
+def _codes16(words, zc, BITS: tl.constexpr, magic, DQ: tl.constexpr, PAIRED: tl.constexpr):
+    """int32 words [rows, words] -> code - zero in DQ [rows, words * cpw]; zc = magic + zero (DQ,
+    broadcast against [rows, words]). Column order (planes interleave as in `_dequant_tile`), or
+    PAIRED: each word's codes in the order t, t + cpw / 2 for t = 0 .. cpw / 2 - 1, which puts the
+    two halves of one mask-or side by side, where the MMA wants two consecutive K elements in one
+    register (column order takes a byte permute per pair to get there)."""
     w = words.to(tl.uint32, bitcast=True)
     if BITS == 8:
         a0, a2 = _pairs16(w, 0, 8, magic, DQ)
         a1, a3 = _pairs16(w, 1, 8, magic, DQ)
+        if PAIRED:
+            return tl.interleave(tl.interleave(a0 - zc, a1 - zc), tl.interleave(a2 - zc, a3 - zc))
         return tl.interleave(tl.interleave(a0 - zc, a2 - zc), tl.interleave(a1 - zc, a3 - zc))
     elif BITS == 4:
         a0, a4 = _pairs16(w, 0, 4, magic, DQ)
         a1, a5 = _pairs16(w, 1, 4, magic, DQ)
         a2, a6 = _pairs16(w, 2, 4, magic, DQ)
         a3, a7 = _pairs16(w, 3, 4, magic, DQ)
+        if PAIRED:
+            return tl.interleave(tl.interleave(tl.interleave(a0 - zc, a2 - zc), tl.interleave(a1 - zc, a3 - zc)),
+                                 tl.interleave(tl.interleave(a4 - zc, a6 - zc), tl.interleave(a5 - zc, a7 - zc)))
         return tl.interleave(tl.interleave(tl.interleave(a0 - zc, a4 - zc), tl.interleave(a2 - zc, a6 - zc)),
                              tl.interleave(tl.interleave(a1 - zc, a5 - zc), tl.interleave(a3 - zc, a7 - zc)))
     else:  # 2 bits: codes t and t + 8 per pair
@@ -299,6 +311,12 @@ def _codes16(words, zc, BITS: tl.constexpr, magic, DQ: tl.constexpr):
         a5, a13 = _pairs16(w, 5, 2, magic, DQ)
         a6, a14 = _pairs16(w, 6, 2, magic, DQ)
         a7, a15 = _pairs16(w, 7, 2, magic, DQ)
+        if PAIRED:
+            lo = tl.interleave(tl.interleave(tl.interleave(a0 - zc, a4 - zc), tl.interleave(a2 - zc, a6 - zc)),
+                               tl.interleave(tl.interleave(a1 - zc, a5 - zc), tl.interleave(a3 - zc, a7 - zc)))
+            hi = tl.interleave(tl.interleave(tl.interleave(a8 - zc, a12 - zc), tl.interleave(a10 - zc, a14 - zc)),
+                               tl.interleave(tl.interleave(a9 - zc, a13 - zc), tl.interleave(a11 - zc, a15 - zc)))
+            return tl.interleave(lo, hi)
         a = tl.interleave(tl.interleave(tl.interleave(a0 - zc, a8 - zc), tl.interleave(a4 - zc, a12 - zc)),
                           tl.interleave(tl.interleave(a2 - zc, a10 - zc), tl.interleave(a6 - zc, a14 - zc)))
         b = tl.interleave(tl.interleave(tl.interleave(a1 - zc, a9 - zc), tl.interleave(a5 - zc, a13 - zc)),
@@ -347,6 +365,9 @@ def _mma_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_po
     MAGIC_V: tl.constexpr = 128.0 if BF16_CODES else 1024.0
     CPW: tl.constexpr = 1 if BITS == 16 else 32 // BITS  # stored columns per element of w_ptr
     KW: tl.constexpr = BLOCK_K // 2 if SP24 else BLOCK_K  # stored columns (codes or values) per tile
+    # dense codes in `_codes16`'s paired order, x's rows permuted to match: 10% fewer instructions
+    # per weight at BLOCK_M <= 32; wider x tiles cost more to permute than pairing saves
+    PAIRED: tl.constexpr = not SP24 and BLOCK_M <= 32
     offs_m, offs_n, t_first, t_end = _program_tiles(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
     m_ok, n_ok = offs_m < M, offs_n < N
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -369,7 +390,7 @@ def _mma_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_po
                 zc = (tl.load(z_ptr + g_off, mask=n_ok, other=0).to(tl.float32) + MAGIC_V).to(DQ)[:, None]
             else:
                 zc = tl.full([BLOCK_N, 1], MAGIC_V + (1 << (BITS - 1)), DQ)
-            q = _codes16(words, zc, BITS, magic.to(tl.uint32), DQ).to(xt.dtype)  # [BLOCK_N, KW], code - zero (exact)
+            q = _codes16(words, zc, BITS, magic.to(tl.uint32), DQ, PAIRED).to(xt.dtype)  # [BLOCK_N, KW], code - zero
         if SP24:
             offs_p = k0 // 32 + tl.arange(0, KW // 16)
             pw = tl.load(p_ptr + offs_n[:, None] * n_pos_words + offs_p[None, :],
@@ -377,6 +398,9 @@ def _mma_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_po
             w0, w1, w2, w3 = _sp24_slot_tiles(q, pw)
             x0, x1, x2, x3 = _x_slots(xt)
             part = tl.dot(w3, x3, tl.dot(w2, x2, tl.dot(w1, x1, tl.dot(w0, x0))))
+        elif PAIRED:  # row 2t + h of each word's span <- column t + h * cpw / 2
+            xp = tl.permute(tl.reshape(xt, [BLOCK_K // CPW, 2, CPW // 2, BLOCK_M]), (0, 2, 1, 3))
+            part = tl.dot(q, tl.reshape(xp, [BLOCK_K, BLOCK_M]))
         else:
             part = tl.dot(q, xt)
         if BITS == 16:

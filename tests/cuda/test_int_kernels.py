@@ -105,7 +105,7 @@ def test_gemv_kernel(fmt, dtype, block_n, block_k):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 5, 33])
-@pytest.mark.parametrize("config", [(16, 32, 32, 1), (16, 16, 32, 3), (32, 64, 64, 2), (16, 32, 16, 2)])
+@pytest.mark.parametrize("config", [(16, 32, 32, 1), (16, 16, 32, 3), (32, 64, 64, 2), (16, 32, 16, 2), (64, 16, 32, 1)])
 def test_mma_kernel(fmt, dtype, m, config):
     """The swapped-operand kernel (codes to 16-bit floats in pairs, scales after the MMA) over K
     tiles inside groups, several tiles per group, split-K and the N, M and K tails."""
