@@ -22,7 +22,7 @@ from triton.runtime.errors import OutOfResources
 
 from . import cusparselt, tinygemm
 from .triton_int import _dequant_kernel, _dot_kernel, _gemv_kernel, _mma_kernel
-from .tuning import Candidate, Tuner, interpreting
+from .tuning import Candidate, Tuner, Unavailable, interpreting
 
 ONE_GROUP = 1 << 30  # GROUP constant for per-channel scales (one group spans every K)
 # Multiply-adds fused into FMAs, asked for at every launch: Triton 3.10 turns fusion off by
@@ -205,9 +205,19 @@ def _dot(bm: int, bn: int, bk: int, sk: int, nw: int, ns: int) -> Candidate:
 DEQUANT_MATMUL = Candidate("dequant+matmul", lambda x, w: torch.nn.functional.linear(x, dequantize(w, x.dtype)))
 
 
-TINYGEMM = Candidate("tinygemm (PyTorch)", lambda x, w: tinygemm.matmul(x, *w.tinygemm, w.group_size))
+def _library(fn):
+    """A library call as a candidate: its refusal of a shape rules it out instead of failing the call."""
+    def run(x: torch.Tensor, w: IntWeight) -> torch.Tensor:
+        try:
+            return fn(x, w)
+        except RuntimeError as e:
+            raise Unavailable(str(e)) from e
+    return run
 
-CUSPARSELT = Candidate("cuSPARSELt (PyTorch)", lambda x, w: cusparselt.matmul(x, w.cusparselt))
+
+TINYGEMM = Candidate("tinygemm (PyTorch)", _library(lambda x, w: tinygemm.matmul(x, *w.tinygemm, w.group_size)))
+
+CUSPARSELT = Candidate("cuSPARSELt (PyTorch)", _library(lambda x, w: cusparselt.matmul(x, w.cusparselt)))
 
 
 def candidates(m: int, dtype: torch.dtype, group: int, bits: int, has_tinygemm: bool,
@@ -234,7 +244,7 @@ def _agrees(y: torch.Tensor, ref: torch.Tensor) -> bool:
     return y.shape == ref.shape and bool(((y.float() - ref.float()).norm() <= tol * ref.float().norm()).item())
 
 
-TUNER = Tuner(_measure, skip=(OutOfResources, CompilationError), agree=_agrees)
+TUNER = Tuner(_measure, skip=(OutOfResources, CompilationError, Unavailable), agree=_agrees)
 
 
 def tuner_key(x: torch.Tensor, w: IntWeight) -> tuple:

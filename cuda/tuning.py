@@ -26,6 +26,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+class Unavailable(Exception):
+    """Raised by a candidate that cannot run a problem (a library refusing a shape): a tuner that
+    lists it in `skip` never chooses that candidate, and the others still run."""
+
+
 @dataclass(frozen=True)
 class Candidate:
     name: str  # e.g. "gemv n32 k128 w4", "dequant+matmul"

@@ -20,6 +20,7 @@ converts the N:M storage to the layout of PyTorch's CUTLASS 2:4 kernels exactly.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from .masks import check_mask, parse_pattern
 from .packing import compress_nm, decompress_nm, index_bits, pack_bitmask, unpack_bitmask
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+log = logging.getLogger(__name__)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -141,7 +143,11 @@ class SparseLinear(nn.Module):
             values = self.values.to(dtype)
             packed = None
             if cusparselt.applies(self.out_features, self.in_features, dtype, self.values.device):
-                packed = cusparselt.pack(self.dequantized_weight(dtype))
+                try:
+                    packed = cusparselt.pack(self.dequantized_weight(dtype))
+                except RuntimeError as e:  # our kernels still run; log why PyTorch's will not
+                    log.info("2:4 layer %dx%d: no cuSPARSELt weight: %s", self.out_features, self.in_features,
+                             str(e).splitlines()[0] if str(e) else e)
             self._prepacked = (values, words_of(self.indices), packed)
         return self
 

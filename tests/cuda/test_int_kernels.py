@@ -15,7 +15,6 @@ from compress.cuda import int_matmul as im
 from compress.cuda.layout import dequantize_words, unpack_words, words_of
 from compress.cuda.ops import dequantize_int, int_linear, int_linear_op
 from compress.cuda.tuning import Candidate, Tuner
-from compress.quant.layers import QuantLinear
 from compress.quant.packing import pack_codes
 from compress.quant.rtn import RTNConfig
 
@@ -257,6 +256,19 @@ def test_tuner_keeps_the_fastest_candidate_and_skips_failures(monkeypatch):
     assert calls == ["b"]  # chosen once, then reused without measuring
     with pytest.raises(RuntimeError, match="no candidate"):
         tuner.run("other", lambda: [Candidate("c", broken), Candidate("d", broken)])
+
+
+def test_a_library_refusing_a_shape_is_ruled_out_not_raised(monkeypatch):
+    """PyTorch's kernels (tinygemm, cuSPARSELt) raise RuntimeError on shapes they do not take: as
+    candidates that makes them unavailable for the problem, and the tuner picks among the rest."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    def refuses(x, w):
+        raise RuntimeError("cuSPARSELt: no algorithm for this shape")
+
+    tuner = Tuner(lambda fn: (fn(), 1.0)[1], skip=im.TUNER.skip)  # equal times: the first that runs wins
+    library, ours = Candidate("library", im._library(refuses)), Candidate("ours", lambda x, w: x)
+    assert tuner.run("key", lambda: [library, ours], 7, None) == 7 and tuner.choices() == {"key": "ours"}
 
 
 def test_tuner_never_chooses_a_candidate_that_disagrees_with_the_reference(monkeypatch, caplog):
