@@ -139,8 +139,10 @@ def sparse_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tensor) 
     from compress.cuda.layout import words_of
     from compress.sparsity.packing import compress_nm
 
+    from compress.sparsity.masks import nm_mask
+
     w = sparse_2of4(n, k, dtype)
-    values, indices = compress_nm(w, w != 0, 2, 4)
+    values, indices = compress_nm(w, nm_mask(w.abs(), 2, 4), 2, 4)  # the kept two of every four
     ours = im.sp24_values(values, words_of(indices))
     packed = cusparselt.pack(w) if cusparselt.applies(n, k, dtype, w.device) else None
     auto = im.sp24_values(values, words_of(indices), packed)

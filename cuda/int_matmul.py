@@ -2,7 +2,7 @@
 
 `int_matmul(x, w)` computes x [M, K] @ dequantize(w).T -> [M, N] in x's dtype. Candidates per
 M: the GEMV kernel (M = 1), the two tensor-core kernels (weights as the MMA's B operand, or as
-its A operand with cheaper dequantization: dense weights) at several tile sizes and split-K
+its A operand with cheaper dequantization) at several tile sizes and split-K
 factors, and dequantize + cuBLAS (which wins at large M, where the matmul is compute-bound). The
 first call of each (device, format, N, K, M bucket) times them all once and keeps the fastest
 (`TUNER.choices()` lists what was chosen); PyTorch's own kernels (tinygemm for int4,
@@ -25,9 +25,9 @@ from .triton_int import _dequant_kernel, _dot_kernel, _gemv_kernel, _mma_kernel
 from .tuning import Candidate, Tuner, Unavailable, interpreting
 
 ONE_GROUP = 1 << 30  # GROUP constant for per-channel scales (one group spans every K)
-# Multiply-adds fused into FMAs, asked for at every launch: Triton 3.10 turns fusion off by
-# default, which splits them into separate instructions in loops bound by instruction issue
-# (the GEMV's K loop: 8.6-8.8 instructions per weight against 7.6-7.9, kernel_sass.py).
+# Multiply-adds fused into FMAs, asked for at every launch: Triton 3.9 fuses by default but warns
+# that 3.10 will not, and unfused they are separate instructions in loops bound by instruction
+# issue (the GEMV's K loop: 8.6-8.8 instructions per weight against 7.6-7.9, kernel_sass.py).
 FP_FUSION = True
 
 
@@ -210,6 +210,8 @@ def _library(fn):
     def run(x: torch.Tensor, w: IntWeight) -> torch.Tensor:
         try:
             return fn(x, w)
+        except torch.cuda.OutOfMemoryError:
+            raise
         except RuntimeError as e:
             raise Unavailable(str(e)) from e
     return run

@@ -19,8 +19,9 @@ implementation per call: "reference"; "triton" (our Triton kernels or dequantize
 whichever is faster for the shape; CUDA, or the CPU interpreter under TRITON_INTERPRET=1; an
 error if the format is not supported); "cpu_packed" (PyTorch's packed CPU matmuls, bf16
 activations); "auto": on CUDA the fastest of triton's choices and, where the weight was
-prepared for it, PyTorch's tinygemm (cuda/tinygemm.py); on CPU cpu_packed where a packed
-weight was prepared for the activation dtype; else the reference.
+prepared for it, PyTorch's tinygemm (cuda/tinygemm.py) or, for 2:4 float weights, cuSPARSELt
+(cuda/cusparselt.py); on CPU cpu_packed where a packed weight was prepared for the activation
+dtype; else the reference.
 
 Kernels differ from the reference by rounding only: the Triton kernels accumulate in fp32 (with
 split-K, in an order that varies from run to run); PyTorch's packed kernels hold the scales and
@@ -154,6 +155,31 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, 
 @sp24_linear.register_fake
 def _(x, values, positions, kernel="auto", cusparselt=None):
     return x.new_empty(*x.shape[:-1], values.shape[0])
+
+
+def _x_gradient(op, dense_weight) -> None:
+    """Register the gradient of an op computing x @ W.T whose weight inputs are frozen buffers:
+    grad [..., N] @ W [N, K] for x, W from the reference `dense_weight(inputs, dtype)`; nothing
+    for the other inputs. (So a compressed layer passes gradients to what lies below it, as an
+    adapter trained on top of it needs.)"""
+
+    def setup_context(ctx, inputs, output):
+        ctx.at = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.at))
+        ctx.inputs = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+
+    def backward(ctx, grad):
+        inputs = list(ctx.inputs)
+        for i, t in zip(ctx.at, ctx.saved_tensors):
+            inputs[i] = t
+        return grad @ dense_weight(inputs, grad.dtype), *[None] * (len(inputs) - 1)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_x_gradient(int_linear_op, lambda a, dtype: dequantize_words(*a[1:7], dtype))
+_x_gradient(sp24_int_linear, lambda a, dtype: dequantize_sp24_words(*a[1:8], dtype))
+_x_gradient(sp24_linear, lambda a, dtype: dense_sp24_values(a[1], a[2], a[1].shape[1] * 2, dtype))
 
 
 @dataclass(frozen=True)

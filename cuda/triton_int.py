@@ -7,8 +7,8 @@ Four kernels, chosen per shape by `int_matmul` (cuda/tuning.py measures which is
 - `_dot_kernel` (small and medium M): dequantized weight tiles feed tensor cores through tl.dot;
   SPLIT_K > 1 spreads K over programs that add their fp32 partial sums atomically (enough
   programs to fill the GPU when M is small).
-- `_mma_kernel` (dense weights, M = 1 to a few hundred): the same with the operands swapped and
-  cheaper dequantization (below).
+- `_mma_kernel` (M = 1 to a few hundred): the same with the operands swapped and cheaper
+  dequantization (below).
 - `_dequant_kernel`: the dense weight, for large M (then cuBLAS does the matmul) and for LoRA
   training or merges.
 
@@ -137,7 +137,7 @@ def _sp24_kept(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_po
     HALF: tl.constexpr = BLOCK_K // 2
     if BITS == 16:  # w_ptr: the kept values [N, K / 2] (n_words = K / 2)
         offs_v = k0 // 2 + tl.arange(0, HALF)
-        kept = tl.load(w_ptr + offs_n[:, None] * n_words + offs_v[None, :],
+        kept = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * n_words + offs_v[None, :],  # N * K / 2 may pass 2**31
                        mask=n_ok[:, None] & (offs_v[None, :] < n_words), other=0.0).to(tl.float32)
     else:
         kept = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0 // 2, N, K // 2, n_words, BITS, GROUP // 2,
@@ -378,10 +378,11 @@ def _mma_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_po
                      mask=m_ok[None, :] & (offs_k[:, None] < K), other=0.0)  # [BLOCK_K, BLOCK_M]; tail x = 0
         if FP32:
             xt = xt.to(tl.float32)
-        offs_w = k0 * KW // BLOCK_K // CPW + tl.arange(0, KW // CPW)
+        offs_w = k0 // (BLOCK_K // KW) // CPW + tl.arange(0, KW // CPW)
         w_mask = n_ok[:, None] & (offs_w[None, :] < n_words)
-        if BITS == 16:  # the kept values of a 2:4 float weight
-            q = tl.load(w_ptr + offs_n[:, None] * n_words + offs_w[None, :], mask=w_mask, other=0.0).to(xt.dtype)
+        if BITS == 16:  # the kept values of a 2:4 float weight; N * K / 2 may pass 2**31
+            q = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * n_words + offs_w[None, :], mask=w_mask,
+                        other=0.0).to(xt.dtype)
         else:
             words = tl.load(w_ptr + offs_n[:, None] * n_words + offs_w[None, :], mask=w_mask, other=0)
             g_off = (k0 // GROUP) * N + offs_n

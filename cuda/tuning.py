@@ -26,7 +26,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-class Unavailable(Exception):
+class Unavailable(RuntimeError):
     """Raised by a candidate that cannot run a problem (a library refusing a shape): a tuner that
     lists it in `skip` never chooses that candidate, and the others still run."""
 

@@ -9,10 +9,11 @@ Values keep the dtype of the weight they came from (pruning rounds nothing); `nn
 kept weights in every storage.
 
 Forward is the reference path (decompress, then matmul), except for 2:4 layers: they call
-compress::sp24_linear (cuda/ops.py), which on CUDA with 16-bit activations runs the fastest of
-our Triton kernels (kept values and their 2-bit slots read as stored, placed in registers),
-decompress + cuBLAS, and PyTorch's cuSPARSELt matmul, measured per shape (cuda/int_matmul.py);
-elsewhere the reference. `prepack(dtype)` makes, once at load time, the values in the activation
+compress::sp24_linear (cuda/ops.py), which on CUDA with 16-bit activations of the values' dtype
+(stored, or made by `prepack`) and K a multiple of 32 runs the fastest of our Triton kernels
+(kept values and their 2-bit slots read as stored, placed in registers), decompress + cuBLAS,
+and PyTorch's cuSPARSELt matmul, measured per shape (cuda/int_matmul.py); elsewhere the
+reference. `prepack(dtype)` makes, once at load time, the values in the activation
 dtype and cuSPARSELt's own layout of the weight, so the checkpoint format stays as it is.
 `kernel` ("auto" | "reference" | "triton") picks as QuantLinear's does. (`packing.to_cutlass`
 converts the N:M storage to the layout of PyTorch's CUTLASS 2:4 kernels exactly.)
@@ -28,7 +29,7 @@ from torch import nn
 
 from compress.cuda import cusparselt
 from compress.cuda.layout import words_of
-from compress.cuda.ops import SP24_KERNELS, sp24_linear
+from compress.cuda.ops import SP24_KERNELS, sp24_linear, sp24_values_supported
 from compress.errors import CompressError
 
 from .masks import check_mask, parse_pattern
@@ -123,23 +124,26 @@ class SparseLinear(nn.Module):
         return self.storage == "nm" and self.pattern == "2:4"
 
     def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, None]:
-        """(kept values [out, in / 2], position words int32 [out, in / 32], no cuSPARSELt weight):
-        the stored bytes as the 2:4 kernels read them (cuda/layout.py)."""
+        """(kept values [out, in / 2] in their stored dtype, position words int32 [out, ceil(in / 32)],
+        no cuSPARSELt weight): the stored bytes as the 2:4 op reads them (cuda/layout.py)."""
         return self.values, words_of(self.indices), None
 
     def set_kernel(self, kernel: str) -> SparseLinear:
+        """The 2:4 op's kernel choice (other storages always run the reference path)."""
         if kernel not in SP24_KERNELS:
             raise ValueError(f"unknown kernel '{kernel}'; choose {', '.join(SP24_KERNELS)}")
         self.kernel = kernel
         return self
 
     def prepack(self, dtype: torch.dtype | None = None) -> SparseLinear:
-        """For a 2:4 layer and 16-bit activations `dtype` on CUDA: the kept values in `dtype` (a copy
-        only when stored in another dtype) and, where PyTorch has cuSPARSELt and the shape suits
-        it, cuSPARSELt's layout of the weight (a second copy of the kept values), which the
-        per-shape choice then weighs against our kernels."""
+        """For a 2:4 layer on CUDA whose kernels take 16-bit activations `dtype` (K a multiple of 32):
+        the kept values in `dtype` (a copy only when stored in another dtype, e.g. fp32) and, where
+        PyTorch has cuSPARSELt and the shape suits it, cuSPARSELt's layout of the weight (one more
+        copy of the kept values, with its metadata), which the per-shape choice then weighs
+        against our kernels. Activations of another dtype keep the stored values."""
         self._prepacked = None
-        if self.runs_sp24_op and dtype in cusparselt.DTYPES and self.values.is_cuda:
+        if self.runs_sp24_op and dtype in cusparselt.DTYPES and self.values.is_cuda \
+                and sp24_values_supported(self.values.to(dtype), self.in_features):
             values = self.values.to(dtype)
             packed = None
             if cusparselt.applies(self.out_features, self.in_features, dtype, self.values.device):
@@ -163,7 +167,8 @@ class SparseLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.runs_sp24_op:
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
-        values, positions, packed = self._prepacked or self.kernel_layout()
+        prepared = self._prepacked is not None and self._prepacked[0].dtype == x.dtype
+        values, positions, packed = self._prepacked if prepared else self.kernel_layout()
         y = sp24_linear(x, values, positions, self.kernel, packed)
         return y if bias is None else y + bias
 

@@ -13,6 +13,7 @@ from compress.cuda.layout import dense_sp24_values, dequantize_sp24_words, words
 from compress.cuda.ops import sp24_int_linear, sp24_linear
 from compress.quant.packing import pack_codes
 from compress.quant.quantize import compute_grid, quantize
+from compress.quant.rtn import RTNConfig
 from compress.sparsity.layers import SparseLinear
 from compress.sparsity.masks import nm_mask
 from compress.sparsity.sparse_quant import SparseQuantLinear
@@ -215,3 +216,25 @@ def test_large_2of4_layers_on_gpu(m):
     wq = make_sp24(4096, 4096, 4, 128, True)
     assert rel_err(im.int_matmul(x, wq), reference(x, wq)) < REL_TOL[torch.bfloat16]
     assert not any(im.TUNER.rejected.values()), im.TUNER.rejected
+
+
+def test_compressed_layers_pass_gradients_to_their_inputs():
+    """x's gradient through each op is grad @ W (the weights are frozen buffers), as through a
+    Linear holding the dequantized weight; opcheck checks the autograd registration."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 64)
+    keep = nm_mask(weight.abs(), 2, 4)
+    grid = compute_grid(weight * keep, 4, 32, False)
+    layers = [SparseLinear.from_pruned(weight, keep, "2:4", None, torch.randn(24), "l"),
+              SparseQuantLinear.from_codes(quantize(weight, grid), keep, grid, "2:4", 0.5, None, "float16", "l"),
+              RTNConfig(bits=4, group_size=32).build().compress("l", torch.nn.Linear(64, 24))]
+    for layer in layers:
+        x = torch.randn(3, 64, requires_grad=True)
+        layer(x).pow(2).sum().backward()
+        xr = x.detach().clone().requires_grad_()
+        torch.nn.functional.linear(xr, layer.dequantized_weight(), layer.bias).pow(2).sum().backward()
+        assert torch.allclose(x.grad, xr.grad, atol=1e-4), type(layer).__name__
+    values, positions, _ = layers[0].kernel_layout()
+    results = torch.library.opcheck(sp24_linear, (torch.randn(3, 64, requires_grad=True), values, positions,
+                                                  "reference", None))
+    assert results["test_autograd_registration"] == "SUCCESS", results

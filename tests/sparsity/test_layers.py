@@ -59,9 +59,10 @@ def test_a_mask_off_the_pattern_is_refused_with_the_layer_name():
 def test_prepacked_2of4_runs_the_fastest_of_our_kernels_and_pytorch_sparse_ones():
     """A 2:4 layer prepared for bf16 on CUDA computes what the reference computes at decode and
     prefill sizes, through whichever of our kernels, decompress + cuBLAS and cuSPARSELt is
-    fastest; none of them disagrees with the reference; new weights drop the prepared layout."""
+    fastest (chosen by the tuner: not the reference path); none of them disagrees with the
+    reference; fp32 activations keep the stored fp32 values; new weights drop the prepared layout."""
     from compress.cuda import cusparselt
-    from compress.cuda.int_matmul import TUNER
+    from compress.cuda.int_matmul import TUNER, sp24_values, tuner_key
 
     torch.manual_seed(0)
     w = torch.randn(512, 1024)
@@ -74,6 +75,9 @@ def test_prepacked_2of4_runs_the_fastest_of_our_kernels_and_pytorch_sparse_ones(
         ref = x.float() @ layer.dequantized_weight().T + layer.bias
         y = layer(x)
         assert y.dtype == torch.bfloat16 and ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
-    assert not TUNER.rejected, TUNER.rejected
+        assert tuner_key(x, sp24_values(*layer._prepacked)) in TUNER.choices()
+    assert not any(TUNER.rejected.values()), TUNER.rejected
+    x = torch.randn(3, 1024, device="cuda")
+    assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias), atol=1e-4)
     layer.load_state_dict(layer.state_dict())
     assert layer._prepacked is None
