@@ -43,9 +43,7 @@ def make_sp24(n, k, bits, group_size, symmetric, seed=0) -> im.IntWeight:
 
 
 def reference(x: torch.Tensor, w: im.IntWeight) -> torch.Tensor:
-    dense = dequantize_sp24_words(w.words, w.positions, w.scales, w.zeros, w.bits, w.group_size, w.in_features,
-                                  torch.float32)
-    return x.float() @ dense.T
+    return x.float() @ dense_of(w, torch.float32).T
 
 
 def test_reference_keeps_two_of_every_four():
@@ -53,39 +51,6 @@ def test_reference_keeps_two_of_every_four():
     dense = dequantize_sp24_words(w.words, w.positions, w.scales, w.zeros, 4, 32, 64, torch.float32)
     assert ((dense != 0).view(8, 16, 4).sum(-1) <= 2).all()
     assert (dense != 0).float().mean() > 0.4  # codes equal to the zero point also give 0
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_sp24_dequant_kernel_is_exact(fmt, dtype):
-    w = make_sp24(*fmt)
-    dense = dequantize_sp24_words(w.words, w.positions, w.scales, w.zeros, w.bits, w.group_size, w.in_features,
-                                  dtype)
-    assert torch.equal(im.dequantize(w, dtype, block_n=16), dense)
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_n,block_k", [(16, 32), (8, 128)])
-def test_sp24_gemv_kernel(fmt, dtype, block_n, block_k):
-    w = make_sp24(*fmt)
-    if not im.block_k_fits(block_k, w.group, w.bits, sp24=True):
-        pytest.skip("tile does not fit the groups")
-    x = torch.randn(1, w.in_features, device=DEVICE).to(dtype)
-    y = im.gemv(x, w, block_n, block_k)
-    assert y.shape == (1, w.out_features) and rel_err(y, reference(x, w)) < REL_TOL[dtype]
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,config", [(1, (16, 32, 64, 2)), (5, (16, 32, 128, 1)), (33, (32, 64, 64, 1))])
-def test_sp24_dot_kernel(fmt, dtype, m, config):
-    w = make_sp24(*fmt)
-    if not im.block_k_fits(config[2], w.group, w.bits, sp24=True):
-        pytest.skip("tile does not fit the groups")
-    x = torch.randn(m, w.in_features, device=DEVICE).to(dtype)
-    y = im.dot(x, w, *config)
-    assert y.shape == (m, w.out_features) and rel_err(y, reference(x, w)) < REL_TOL[dtype]
 
 
 def test_module_runs_the_op_and_its_kernels_as_its_reference():
@@ -117,10 +82,6 @@ def make_sp24_values(n, k, dtype, seed=0) -> im.IntWeight:
     return im.sp24_values(values.to(DEVICE), positions.to(DEVICE))
 
 
-def values_reference(x: torch.Tensor, w: im.IntWeight) -> torch.Tensor:
-    return x.float() @ dense_sp24_values(w.words, w.positions, w.in_features, torch.float32).T
-
-
 def test_values_reference_is_the_modules_decompression():
     torch.manual_seed(0)
     weight = torch.randn(24, 96)
@@ -129,31 +90,54 @@ def test_values_reference_is_the_modules_decompression():
     assert torch.equal(dense_sp24_values(values, positions, 96, torch.float32), layer.dequantized_weight())
 
 
-@pytest.mark.parametrize("shape", VALUE_SHAPES)
+# Both 2:4 formats: integer codes (a FORMATS entry) and float values ((N, K) of VALUE_SHAPES)
+WEIGHTS = FORMATS + [(40, 128, 2, 64, False)] + VALUE_SHAPES  # 2 bits in groups of 64: the swapped kernel's tiles
+
+
+def make(spec: tuple, dtype: torch.dtype) -> im.IntWeight:
+    return make_sp24(*spec) if len(spec) == 5 else make_sp24_values(*spec, dtype)
+
+
+def dense_of(w: im.IntWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The reference dense weight [N, K] of either 2:4 format."""
+    if w.bits == 16:
+        return dense_sp24_values(w.words, w.positions, w.in_features, dtype)
+    return dequantize_sp24_words(w.words, w.positions, w.scales, w.zeros, w.bits, w.group_size, w.in_features, dtype)
+
+
+@pytest.mark.parametrize("spec", WEIGHTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sp24_values_dequant_kernel_is_exact(shape, dtype):
-    w = make_sp24_values(*shape, dtype)
-    assert torch.equal(im.dequantize(w, dtype, block_n=16), dense_sp24_values(w.words, w.positions, shape[1], dtype))
+def test_sp24_dequant_kernel_is_exact(spec, dtype):
+    w = make(spec, dtype)
+    assert torch.equal(im.dequantize(w, dtype, block_n=16), dense_of(w, dtype))
 
 
-@pytest.mark.parametrize("shape", VALUE_SHAPES)
+@pytest.mark.parametrize("spec", WEIGHTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_n,block_k", [(16, 32), (8, 128), (4, 512)])
-def test_sp24_values_gemv_kernel(shape, dtype, block_n, block_k):
-    w = make_sp24_values(*shape, dtype)
+def test_sp24_gemv_kernel(spec, dtype, block_n, block_k):
+    w = make(spec, dtype)
+    if not im.block_k_fits(block_k, w.group, w.bits, sp24=True):
+        pytest.skip("tile does not fit the groups")
     x = torch.randn(1, w.in_features, device=DEVICE).to(dtype)
     y = im.gemv(x, w, block_n, block_k)
-    assert y.shape == (1, w.out_features) and rel_err(y, values_reference(x, w)) < REL_TOL[dtype]
+    assert y.shape == (1, w.out_features) and rel_err(y, reference(x, w)) < REL_TOL[dtype]
 
 
-@pytest.mark.parametrize("shape", VALUE_SHAPES)
+@pytest.mark.parametrize("spec", WEIGHTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,config", [(1, (16, 32, 64, 2)), (5, (16, 32, 128, 1)), (33, (32, 64, 64, 1))])
-def test_sp24_values_dot_kernel(shape, dtype, m, config):
-    w = make_sp24_values(*shape, dtype)
+@pytest.mark.parametrize("kernel", ["dot", "mma"])
+@pytest.mark.parametrize("m,config", [(1, (16, 32, 64, 2)), (5, (16, 64, 128, 1)), (33, (32, 32, 64, 1))])
+def test_sp24_tensor_core_kernels(spec, dtype, kernel, m, config):
+    """The first tensor-core kernel (a dense tile built in registers) and the swapped one (one
+    MMA per slot), over N, M and K tails and split-K."""
+    w = make(spec, dtype)
+    fits = im.block_k_fits if kernel == "dot" else im.mma_fits
+    if not fits(config[2], w.group, w.bits, sp24=True):
+        pytest.skip("tile does not fit the groups")
     x = torch.randn(m, w.in_features, device=DEVICE).to(dtype)
-    y = im.dot(x, w, *config)
-    assert y.shape == (m, w.out_features) and rel_err(y, values_reference(x, w)) < REL_TOL[dtype]
+    y = getattr(im, kernel)(x, w, *config)
+    assert y.shape == (m, w.out_features) and rel_err(y, reference(x, w)) < REL_TOL[dtype]
 
 
 def test_sp24_linear_op_passes_pytorch_opcheck():
@@ -183,20 +167,6 @@ def test_sparse_linear_runs_the_op_and_its_kernels_as_its_reference():
         half.set_kernel("cuda")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,config", [(1, (16, 32, 64, 1)), (5, (16, 64, 128, 2)), (33, (32, 32, 64, 1))])
-def test_sp24_mma_kernel(dtype, m, config):
-    """The swapped tensor-core kernel, one MMA per slot: integer codes (per format) and float values."""
-    formats = FORMATS + [(40, 128, 2, 64, False)]  # 2 bits: a tile of 64 columns needs groups of 64
-    for w in [make_sp24(*fmt) for fmt in formats] + [make_sp24_values(*shape, dtype) for shape in VALUE_SHAPES]:
-        if not im.mma_fits(config[2], w.group, w.bits, sp24=True):
-            continue
-        x = torch.randn(m, w.in_features, device=DEVICE).to(dtype)
-        ref = values_reference(x, w) if w.bits == 16 else reference(x, w)
-        y = im.mma(x, w, *config)
-        assert y.shape == (m, w.out_features) and rel_err(y, ref) < REL_TOL[dtype], (w.bits, w.group_size)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("m", [1, 16, 300])
@@ -207,7 +177,7 @@ def test_large_2of4_layers_on_gpu(m):
 
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
     w = make_sp24_values(4096, 4096, torch.bfloat16)
-    ref = values_reference(x, w)
+    ref = reference(x, w)
     if cusparselt.applies(4096, 4096, torch.bfloat16, x.device):
         packed = cusparselt.pack(dense_sp24_values(w.words, w.positions, 4096, torch.bfloat16))
         assert rel_err(cusparselt.matmul(x, packed), ref) < REL_TOL[torch.bfloat16]
