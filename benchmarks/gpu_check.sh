@@ -30,9 +30,13 @@ timeout 45 $py benchmarks/kernels.py --kernels sp24w4g128 --shapes 11008x4096 40
 stamp "2:4 + int4 kernels"
 timeout 220 $py benchmarks/decode.py --variants bf16 int4 sp24 sp24-int4 > "$out/decode.jsonl" 2> "$out/decode.err"
 stamp "decode"
-timeout 100 $py -m pytest -q tests/cuda tests/sparsity/test_layers.py -p no:cacheprovider \
-    -k "inductor or 2of4 or tinygemm or choice or sp24 or mma or large_layer" > "$out/tests.log" 2>&1
+# the GPU-only tests first (large layers, nothing rejected by the tuner, inductor + CUDA graphs,
+# cuSPARSELt), then the kernels' interpreter tests compiled for this GPU in fp16 and bf16
+timeout 60 $py -m pytest -q tests/cuda tests/sparsity/test_layers.py -p no:cacheprovider -m gpu \
+    > "$out/tests.log" 2>&1
+timeout 40 $py -m pytest -q tests/cuda -p no:cacheprovider -m "not gpu" -k "choice or mma or sp24" \
+    > "$out/tests_kernels.log" 2>&1
 stamp "tests"
-tail -3 "$out/tests.log"
+tail -3 "$out/tests.log" "$out/tests_kernels.log"
 cat "$out/kernels.jsonl" "$out/decode.jsonl"
 tail -4 "$out/decode.err"
