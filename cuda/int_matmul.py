@@ -70,9 +70,10 @@ def sp24_values(values: torch.Tensor, positions: torch.Tensor, packed: torch.Ten
 
 def block_k_fits(block_k: int, group: int, bits: int, sp24: bool = False) -> bool:
     """A K tile lies inside one group or covers whole groups, and holds at least one word per row
-    (2:4: of the kept codes, half the tile, and of the positions, 16 per word)."""
+    (2:4: of the kept codes, half the tile, and of the positions, 16 per word; and each of the
+    tensor-core kernels' four MMAs, one per slot, spans at least 16 columns)."""
     if sp24:
-        return block_k % 32 == 0 and block_k_fits(block_k // 2, group // 2, bits)
+        return block_k % 64 == 0 and block_k_fits(block_k // 2, group // 2, bits)
     return (group % block_k == 0 or block_k % group == 0) and block_k >= 32 // bits
 
 

@@ -29,7 +29,7 @@ kept codes (K / 2 per row, the groups of `GROUP` dense columns holding GROUP / 2
 weights, sparsity/layers.py) w_ptr holds the kept values themselves. `_sp24_kept` gives each
 group of 4 columns' two kept values and their slots. The GEMV multiplies them by the x at those
 slots (`_sp24_products`); `_mma_kernel` splits the tile by slot into four MMAs
-(`_sp24_slot_tiles`); `_dot_kernel` and `_dequant_kernel` place them into a dense tile
+and so does `_dot_kernel` (`_sp24_slot_tiles`); `_dequant_kernel` places them into a dense tile
 (`_load_sp24_tile`, a select per slot). Half the codes and a quarter more bits of position per
 weight are read.
 
@@ -145,10 +145,29 @@ def _sp24_kept(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_po
     offs_p = k0 // 32 + tl.arange(0, HALF // 16)
     pw = tl.load(p_ptr + offs_n[:, None] * n_pos_words + offs_p[None, :],
                  mask=n_ok[:, None] & (offs_p[None, :] < n_pos_words), other=0)
-    pos = _dequant_tile(pw, None, None, 2, CODES=True)  # [rows, HALF]: each kept value's slot 0..3
-    v0, v1 = tl.split(tl.reshape(kept, [kept.shape[0], HALF // 2, 2]))
-    p0, p1 = tl.split(tl.reshape(pos, [kept.shape[0], HALF // 2, 2]))
+    return _sp24_pairs(kept, pw)
+
+
+@triton.jit
+def _sp24_pairs(kept, pw):
+    """Kept values [rows, HALF] (any dtype) and their position words int32 [rows, HALF / 16] ->
+    (v0, v1, p0, p1) [rows, HALF / 2]: each group of 4 columns' two kept values and their slots
+    (0..3, uint32, p0 < p1)."""
+    pos = _dequant_tile(pw, None, None, 2, CODES=True)  # [rows, HALF]: each kept value's slot
+    v0, v1 = tl.split(tl.reshape(kept, [kept.shape[0], kept.shape[1] // 2, 2]))
+    p0, p1 = tl.split(tl.reshape(pos, [kept.shape[0], kept.shape[1] // 2, 2]))
     return v0, v1, p0, p1
+
+
+@triton.jit
+def _sp24_slot_tiles(v0, v1, p0, p1):
+    """The kept pairs (`_sp24_pairs`) -> the weight's columns at slot 0, 1, 2, 3 of every group of 4,
+    [rows, BLOCK_K / 4] each: W = sum over slots s of W_s placed at columns 4g + s, so W @ x.T is
+    the sum of the four W_s @ x_s.T, each an MMA over a quarter of K, and the kept values never
+    move between registers (placing them into a dense tile would: `_load_sp24_tile`)."""
+    zero = tl.zeros_like(v0)
+    return (tl.where(p0 == 0, v0, zero), tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero)),
+            tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero)), tl.where(p1 == 3, v1, zero))
 
 
 @triton.jit
@@ -243,9 +262,18 @@ def _dot_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_po
                     mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         if FP32:
             x = x.to(tl.float32)
-        w = _weight_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words, BITS, GROUP,
-                         HAS_ZEROS, BLOCK_K, SP24)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        if SP24:  # one MMA per slot, as in `_mma_kernel`
+            v0, v1, p0, p1 = _sp24_kept(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words,
+                                        BITS, GROUP, HAS_ZEROS, BLOCK_K)
+            w0, w1, w2, w3 = _sp24_slot_tiles(v0.to(x.dtype), v1.to(x.dtype), p0, p1)
+            xa, xb = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 4, 2, 2]))  # x[:, 4g + 2a + b]: b = 0, 1
+            x0, x2 = tl.split(xa)
+            x1, x3 = tl.split(xb)
+            acc = tl.dot(x3, tl.trans(w3), tl.dot(x2, tl.trans(w2), tl.dot(x1, tl.trans(w1),
+                                                                           tl.dot(x0, tl.trans(w0), acc))))
+        else:
+            w = _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS, BLOCK_K)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]  # M * N may pass 2**31
     y_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
@@ -335,21 +363,6 @@ def _x_slots(xt):
 
 
 @triton.jit
-def _sp24_slot_tiles(kept, pw):
-    """Kept values [rows, HALF] (two per group of 4 columns, any dtype) and their position words
-    int32 [rows, HALF / 16] -> the weight's columns at slot 0, 1, 2, 3 of every group,
-    [rows, HALF / 2] each: W = sum over slots s of W_s placed at columns 4g + s, so W @ x.T is
-    the sum of the four W_s @ x_s.T, each an MMA over a quarter of K, and the kept values never
-    move between registers (placing them into a dense tile would: `_load_sp24_tile`)."""
-    pos = _dequant_tile(pw, None, None, 2, CODES=True)  # [rows, HALF] slots 0..3, p0 < p1 in each pair
-    v0, v1 = tl.split(tl.reshape(kept, [kept.shape[0], kept.shape[1] // 2, 2]))
-    p0, p1 = tl.split(tl.reshape(pos, [kept.shape[0], kept.shape[1] // 2, 2]))
-    zero = tl.zeros_like(v0)
-    return (tl.where(p0 == 0, v0, zero), tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero)),
-            tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero)), tl.where(p1 == 3, v1, zero))
-
-
-@triton.jit
 def _mma_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_pos_words, stride_xm, stride_ym, magic,
                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SP24: tl.constexpr,
                 BF16_CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -396,7 +409,7 @@ def _mma_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, n_words, n_po
             offs_p = k0 // 32 + tl.arange(0, KW // 16)
             pw = tl.load(p_ptr + offs_n[:, None] * n_pos_words + offs_p[None, :],
                          mask=n_ok[:, None] & (offs_p[None, :] < n_pos_words), other=0)
-            w0, w1, w2, w3 = _sp24_slot_tiles(q, pw)
+            w0, w1, w2, w3 = _sp24_slot_tiles(*_sp24_pairs(q, pw))
             x0, x1, x2, x3 = _x_slots(xt)
             part = tl.dot(w3, x3, tl.dot(w2, x2, tl.dot(w1, x1, tl.dot(w0, x0))))
         elif PAIRED:  # row 2t + h of each word's span <- column t + h * cpw / 2

@@ -114,7 +114,7 @@ def test_sp24_dequant_kernel_is_exact(spec, dtype):
 
 @pytest.mark.parametrize("spec", WEIGHTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_n,block_k", [(16, 32), (8, 128), (4, 512)])
+@pytest.mark.parametrize("block_n,block_k", [(16, 64), (8, 128), (4, 512)])
 def test_sp24_gemv_kernel(spec, dtype, block_n, block_k):
     w = make(spec, dtype)
     if not im.block_k_fits(block_k, w.group, w.bits, sp24=True):
