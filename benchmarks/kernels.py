@@ -15,6 +15,8 @@ alone: PyTorch's int4 kernel (`_weight_int4pack_mm`, 4-bit only), its int8 weigh
 (`_weight_int8pack_mm`, 8-bit per-channel only), and where installed GemLite (its Triton
 low-bit kernels at its own kernel choice, same codes and scales) and bitsandbytes NF4.
 `*_speedup` is bf16 time / that time. One JSON line per row on stdout.
+`w3g128`: 3-bit codes as a QuantLinear runs them after prepacking, widened to 4 bits (the same
+weight; every contender then reads 4-bit codes, so expect the w4g128 speeds).
 
 `sp24`: a 2:4 sparse bf16 weight (magnitude-pruned random weights): `ours` (our 2:4 Triton
 kernels reading the kept values and their 2-bit slots, or decompress + cuBLAS, chosen per shape),
@@ -43,6 +45,7 @@ MS = [1, 4, 16, 64, 256, 4096]
 KERNELS = {  # name -> (bits, group_size, symmetric)
     "w4g128": (4, 128, True),
     "w4g128-asym": (4, 128, False),
+    "w3g128": (3, 128, True),  # widened to 4 bits at prepack, as QuantLinear does
     "w8g128": (8, 128, True),
     "sp24": None,  # 2:4 sparse bf16, PyTorch's semi-structured kernels
     "sp24w4g128": None,  # 2:4 + 4-bit group 128, ours
@@ -50,15 +53,17 @@ KERNELS = {  # name -> (bits, group_size, symmetric)
 
 
 def random_weight(n: int, k: int, bits: int, group_size: int, symmetric: bool):
-    """A random weight in our kernel layout, and the same codes in PyTorch's formats."""
+    """A random weight in our kernel layout, and the same codes (at the kernels' width: 3 bits
+    widened to 4) for PyTorch's formats."""
     from compress.cuda.int_matmul import IntWeight
-    from compress.cuda.layout import words_of
+    from compress.cuda.layout import kernel_bits, widen_codes, words_of
     from compress.quant.packing import pack_codes
 
     codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, device="cuda")
     groups = -(-k // group_size)
     scales = torch.rand(groups, n, device="cuda").mul_(0.02).add_(0.001).half()
     zeros = None if symmetric else torch.randint(0, 2**bits, (groups, n), dtype=torch.uint8, device="cuda")
+    codes, bits = widen_codes(codes, bits, symmetric), kernel_bits(bits)
     ours = IntWeight(words_of(pack_codes(codes, bits)), scales, zeros, bits, group_size, k)
     return ours, codes
 

@@ -17,7 +17,9 @@ A 2:4 float weight (sparsity/layers.py's SparseLinear) is the same with the kept
 themselves in place of their codes: values [N, K / 2] (16-bit), positions as above.
 
 Rows whose byte count is not a multiple of 4 are zero-padded (a copy); all others are a view,
-so prepacking costs no memory for the weights. Scales and zero points are transposed to
+so prepacking costs no memory for the weights. Codes of 3, 5, 6 and 7 bits straddle bytes in the
+checkpoint's stream; prepacking widens them (`widen_codes`) to the next width the kernels read
+(4 or 8 bits, `kernel_bits`), the same weight exactly, in a copy of its own. Scales and zero points are transposed to
 [n_groups, N] so that a kernel loading one group's values for a block of output rows reads
 contiguous memory.
 """
@@ -27,6 +29,22 @@ from __future__ import annotations
 import torch
 
 KERNEL_BITS = (2, 4, 8)  # widths whose codes never straddle a 32-bit word
+
+
+def kernel_bits(bits: int) -> int:
+    """The width the kernels read `bits`-bit codes at (2..8): the smallest of KERNEL_BITS that holds them."""
+    return next(b for b in KERNEL_BITS if b >= bits)
+
+
+def widen_codes(codes: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Codes uint8 [rows, n] of `bits` as codes of kernel_bits(bits) with the same dequantized
+    values. Asymmetric codes and their zero points (< 2**bits) stay as they are; symmetric codes
+    move by 2**(kb - 1) - 2**(bits - 1) so that the wider width's symmetric zero 2**(kb - 1)
+    applies: (code + shift) - 2**(kb - 1) == code - 2**(bits - 1), and code + shift < 2**kb."""
+    kb = kernel_bits(bits)
+    if not symmetric or kb == bits:
+        return codes
+    return codes + (2 ** (kb - 1) - 2 ** (bits - 1))
 
 
 def supported(bits: int, group_size: int, in_features: int, sp24: bool = False) -> bool:

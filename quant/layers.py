@@ -11,8 +11,10 @@ State (registered buffers, so the state dict is the checkpoint format):
 Forward calls compress.cuda.ops.int_linear, which picks the kernel (`kernel`, per module:
 "auto" | "reference" | "triton" | "cpu_packed"). The kernels read a layout derived from this state
 by `prepack()` (cuda/layout.py: the packed bytes viewed as int32 words, scales and zero points
-transposed to [n_groups, out]); without it the derived tensors are made on the fly. Widths the
-kernels do not take (3, 5, 6, 7 bits) run the reference: unpack, dequantize in fp32, cast, matmul.
+transposed to [n_groups, out]); without it the derived tensors are made on the fly. Codes of 3,
+5, 6 and 7 bits, which straddle bytes in the checkpoint, are widened there to 4 or 8 bits (the
+same weight, in a copy: cuda/layout.py `widen_codes`), so every width runs the kernels, PyTorch's
+packed matmuls included, as the next width the kernels read.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import torch
 from torch import nn
 
 from compress.cuda import cpu_packed, tinygemm
-from compress.cuda.layout import KERNEL_BITS, words_of
+from compress.cuda.layout import KERNEL_BITS, kernel_bits, widen_codes, words_of
 from compress.cuda.ops import KERNELS, CpuPacked, int_linear
 
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantize import QuantGrid, dequantize, num_groups
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+WIDEN_CODES = 2**24  # codes widened at a time: unpacking holds 4 bytes per code (64 MB), not a layer's worth
 
 
 class GridBuffers:
@@ -59,6 +62,26 @@ class GridBuffers:
         if self.qzeros is not None:
             zeros = unpack_codes(self.qzeros, self.bits, self.out_features).contiguous()
         return self.scales.T.contiguous(), zeros
+
+    @property
+    def kernel_bits(self) -> int:
+        """The width the kernels read this layer's codes at (cuda/layout.py)."""
+        return kernel_bits(self.bits)
+
+    def kernel_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes uint8 [rows, n] of this layer at `kernel_bits`, on the same grid (zero points
+        unchanged: asymmetric codes stay; symmetric ones shift to the wider symmetric zero)."""
+        return widen_codes(codes, self.bits, self.symmetric)
+
+    def kernel_words(self, packed: torch.Tensor, n: int) -> torch.Tensor:
+        """The int32 words [rows, n_words] the kernels read for `n` codes a row stored bit-packed
+        in `packed` uint8 [rows, bytes]: the stored bytes themselves (a view where the row length
+        allows) at 2, 4 and 8 bits, else the codes widened to `kernel_bits` (a copy)."""
+        if self.bits in KERNEL_BITS:
+            return words_of(packed)
+        rows = max(1, WIDEN_CODES // n)
+        return torch.cat([words_of(pack_codes(self.kernel_codes(unpack_codes(block, self.bits, n)), self.kernel_bits))
+                          for block in packed.split(rows)])
 
     def grid(self) -> QuantGrid:
         zeros = None
@@ -131,25 +154,29 @@ class QuantLinear(GridBuffers, nn.Module):
         return self
 
     def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(words int32 [out, n_words], scales [n_groups, out], zeros uint8 [n_groups, out] or None)."""
-        return words_of(self.qweight), *self.kernel_grid()
+        """(words int32 [out, n_words] of `kernel_bits` codes, scales [n_groups, out], zeros uint8
+        [n_groups, out] or None)."""
+        return self.kernel_words(self.qweight, self.in_features), *self.kernel_grid()
 
     def prepack(self, dtype: torch.dtype | None = None) -> QuantLinear:
         """Derive the kernels' layout from the stored state once, on the module's current device
         (call again after moving the module or changing its buffers). With `dtype` bfloat16, also
         PyTorch's packed weight where the format allows: int4 / int8 on CPU, int4 (tinygemm, a
-        second copy of the codes) on CUDA, for the kernel choice to weigh."""
-        self._prepacked = self.kernel_layout() if self.bits in KERNEL_BITS else None
+        second copy of the codes) on CUDA, for the kernel choice to weigh. Widened codes (3, 5, 6,
+        7 bits) take the paths of their kernel width."""
+        self._prepacked = self.kernel_layout()
         self._cpu_packed, self._tinygemm = None, None
         if dtype != torch.bfloat16:
             return self
-        device, k, grid = self.qweight.device.type, self.in_features, self.grid()
-        if device == "cuda" and tinygemm.applies(self.bits, self.group_size, k, self.out_features):
-            self._tinygemm = tinygemm.pack(self.codes(), grid.scales, grid.zeros)
-        elif device == "cpu" and cpu_packed.int4_applies(self.bits, self.group_size, k):
-            self._cpu_packed = CpuPacked(*cpu_packed.pack_int4(self.codes(), grid.scales, grid.zeros, dtype), dtype)
-        elif device == "cpu" and cpu_packed.int8_applies(self.bits, self.group_size, k, grid.zeros is None):
-            self._cpu_packed = CpuPacked(*cpu_packed.pack_int8(self.codes(), grid.scales, dtype), dtype)
+        device, k, kb, grid = self.qweight.device.type, self.in_features, self.kernel_bits, self.grid()
+        if device == "cuda" and tinygemm.applies(kb, self.group_size, k, self.out_features):
+            self._tinygemm = tinygemm.pack(self.kernel_codes(self.codes()), grid.scales, grid.zeros)
+        elif device == "cpu" and cpu_packed.int4_applies(kb, self.group_size, k):
+            self._cpu_packed = CpuPacked(*cpu_packed.pack_int4(self.kernel_codes(self.codes()), grid.scales,
+                                                               grid.zeros, dtype), dtype)
+        elif device == "cpu" and cpu_packed.int8_applies(kb, self.group_size, k, grid.zeros is None):
+            self._cpu_packed = CpuPacked(*cpu_packed.pack_int8(self.kernel_codes(self.codes()), grid.scales, dtype),
+                                         dtype)
         return self
 
     def _drop_prepacked(self) -> None:
@@ -165,10 +192,8 @@ class QuantLinear(GridBuffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.bits not in KERNEL_BITS:
-            return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
         words, scales, zeros = self._prepacked or self.kernel_layout()
-        y = int_linear(x, words, scales, zeros, self.bits, self.group_size, self.in_features, self.kernel,
+        y = int_linear(x, words, scales, zeros, self.kernel_bits, self.group_size, self.in_features, self.kernel,
                        self._cpu_packed, self._tinygemm)
         return y if bias is None else y + bias
 

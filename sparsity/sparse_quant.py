@@ -17,11 +17,12 @@ A 2:4 layer at 4 bits with group 128 and float16 scales costs 4 + 2 bits per kep
 16 / 128 bits per weight: 3.125 bits per weight, 19.5% of its bf16 bytes (QuantLinear int4
 g128: 4.125, 25.8%). Pruned weights are exactly zero whatever the grid.
 
-Forward: a 2:4 layer of 2, 4 or 8 bits calls compress::sp24_int_linear (cuda/ops.py), which on
-CUDA runs our fused kernels (kept codes and positions decompressed in registers, cuda/triton_int.py)
-or dequantize + cuBLAS, whichever is faster for the shape, and elsewhere the reference; `kernel`
-("auto" | "reference" | "triton") picks as QuantLinear's does. The kernels read the stored bytes
-as int32 words (`prepack` derives that layout once, on the module's device). Other layers run the
+Forward: a 2:4 layer calls compress::sp24_int_linear (cuda/ops.py), which on CUDA runs our fused
+kernels (kept codes and positions decompressed in registers, cuda/triton_int.py) or dequantize +
+cuBLAS, whichever is faster for the shape, and elsewhere the reference; `kernel` ("auto" |
+"reference" | "triton") picks as QuantLinear's does. The kernels read the stored bytes as int32
+words at 2, 4 and 8 bits, and codes of 3, 5, 6 and 7 bits widened to 4 or 8 (a copy, as
+QuantLinear's); `prepack` derives that layout once, on the module's device. Other layers run the
 reference: decompress the codes, dequantize, zero the pruned, matmul.
 """
 
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.cuda.layout import KERNEL_BITS, words_of
+from compress.cuda.layout import words_of
 from compress.cuda.ops import sp24_int_linear
 from compress.errors import CompressError
 from compress.quant.layers import GridBuffers
@@ -127,12 +128,13 @@ class SparseQuantLinear(GridBuffers, nn.Module):
     # --- kernels ---------------------------------------------------------------------------------
     @property
     def runs_sp24_op(self) -> bool:
-        return self.storage == "nm" and self.pattern == "2:4" and self.bits in KERNEL_BITS
+        return self.storage == "nm" and self.pattern == "2:4"
 
     def kernel_layout(self) -> tuple[torch.Tensor, ...]:
-        """(kept-code words int32 [out, n_words], position words int32 [out, n_pos_words], scales
-        [n_groups, out], zeros uint8 [n_groups, out] or None), cuda/layout.py."""
-        return words_of(self.qvalues), words_of(self.indices), *self.kernel_grid()
+        """(kept-code words int32 [out, n_words] of `kernel_bits` codes, position words int32 [out,
+        n_pos_words], scales [n_groups, out], zeros uint8 [n_groups, out] or None), cuda/layout.py."""
+        return (self.kernel_words(self.qvalues, self.in_features // 2), words_of(self.indices),
+                *self.kernel_grid())
 
     def set_kernel(self, kernel: str) -> SparseQuantLinear:
         if kernel not in ("auto", "reference", "triton"):
@@ -157,7 +159,7 @@ class SparseQuantLinear(GridBuffers, nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.runs_sp24_op:
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
-        y = sp24_int_linear(x, *(self._prepacked or self.kernel_layout()), self.bits, self.group_size,
+        y = sp24_int_linear(x, *(self._prepacked or self.kernel_layout()), self.kernel_bits, self.group_size,
                             self.in_features, self.kernel)
         return y if bias is None else y + bias
 

@@ -15,6 +15,7 @@ from compress.cuda import int_matmul as im
 from compress.cuda.layout import dequantize_words, unpack_words, words_of
 from compress.cuda.ops import dequantize_int, int_linear, int_linear_op
 from compress.cuda.tuning import Candidate, Tuner
+from compress.quant import layers as quant_layers
 from compress.quant.packing import pack_codes
 from compress.quant.rtn import RTNConfig
 
@@ -66,17 +67,35 @@ def test_words_are_the_checkpoint_bytes(bits, k):
         assert words.data_ptr() == packed.data_ptr()
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 64, True), (4, 128, False), (2, 32, False),
-                                                       (8, -1, True), (3, 64, True)])
-def test_kernel_layout_dequantizes_like_the_module(bits, group_size, symmetric):
+@pytest.mark.parametrize("bits,group_size,symmetric,kernel_bits", [
+    (4, 64, True, 4), (4, 128, False, 4), (2, 32, False, 2), (8, -1, True, 8),
+    (3, 64, True, 4), (3, 32, False, 4), (5, -1, True, 8), (6, 64, False, 8), (7, -1, True, 8)])  # widened
+def test_kernel_layout_dequantizes_like_the_module(bits, group_size, symmetric, kernel_bits):
     torch.manual_seed(0)
     q = RTNConfig(bits=bits, group_size=group_size, symmetric=symmetric).build().compress("l", nn.Linear(200, 24))
-    if bits == 3:  # no word layout: the module runs its own reference path
-        assert q._prepacked is None and q.prepack()._prepacked is None
-        return
-    words, scales, zeros = q.kernel_layout()
-    dense = dequantize_words(words, scales, zeros, bits, q.group_size, 200, torch.float32)
+    assert q.kernel_bits == kernel_bits
+    words, scales, zeros = q.prepack()._prepacked
+    assert words.shape == (24, -(-200 * kernel_bits // 32))
+    dense = dequantize_words(words, scales, zeros, kernel_bits, q.group_size, 200, torch.float32)
     assert torch.equal(dense, q.dequantized_weight())
+
+
+def test_widening_in_blocks_of_rows_gives_the_same_words(monkeypatch):
+    q = RTNConfig(bits=3, group_size=64, symmetric=True).build().compress("l", nn.Linear(200, 24))
+    whole = q.kernel_layout()[0]
+    monkeypatch.setattr(quant_layers, "WIDEN_CODES", 5 * 200 + 7)  # blocks of 5 rows, the last of 4
+    assert torch.equal(q.kernel_layout()[0], whole)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(3, 32, True), (3, 64, False), (6, -1, False)])
+def test_widened_widths_run_the_kernels(bits, group_size, symmetric):
+    torch.manual_seed(0)
+    q = RTNConfig(bits=bits, group_size=group_size, symmetric=symmetric).build().compress("l", nn.Linear(96, 40))
+    x = torch.randn(3, 96)
+    ref = q(x) - q.bias  # CPU fp32: the op's reference, on the widened words
+    assert torch.allclose(ref, x @ q.dequantized_weight().T, atol=1e-5)
+    q = q.to(DEVICE).set_kernel("triton").prepack()
+    assert rel_err(q(x.to(DEVICE)) - q.bias, ref.to(DEVICE)) < REL_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -217,7 +236,8 @@ def test_moving_a_module_drops_its_prepacked_layout():
     assert q._prepacked is None
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 64, True), (4, 32, False), (8, -1, True)])
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 64, True), (4, 32, False), (8, -1, True),
+                                                       (3, 64, True), (3, 32, False), (5, -1, True)])  # widened
 def test_cpu_packed_matmul_for_bf16(bits, group_size, symmetric):
     torch.manual_seed(0)
     lin = nn.Linear(256, 48)

@@ -53,11 +53,12 @@ def test_reference_keeps_two_of_every_four():
     assert (dense != 0).float().mean() > 0.4  # codes equal to the zero point also give 0
 
 
-def test_module_runs_the_op_and_its_kernels_as_its_reference():
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (3, True)])  # 3 bits: codes widened to 4 at prepack
+def test_module_runs_the_op_and_its_kernels_as_its_reference(bits, symmetric):
     torch.manual_seed(0)
     w = torch.randn(48, 256)
     keep = nm_mask(w.abs(), 2, 4)
-    grid = compute_grid(w * keep, 4, 64, False)
+    grid = compute_grid(w * keep, bits, 64, symmetric)
     m = SparseQuantLinear.from_codes(quantize(w, grid), keep, grid, "2:4", 0.5, torch.randn(48), "float16", "l")
     assert m.runs_sp24_op
     x = torch.randn(2, 3, 256)
