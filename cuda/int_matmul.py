@@ -187,8 +187,18 @@ MMA_CONFIGS = {
 }
 
 
+# The choice is measured per power of two of M (at the first M seen in each, then kept): M = 4 and
+# M = 16 may want different split-K, M = 512 and 4096 different kernels. Above 4096, one choice.
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
 def _m_bucket(m: int) -> int | None:
-    return next((b for b in (1, 16, 64, 256) if m <= b), None)
+    return next((b for b in M_BUCKETS if m <= b), None)
+
+
+def _config_range(bucket: int | None) -> int | None:
+    """The M range (a key of DOT_CONFIGS and MMA_CONFIGS) a bucket's candidate tiles come from."""
+    return None if bucket is None else next((r for r in (16, 64, 256) if bucket <= r), None)
 
 
 def _gemv(bn: int, bk: int, nw: int, ns: int) -> Candidate:
@@ -228,11 +238,11 @@ def candidates(m: int, dtype: torch.dtype, group: int, bits: int, has_tinygemm: 
     out: list[Candidate] = [TINYGEMM] if has_tinygemm and dtype == torch.bfloat16 else []
     out += [CUSPARSELT] if has_cusparselt else []
     if dtype != torch.float32:  # fp32 activations: no tensor-core path, dense fp32 matmul instead
-        bucket = _m_bucket(m)
+        tiles = _config_range(_m_bucket(m))
         if m == 1:
             out += [_gemv(*c) for c in GEMV_CONFIGS if block_k_fits(c[1], group, bits, sp24)]
-        out += [_dot(*c) for c in DOT_CONFIGS[16 if bucket == 1 else bucket] if block_k_fits(c[2], group, bits, sp24)]
-        out += [_mma(*c) for c in MMA_CONFIGS[16 if bucket == 1 else bucket] if mma_fits(c[2], group, bits, sp24)]
+        out += [_dot(*c) for c in DOT_CONFIGS[tiles] if block_k_fits(c[2], group, bits, sp24)]
+        out += [_mma(*c) for c in MMA_CONFIGS[tiles] if mma_fits(c[2], group, bits, sp24)]
     return out + [DEQUANT_MATMUL]
 
 

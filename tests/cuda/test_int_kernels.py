@@ -174,6 +174,20 @@ def test_int_matmul_choice_matches_reference(dtype, m):
     assert im.tuner_key(x, w) in im.TUNER.choices()
 
 
+def test_each_power_of_two_of_m_gets_a_choice_of_its_own():
+    w = make_weight(50, 200, 4, 64, True)
+
+    def key(m):
+        return im.tuner_key(torch.randn(m, 200, device=DEVICE), w)
+
+    def dot_tiles(m):
+        return {c.name for c in im.candidates(m, torch.float16, 64, 4, False) if c.name.startswith("dot")}
+
+    assert key(3) == key(4) != key(5) == key(8) != key(16)
+    assert key(4097) == key(100000) != key(4096)
+    assert dot_tiles(2) == dot_tiles(16) != dot_tiles(32) == dot_tiles(64) != dot_tiles(4096)
+
+
 def test_op_with_triton_kernel_matches_reference_op():
     w = make_weight(50, 200, 4, 64, False)
     x = torch.randn(2, 3, 200, device=DEVICE)
