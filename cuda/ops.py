@@ -48,7 +48,7 @@ def _use_triton(device: torch.device, bits: int, group_size: int, in_features: i
         if not supported(bits, group_size, in_features, sp24):
             what = ("2:4 weights of 2, 4 or 8 bits with K and the groups multiples of 32" if sp24 else
                     "2, 4 and 8-bit weights in groups that are a multiple of 16")
-            raise ValueError(f"kernel 'triton' supports {what} or per-channel, not {bits}-bit in groups of "
+            raise ValueError(f"kernel 'triton' supports {what} or per-channel, not {bits}-bit words in groups of "
                              f"{group_size} (K = {in_features}); use kernel 'auto'")
         if device.type != "cuda" and not interpreting():
             raise ValueError("kernel 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use kernel 'auto'")
@@ -202,7 +202,8 @@ def int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
         raise ValueError(f"unknown kernel '{kernel}'; choose one of {', '.join(KERNELS)}")
     if kernel == "cpu_packed" and (cpu is None or x.device.type != "cpu" or x.dtype != cpu.dtype):
         raise ValueError("kernel 'cpu_packed' needs a CPU weight prepacked for this activation dtype "
-                         "(QuantLinear.prepack(dtype=torch.bfloat16), 4-bit or per-channel symmetric 8-bit)")
+                         "(QuantLinear.prepack(dtype=torch.bfloat16): 3 or 4 bits in groups of 32-256 with N % 16 == 0, "
+                         "or per-channel symmetric 5-8 bits with K % 16 == 0)")
     if kernel in ("auto", "cpu_packed") and cpu is not None and x.device.type == "cpu" and x.dtype == cpu.dtype:
         x2 = x.reshape(-1, in_features).contiguous()
         if bits == 4:

@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from compress.cuda import cpu_packed, tinygemm
-from compress.cuda.layout import KERNEL_BITS, kernel_bits, widen_codes, words_of
+from compress.cuda.layout import KERNEL_BITS, kernel_bits, unpack_words, widen_codes, words_of
 from compress.cuda.ops import KERNELS, CpuPacked, int_linear
 
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantize import QuantGrid, dequantize, num_groups
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-WIDEN_CODES = 2**24  # codes widened at a time: unpacking holds 4 bytes per code (64 MB), not a layer's worth
+WIDEN_CODES = 2**22  # codes widened at a time: unpack + repack hold ~15 bytes per code (60 MB), not a layer's worth
 
 
 class GridBuffers:
@@ -68,20 +68,16 @@ class GridBuffers:
         """The width the kernels read this layer's codes at (cuda/layout.py)."""
         return kernel_bits(self.bits)
 
-    def kernel_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes uint8 [rows, n] of this layer at `kernel_bits`, on the same grid (zero points
-        unchanged: asymmetric codes stay; symmetric ones shift to the wider symmetric zero)."""
-        return widen_codes(codes, self.bits, self.symmetric)
-
     def kernel_words(self, packed: torch.Tensor, n: int) -> torch.Tensor:
         """The int32 words [rows, n_words] the kernels read for `n` codes a row stored bit-packed
         in `packed` uint8 [rows, bytes]: the stored bytes themselves (a view where the row length
-        allows) at 2, 4 and 8 bits, else the codes widened to `kernel_bits` (a copy)."""
+        allows) at 2, 4 and 8 bits, else the codes widened to `kernel_bits` (a copy; zero points
+        unchanged: asymmetric codes stay, symmetric ones shift to the wider symmetric zero)."""
         if self.bits in KERNEL_BITS:
             return words_of(packed)
         rows = max(1, WIDEN_CODES // n)
-        return torch.cat([words_of(pack_codes(self.kernel_codes(unpack_codes(block, self.bits, n)), self.kernel_bits))
-                          for block in packed.split(rows)])
+        return torch.cat([words_of(pack_codes(widen_codes(unpack_codes(block, self.bits, n), self.bits, self.symmetric),
+                                              self.kernel_bits)) for block in packed.split(rows)])
 
     def grid(self) -> QuantGrid:
         zeros = None
@@ -162,21 +158,24 @@ class QuantLinear(GridBuffers, nn.Module):
         """Derive the kernels' layout from the stored state once, on the module's current device
         (call again after moving the module or changing its buffers). With `dtype` bfloat16, also
         PyTorch's packed weight where the format allows: int4 / int8 on CPU, int4 (tinygemm, a
-        second copy of the codes) on CUDA, for the kernel choice to weigh. Widened codes (3, 5, 6,
-        7 bits) take the paths of their kernel width."""
+        second copy of the codes) on CUDA, for the kernel choice to weigh. Codes of 3, 5, 6 and 7
+        bits take the paths of their kernel width, from a widened copy kept beside the stored codes
+        (e.g. 3 + 4 bits per weight, and 4 more for a packed int4 weight)."""
         self._prepacked = self.kernel_layout()
         self._cpu_packed, self._tinygemm = None, None
         if dtype != torch.bfloat16:
             return self
         device, k, kb, grid = self.qweight.device.type, self.in_features, self.kernel_bits, self.grid()
+
+        def codes() -> torch.Tensor:  # uint8 [out, in] at the kernel width, from the words (no int32 copy)
+            return unpack_words(self._prepacked[0], kb, k)
+
         if device == "cuda" and tinygemm.applies(kb, self.group_size, k, self.out_features):
-            self._tinygemm = tinygemm.pack(self.kernel_codes(self.codes()), grid.scales, grid.zeros)
-        elif device == "cpu" and cpu_packed.int4_applies(kb, self.group_size, k):
-            self._cpu_packed = CpuPacked(*cpu_packed.pack_int4(self.kernel_codes(self.codes()), grid.scales,
-                                                               grid.zeros, dtype), dtype)
+            self._tinygemm = tinygemm.pack(codes(), grid.scales, grid.zeros)
+        elif device == "cpu" and cpu_packed.int4_applies(kb, self.group_size, k, self.out_features):
+            self._cpu_packed = CpuPacked(*cpu_packed.pack_int4(codes(), grid.scales, grid.zeros, dtype), dtype)
         elif device == "cpu" and cpu_packed.int8_applies(kb, self.group_size, k, grid.zeros is None):
-            self._cpu_packed = CpuPacked(*cpu_packed.pack_int8(self.kernel_codes(self.codes()), grid.scales, dtype),
-                                         dtype)
+            self._cpu_packed = CpuPacked(*cpu_packed.pack_int8(codes(), grid.scales, dtype), dtype)
         return self
 
     def _drop_prepacked(self) -> None:

@@ -271,6 +271,12 @@ def test_cpu_packing_skips_formats_it_cannot_hold():
     assert q.prepack(torch.bfloat16)._cpu_packed is None
     q8 = RTNConfig(bits=8, group_size=64).build().compress("l", nn.Linear(128, 8))  # int8 needs per-channel
     assert q8.prepack(torch.bfloat16)._cpu_packed is None
+    # PyTorch's packing refuses N % 16 != 0 for int4; its int8 kernel sums wrongly for K % 16 != 0
+    for bits, group_size, (k, n) in ((3, 64, (256, 24)), (6, -1, (200, 32))):
+        q = RTNConfig(bits=bits, group_size=group_size).build().compress("l", nn.Linear(k, n))
+        assert q.prepack(torch.bfloat16)._cpu_packed is None
+        x = torch.randn(3, k, dtype=torch.bfloat16)
+        assert rel_err(q(x), q.set_kernel("reference")(x.float())) < 1e-2  # the reference on the widened words
 
 
 def test_tuner_keeps_the_fastest_candidate_and_skips_failures(monkeypatch):
