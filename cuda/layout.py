@@ -19,9 +19,9 @@ themselves in place of their codes: values [N, K / 2] (16-bit), positions as abo
 Rows whose byte count is not a multiple of 4 are zero-padded (a copy); all others are a view,
 so prepacking costs no memory for the weights. Codes of 3, 5, 6 and 7 bits straddle bytes in the
 checkpoint's stream; prepacking widens them (`widen_codes`) to the next width the kernels read
-(4 or 8 bits, `kernel_bits`), the same weight exactly, in a copy of its own. Scales and zero points are transposed to
-[n_groups, N] so that a kernel loading one group's values for a block of output rows reads
-contiguous memory.
+(4 or 8 bits, `kernel_bits`), the same weight exactly, in a copy of its own. Scales and zero
+points are transposed to [n_groups, N] so that a kernel loading one group's values for a block
+of output rows reads contiguous memory.
 """
 
 from __future__ import annotations

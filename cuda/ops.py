@@ -202,8 +202,8 @@ def int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
         raise ValueError(f"unknown kernel '{kernel}'; choose one of {', '.join(KERNELS)}")
     if kernel == "cpu_packed" and (cpu is None or x.device.type != "cpu" or x.dtype != cpu.dtype):
         raise ValueError("kernel 'cpu_packed' needs a CPU weight prepacked for this activation dtype "
-                         "(QuantLinear.prepack(dtype=torch.bfloat16): 3 or 4 bits in groups of 32-256 with N % 16 == 0, "
-                         "or per-channel symmetric 5-8 bits with K % 16 == 0)")
+                         "(QuantLinear.prepack(dtype=torch.bfloat16): 3 or 4 bits in groups of 32-256 with "
+                         "N % 16 == 0, or per-channel symmetric 5-8 bits with K % 16 == 0)")
     if kernel in ("auto", "cpu_packed") and cpu is not None and x.device.type == "cpu" and x.dtype == cpu.dtype:
         x2 = x.reshape(-1, in_features).contiguous()
         if bits == 4:
