@@ -84,10 +84,11 @@ def configurations(kernels: list[str], bits: int, group: int, dtype: str, sp24: 
     base = dict(BITS=bits, GROUP=group, HAS_ZEROS=False)
     out = []
     if "gemv" in kernels:
-        for bn, bk, nw, ns in im.GEMV_CONFIGS:
+        kernel, extra = (ti._sp24_gemv_kernel, {}) if sp24 else (ti._gemv_kernel, dict(EVEN_K=True))
+        for bn, bk, nw, ns in im.gemv_configs(sp24):
             if im.block_k_fits(bk, group, bits, sp24):
-                out.append((f"gemv n{bn} k{bk} w{nw} s{ns}", ti._gemv_kernel,
-                            base | dict(SP24=sp24, BLOCK_N=bn, BLOCK_K=bk, STAGES=ns), nw, None, bn * bk / (32 * nw)))
+                out.append((f"gemv n{bn} k{bk} w{nw} s{ns}", kernel,
+                            base | extra | dict(BLOCK_N=bn, BLOCK_K=bk, STAGES=ns), nw, None, bn * bk / (32 * nw)))
     for name, kernel, table, fits in (("dot", ti._dot_kernel, im.DOT_CONFIGS, im.block_k_fits),
                                       ("mma", ti._mma_kernel, im.MMA_CONFIGS, im.mma_fits)):
         if name not in kernels:

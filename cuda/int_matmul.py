@@ -21,7 +21,7 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from . import cusparselt, tinygemm
-from .triton_int import _dequant_kernel, _dot_kernel, _gemv_kernel, _mma_kernel
+from .triton_int import _dequant_kernel, _dot_kernel, _gemv_kernel, _mma_kernel, _sp24_gemv_kernel
 from .tuning import Candidate, Tuner, Unavailable, interpreting
 
 ONE_GROUP = 1 << 30  # GROUP constant for per-channel scales (one group spans every K)
@@ -86,16 +86,25 @@ def _args(w: IntWeight) -> tuple:
     return w.words, positions, w.scales, zeros, positions.shape[1], sp24
 
 
+GEMV_MAGIC = 0x43800000  # bits of the fp32 256.0 (`_gemv_kernel` derives each code's bias from it)
+
+
 def gemv(x: torch.Tensor, w: IntWeight, block_n: int, block_k: int, num_warps: int = 4,
          stages: int = 1) -> torch.Tensor:
     """x [1, K] -> [1, N]."""
     n, k = w.out_features, w.in_features
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    words, positions, scales, zeros, n_pos_words, sp24 = _args(w)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, words, positions, scales, zeros, y, n, k, words.shape[1], n_pos_words,
-        BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, SP24=sp24, BLOCK_N=block_n, BLOCK_K=block_k,
-        STAGES=stages, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
+    grid = (triton.cdiv(n, block_n),)
+    if w.positions is not None:
+        _sp24_gemv_kernel[grid](
+            x, w.words, w.positions, w.scales, w.zeros if w.zeros is not None else w.scales, y, n, k, w.words.shape[1],
+            w.positions.shape[1], BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, BLOCK_N=block_n,
+            BLOCK_K=block_k, STAGES=stages, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
+    else:
+        _gemv_kernel[grid](
+            x, w.words, w.scales, w.zeros if w.zeros is not None else w.scales, y, n, k, w.words.shape[1],
+            GEMV_MAGIC, BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, BLOCK_N=block_n,
+            BLOCK_K=block_k, STAGES=stages, EVEN_K=k % block_k == 0, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     return y
 
 
@@ -164,10 +173,17 @@ def dequantize(w: IntWeight, dtype: torch.dtype, block_n: int = 32, block_k: int
 
 # Candidate tile configurations, first = the interpreter's choice; the rest are those that won or
 # came within 10% on an H200 (benchmarks/results/h200-2026-11-26 and -27), since each costs a
-# compile the first time a shape is seen. (block_n, block_k, warps, stages) for GEMV; (block_m,
-# block_n, block_k, split_k, warps, stages) for the tensor-core kernel by M range. From M = 64 on,
-# dequantize + cuBLAS beats our tensor-core kernel 2-10x there: one configuration stays measured.
-GEMV_CONFIGS = [(16, 128, 4, 1), (4, 512, 2, 2), (8, 1024, 8, 2), (4, 1024, 4, 2), (8, 512, 4, 2), (16, 256, 4, 2)]
+# compile the first time a shape is seen. (block_n, block_k, warps, stages) for GEMV (the 2:4 GEMV
+# keeps those the former dense GEMV won with); (block_m, block_n, block_k, split_k, warps, stages)
+# for the tensor-core kernel by M range. From M = 64 on, dequantize + cuBLAS beats our tensor-core
+# kernel 2-10x there: one configuration stays measured.
+# The dense GEMV's have not been timed yet: each thread should hold several rows of its columns
+# (their sums of x serve them all) and no more than 32 words of 8-bit codes (else registers spill);
+# these spend 3.3-3.7 instructions per weight at 4 bits and 4.3-5.0 at 8 (kernel_sass.py).
+GEMV_CONFIGS = [(16, 128, 4, 1), (8, 1024, 1, 2), (16, 512, 1, 2), (16, 1024, 2, 2), (32, 512, 2, 2),
+                (32, 1024, 4, 2), (16, 256, 1, 2), (32, 256, 2, 2)]
+SP24_GEMV_CONFIGS = [(16, 128, 4, 1), (4, 512, 2, 2), (8, 1024, 8, 2), (4, 1024, 4, 2), (8, 512, 4, 2),
+                     (16, 256, 4, 2)]
 DOT_CONFIGS = {  # block_k 128 suits 4-bit (16 words), 64 suits 8-bit
     16: [(16, 64, 128, 4, 4, 3), (16, 64, 64, 8, 4, 3), (16, 128, 128, 4, 8, 3), (16, 32, 128, 4, 4, 3),
          (16, 32, 128, 8, 4, 3)],
@@ -199,6 +215,10 @@ def _m_bucket(m: int) -> int | None:
 def _config_range(bucket: int | None) -> int | None:
     """The M range (a key of DOT_CONFIGS and MMA_CONFIGS) a bucket's candidate tiles come from."""
     return None if bucket is None else next((r for r in (16, 64, 256) if bucket <= r), None)
+
+
+def gemv_configs(sp24: bool) -> list[tuple[int, int, int, int]]:
+    return SP24_GEMV_CONFIGS if sp24 else GEMV_CONFIGS
 
 
 def _gemv(bn: int, bk: int, nw: int, ns: int) -> Candidate:
@@ -240,7 +260,7 @@ def candidates(m: int, dtype: torch.dtype, group: int, bits: int, has_tinygemm: 
     if dtype != torch.float32:  # fp32 activations: no tensor-core path, dense fp32 matmul instead
         tiles = _config_range(_m_bucket(m))
         if m == 1:
-            out += [_gemv(*c) for c in GEMV_CONFIGS if block_k_fits(c[1], group, bits, sp24)]
+            out += [_gemv(*c) for c in gemv_configs(sp24) if block_k_fits(c[1], group, bits, sp24)]
         out += [_dot(*c) for c in DOT_CONFIGS[tiles] if block_k_fits(c[2], group, bits, sp24)]
         out += [_mma(*c) for c in MMA_CONFIGS[tiles] if mma_fits(c[2], group, bits, sp24)]
     return out + [DEQUANT_MATMUL]

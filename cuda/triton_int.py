@@ -1,9 +1,11 @@
 """Triton kernels for y = x @ dequantize(words).T with group-wise integer weights (layout.py).
 
-Four kernels, chosen per shape by `int_matmul` (cuda/tuning.py measures which is fastest):
+Five kernels, chosen per shape by `int_matmul` (cuda/tuning.py measures which is fastest):
 
 - `_gemv_kernel` (M = 1, decode): each program owns BLOCK_N output rows and walks the whole K
-  dimension, so there is no split-K reduction, no zero-initialised buffer and one launch.
+  dimension, so there is no split-K reduction, no zero-initialised buffer and one launch. Codes
+  become biased floats in one mask-or each and the biases, zero points and scales are applied
+  once per word (its comments); `_sp24_gemv_kernel` is the same walk over 2:4 weights.
 - `_dot_kernel` (small and medium M): dequantized weight tiles feed tensor cores through tl.dot;
   SPLIT_K > 1 spreads K over programs that add their fp32 partial sums atomically (enough
   programs to fill the GPU when M is small).
@@ -12,7 +14,7 @@ Four kernels, chosen per shape by `int_matmul` (cuda/tuning.py measures which is
 - `_dequant_kernel`: the dense weight, for large M (then cuBLAS does the matmul) and for LoRA
   training or merges.
 
-The first three unpack a [rows, words] tile the same way (`_dequant_tile`): code i of every word is
+The others unpack a [rows, words] tile the same way (`_dequant_tile`): code i of every word is
 peeled off by a logical shift into a "plane" [rows, words]; each plane is dequantized where it
 is (the planes have the loaded words' register layout, so nothing moves between threads); then
 tl.interleave merges the planes back into column order k = cpw * j + i. Interleaving adds a
@@ -27,8 +29,8 @@ leaves code - zero. Per weight: shift, mask-or, subtract, multiply by the scale,
 kept codes (K / 2 per row, the groups of `GROUP` dense columns holding GROUP / 2 of them) and
 `p_ptr` their positions, 2 bits each in int32 words (16 per word); with BITS == 16 (2:4 float
 weights, sparsity/layers.py) w_ptr holds the kept values themselves. `_sp24_kept` gives each
-group of 4 columns' two kept values and their slots. The GEMV multiplies them by the x at those
-slots (`_sp24_products`); `_mma_kernel` splits the tile by slot into four MMAs
+group of 4 columns' two kept values and their slots. The 2:4 GEMV multiplies them by the x at
+those slots (`_sp24_products`); `_mma_kernel` splits the tile by slot into four MMAs
 and so does `_dot_kernel` (`_sp24_slot_tiles`); `_dequant_kernel` places them into a dense tile
 (`_load_sp24_tile`, a select per slot). Half the codes and a quarter more bits of position per
 weight are read.
@@ -211,27 +213,102 @@ def _weight_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, n_pos_words,
-                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SP24: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    # x [K], words [N, n_words], scales/zeros [n_groups, N], y [N]. Products accumulate elementwise
-    # in [BLOCK_N, BLOCK_K] registers ([BLOCK_N, BLOCK_K / 4] for 2:4: a sum per group of 4) and
-    # are summed across threads once, after the loop.
-    ACC_K: tl.constexpr = BLOCK_K // 4 if SP24 else BLOCK_K
+def _sp24_gemv_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, n_pos_words,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    # x [K], words [N, n_words] (the kept codes, or values when BITS == 16), positions
+    # [N, n_pos_words], scales/zeros [n_groups, N], y [N]. Products accumulate elementwise in
+    # [BLOCK_N, BLOCK_K / 4] registers (a sum per group of 4 columns) and are summed across
+    # threads once, after the loop.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    acc = tl.zeros([BLOCK_N, ACC_K], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 4], tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)  # masked tail: x = 0
-        if SP24:
-            v0, v1, p0, p1 = _sp24_kept(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words,
-                                        BITS, GROUP, HAS_ZEROS, BLOCK_K)
-            acc += _sp24_products(v0, v1, p0, p1, x)
-        else:
-            acc += _load_tile(w_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, BITS, GROUP, HAS_ZEROS,
-                              BLOCK_K) * x[None, :]
+        v0, v1, p0, p1 = _sp24_kept(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_pos_words,
+                                    BITS, GROUP, HAS_ZEROS, BLOCK_K)
+        acc += _sp24_products(v0, v1, p0, p1, x)
     tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _byte_at_mantissa_top(w, b: tl.constexpr):
+    """Byte b of every word (uint32) moved to bits 15-22, the top of an fp32 mantissa (bits
+    shifted past either end are dropped: only those 8 bits are read)."""
+    if b < 2:
+        return w << (15 - 8 * b)
+    else:
+        return w >> (8 * b - 15)
+
+
+@triton.jit
+def _biased_codes(moved, t: tl.constexpr, BITS: tl.constexpr, magic):
+    """Code t of the byte at bits 15-22 (`_byte_at_mantissa_top`) as the fp32 2**(8 - t * BITS) +
+    code, exactly: `magic` holds that float's bits, whose mantissa's lowest bit under the code
+    (15 + t * BITS) is worth 1. One mask-or, no shift of its own and no subtraction."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (15 + t * BITS)
+    return ((moved & MASK) | magic).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, magic,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, EVEN_K: tl.constexpr):
+    # x [K], words [N, n_words], scales/zeros [n_groups, N], y [N]; magic: the bits of 256.0 (a
+    # runtime argument, so that it lives in a register: the mask-or takes one immediate, the mask).
+    # EVEN_K: K % BLOCK_K == 0, no tail to mask.
+    #
+    # Each code becomes the float bias_t + code in one mask-or (`_biased_codes`, bias_t = 256, 16
+    # for 4 bits; 256 for 8; 256, 64, 16, 4 for 2) and multiplies x unscaled, so per weight the
+    # loop spends a share of a shift (one per byte), the mask-or and one FMA: 3.3-3.7 instructions
+    # per weight and thread at 4 bits (sm_90) against 7.6-7.9 for shift, extract, or, subtract,
+    # scale and FMA per weight (benchmarks/kernel_sass.py). Per word of each row,
+    # r = sum_i (bias_i + c_i) * x_i; the biases and the zero point come off once per word, from
+    # sums of x alone (shared by the thread's rows): sum_i (c_i - z) * x_i = r - sum_i (bias_i + z)
+    # * x_i for symmetric codes, r - sum_i bias_i * x_i - z * sum_i x_i with zero points; then one
+    # FMA by the group's scale. The biases are at most 256, so the cancellation costs little fp32
+    # precision: relative error up to 1.3e-5 (2-bit codes, biased up to 128x their size), far
+    # below a 16-bit output's rounding.
+    #
+    # The tile is [BLOCK_N, GPT, WPG] words: GPT groups per K tile (1 when the tile lies inside a
+    # group) of WPG words each, so a scale is loaded once per (row, group), not per word.
+    CPW: tl.constexpr = 32 // BITS  # codes per word
+    PER_BYTE: tl.constexpr = 8 // BITS
+    GPT: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
+    WPG: tl.constexpr = BLOCK_K // CPW // GPT
+    magic = magic.to(tl.uint32)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    rows = offs_n[:, None, None]
+    word = tl.arange(0, GPT)[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [GPT, WPG]: word in the tile
+    acc = tl.zeros([BLOCK_N, GPT, WPG], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        offs_w = k0 // CPW + word
+        words = tl.load(w_ptr + rows * n_words + offs_w[None], mask=(rows < N) & ((offs_w[None] < n_words) | EVEN_K),
+                        other=0).to(tl.uint32, bitcast=True)
+        g = k0 // GROUP + tl.arange(0, GPT)[None, :, None]  # [1, GPT, 1]; past K there is no group
+        g_mask = (rows < N) & ((g * GROUP < K) | EVEN_K)
+        s = tl.load(s_ptr + g * N + rows, mask=g_mask, other=0.0).to(tl.float32)  # [BLOCK_N, GPT, 1]
+        r = tl.zeros([BLOCK_N, GPT, WPG], tl.float32)
+        x_bias = tl.zeros([GPT, WPG], tl.float32)  # sum_i (bias_i [+ z]) * x_i per word
+        x_sum = tl.zeros([GPT, WPG], tl.float32)  # sum_i x_i per word (zero points)
+        for b in tl.static_range(4):
+            moved = _byte_at_mantissa_top(words, b)
+            for t in tl.static_range(PER_BYTE):
+                offs_k = k0 + word * CPW + (b * PER_BYTE + t)  # column of code b * PER_BYTE + t of each word
+                x = tl.load(x_ptr + offs_k, mask=(offs_k < K) | EVEN_K, other=0.0).to(tl.float32)
+                if HAS_ZEROS:
+                    x_bias += x * (256.0 / (1 << (t * BITS)))
+                    x_sum += x
+                else:
+                    x_bias += x * (256.0 / (1 << (t * BITS)) + (1 << (BITS - 1)))
+                r += _biased_codes(moved, t, BITS, magic - ((t * BITS) << 23)) * x[None]
+        r -= x_bias[None]
+        if HAS_ZEROS:
+            r -= tl.load(z_ptr + g * N + rows, mask=g_mask, other=0).to(tl.float32) * x_sum[None]
+        acc += s * r
+    tl.store(y_ptr + offs_n, tl.sum(tl.sum(acc, axis=2), axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit

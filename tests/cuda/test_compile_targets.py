@@ -23,15 +23,20 @@ from triton.compiler import ASTSource
 from compress.cuda import triton_int as ti
 
 KERNELS = {  # kernel -> (pointer/int arguments in order, constexprs)
-    ti._gemv_kernel: (["*bf16", "*i32", "*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32", "i32"],
-                      dict(BLOCK_N=8, BLOCK_K=512, STAGES=2)),
+    ti._sp24_gemv_kernel: (["*bf16", "*i32", "*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32", "i32"],
+                           dict(BLOCK_N=8, BLOCK_K=512, STAGES=2)),
     ti._dot_kernel: (["*bf16", "*i32", "*i32", "*fp16", "*u8", "*fp32"] + ["i32"] * 7,
                      dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, FP32=False)),
     ti._dequant_kernel: (["*i32", "*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32", "i32"],
                          dict(BLOCK_N=32, BLOCK_K=128)),
 }
+GEMV = ["*bf16", "*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32", "i32"]
 MMA = (["*i32", "*i32", "*fp16", "*u8", "*fp32"] + ["i32"] * 8,
        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, FP32=False))
+
+
+def sp24_flag(fn, sp24):
+    return {} if fn is ti._sp24_gemv_kernel else dict(SP24=sp24)  # the 2:4 GEMV is a kernel of its own
 
 
 def build(fn, types, consts, arch):
@@ -48,18 +53,22 @@ for arch in map(int, sys.argv[1:]):
         for zeros in (False, True):
             for fn, (types, blocks) in KERNELS.items():
                 for sp24 in (False, True):  # dense, or 2:4 (kept codes + positions)
-                    build(fn, types, dict(BITS=bits, GROUP=128 if fn is not ti._dot_kernel else 64, HAS_ZEROS=zeros,
-                                          SP24=sp24, **blocks), arch)
+                    if fn is not ti._sp24_gemv_kernel or sp24:
+                        build(fn, types, dict(BITS=bits, GROUP=128 if fn is not ti._dot_kernel else 64,
+                                              HAS_ZEROS=zeros, **sp24_flag(fn, sp24), **blocks), arch)
+            for even_k in (False, True):  # dense GEMV, tiles of whole groups (512 > 128)
+                build(ti._gemv_kernel, GEMV, dict(BITS=bits, GROUP=128, HAS_ZEROS=zeros, EVEN_K=even_k,
+                                                  BLOCK_N=8, BLOCK_K=512, STAGES=2), arch)
             for act in ("*bf16", "*fp16"):  # the activations pick the 16-bit type codes are dequantized in
                 for sp24 in (False, True):
                     build(ti._mma_kernel, [act] + MMA[0], dict(BITS=bits, GROUP=128, HAS_ZEROS=zeros, SP24=sp24,
                                                                BF16_CODES=act == "*bf16" and bits < 8, **MMA[1]), arch)
-    values = dict(BITS=16, GROUP=1 << 30, HAS_ZEROS=False, SP24=True)  # 2:4 float weights: the kept values
+    values = dict(BITS=16, GROUP=1 << 30, HAS_ZEROS=False)  # 2:4 float weights: the kept values
     for fn, (types, blocks) in KERNELS.items():
         at = 0 if fn is ti._dequant_kernel else 1  # w_ptr: the values take the int32 words' place
-        build(fn, types[:at] + ["*bf16"] + types[at + 1:], values | blocks, arch)
+        build(fn, types[:at] + ["*bf16"] + types[at + 1:], values | sp24_flag(fn, True) | blocks, arch)
     for act in ("*bf16", "*fp16"):
-        build(ti._mma_kernel, [act, act] + MMA[0][1:], values | dict(BF16_CODES=False, **MMA[1]), arch)
+        build(ti._mma_kernel, [act, act] + MMA[0][1:], values | dict(SP24=True, BF16_CODES=False, **MMA[1]), arch)
 """
 
 
@@ -69,4 +78,6 @@ def test_kernels_compile_for_sm80_and_sm90():
     proc = subprocess.run([sys.executable, "-c", SCRIPT, "80", "90"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok") == 2 * (3 * 2 * (3 * 2 + 2 * 2) + 3 + 2)
+    # per target: 3 widths x 2 zero modes x (2:4 GEMV + dense and 2:4 dot and dequantize + dense GEMV
+    # with and without a K tail + 2 activation types x dense and 2:4 mma), then 3 + 2 for 2:4 float values
+    assert proc.stdout.count(" ok") == 2 * (3 * 2 * (1 + 2 * 2 + 2 + 2 * 2) + 3 + 2)

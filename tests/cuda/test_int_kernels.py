@@ -25,6 +25,9 @@ DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float32]
 # Relative error bound ||y - ref|| / ||ref||: fp32 measured ~3e-7 in the interpreter; half precision
 # is bounded by rounding the dequantized weight and the output (2**-11 fp16, 2**-8 bf16).
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+# The GEMV sums codes biased by up to 256 (2-bit: up to 128x a code) and takes the biases off per
+# word: fp32 measured up to 1.3e-5 on 2-bit weights (2e-6 to 6e-6 at 4 bits, 6e-7 at 8 bits).
+GEMV_REL_TOL = REL_TOL | {torch.float32: 3e-5}
 
 # (N, K, bits, group_size, symmetric); group_size None = per-channel
 FORMATS = [
@@ -117,7 +120,7 @@ def test_gemv_kernel(fmt, dtype, block_n, block_k):
     x = torch.randn(1, w.in_features, device=DEVICE).to(dtype)
     y = im.gemv(x, w, block_n, block_k)
     assert y.shape == (1, w.out_features) and y.dtype == dtype
-    assert rel_err(y, reference(x, w)) < REL_TOL[dtype]
+    assert rel_err(y, reference(x, w)) < GEMV_REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
