@@ -204,11 +204,21 @@ def int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
         raise ValueError("kernel 'cpu_packed' needs a CPU weight prepacked for this activation dtype "
                          "(QuantLinear.prepack(dtype=torch.bfloat16): 3 or 4 bits in groups of 32-256 with "
                          "N % 16 == 0, or per-channel symmetric 5-8 bits with K % 16 == 0)")
-    if kernel in ("auto", "cpu_packed") and cpu is not None and x.device.type == "cpu" and x.dtype == cpu.dtype:
-        x2 = x.reshape(-1, in_features).contiguous()
-        if bits == 4:
-            y = cpu_packed.int4_matmul(x2, cpu.weight, cpu.scales, group_size)
-        else:
-            y = cpu_packed.int8_matmul(x2, cpu.weight, cpu.scales)
-        return y.reshape(*x.shape[:-1], words.shape[0])
+    if cpu_packed_serves(kernel, cpu, x):
+        return cpu_packed_linear(x, cpu, bits, group_size, in_features)
     return int_linear_op(x, words, scales, zeros, bits, group_size, in_features, kernel, *(tinygemm or (None, None)))
+
+
+def cpu_packed_serves(kernel: str, cpu: CpuPacked | None, x: torch.Tensor) -> bool:
+    """Whether `int_linear` runs PyTorch's packed CPU matmul for x (then the words go unread)."""
+    return kernel in ("auto", "cpu_packed") and cpu is not None and x.device.type == "cpu" and x.dtype == cpu.dtype
+
+
+def cpu_packed_linear(x: torch.Tensor, cpu: CpuPacked, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """x [..., K] -> [..., N] through PyTorch's packed int4 (bits 4) or int8 CPU matmul."""
+    x2 = x.reshape(-1, in_features).contiguous()
+    if bits == 4:
+        y = cpu_packed.int4_matmul(x2, cpu.weight, cpu.scales, group_size)
+    else:
+        y = cpu_packed.int8_matmul(x2, cpu.weight, cpu.scales)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -14,7 +14,8 @@ by `prepack()` (cuda/layout.py: the packed bytes viewed as int32 words, scales a
 transposed to [n_groups, out]); without it the derived tensors are made on the fly. Codes of 3,
 5, 6 and 7 bits, which straddle bytes in the checkpoint, are widened there to 4 or 8 bits (the
 same weight, in a copy: cuda/layout.py `widen_codes`), so every width runs the kernels, PyTorch's
-packed matmuls included, as the next width the kernels read.
+packed matmuls included, as the next width the kernels read; such a layer keeps one derived copy
+(`prepack`), so it never holds more memory than a layer of the wider width.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 
 from compress.cuda import cpu_packed, tinygemm
 from compress.cuda.layout import KERNEL_BITS, kernel_bits, unpack_words, widen_codes, words_of
-from compress.cuda.ops import KERNELS, CpuPacked, int_linear
+from compress.cuda.ops import KERNELS, CpuPacked, cpu_packed_linear, cpu_packed_serves, int_linear
 
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantize import QuantGrid, dequantize, num_groups
@@ -159,23 +160,28 @@ class QuantLinear(GridBuffers, nn.Module):
         (call again after moving the module or changing its buffers). With `dtype` bfloat16, also
         PyTorch's packed weight where the format allows: int4 / int8 on CPU, int4 (tinygemm, a
         second copy of the codes) on CUDA, for the kernel choice to weigh. Codes of 3, 5, 6 and 7
-        bits take the paths of their kernel width, from a widened copy kept beside the stored codes
-        (e.g. 3 + 4 bits per weight, and 4 more for a packed int4 weight)."""
+        bits take the paths of their kernel width from one derived copy beside the stored codes, so
+        that they never hold more than the wider width does (3-bit: 3 + 4 bits per weight against
+        4 + 4): on CPU the packed weight where it applies (other activation dtypes widen the codes
+        per call), else the widened words (on CUDA without tinygemm's copy)."""
         self._prepacked = self.kernel_layout()
         self._cpu_packed, self._tinygemm = None, None
         if dtype != torch.bfloat16:
             return self
         device, k, kb, grid = self.qweight.device.type, self.in_features, self.kernel_bits, self.grid()
+        widened = kb != self.bits
 
         def codes() -> torch.Tensor:  # uint8 [out, in] at the kernel width, from the words (no int32 copy)
             return unpack_words(self._prepacked[0], kb, k)
 
-        if device == "cuda" and tinygemm.applies(kb, self.group_size, k, self.out_features):
+        if device == "cuda" and not widened and tinygemm.applies(kb, self.group_size, k, self.out_features):
             self._tinygemm = tinygemm.pack(codes(), grid.scales, grid.zeros)
         elif device == "cpu" and cpu_packed.int4_applies(kb, self.group_size, k, self.out_features):
             self._cpu_packed = CpuPacked(*cpu_packed.pack_int4(codes(), grid.scales, grid.zeros, dtype), dtype)
         elif device == "cpu" and cpu_packed.int8_applies(kb, self.group_size, k, grid.zeros is None):
             self._cpu_packed = CpuPacked(*cpu_packed.pack_int8(codes(), grid.scales, dtype), dtype)
+        if widened and self._cpu_packed is not None:
+            self._prepacked = None
         return self
 
     def _drop_prepacked(self) -> None:
@@ -191,9 +197,12 @@ class QuantLinear(GridBuffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        words, scales, zeros = self._prepacked or self.kernel_layout()
-        y = int_linear(x, words, scales, zeros, self.kernel_bits, self.group_size, self.in_features, self.kernel,
-                       self._cpu_packed, self._tinygemm)
+        if cpu_packed_serves(self.kernel, self._cpu_packed, x):  # the words go unread: not derived
+            y = cpu_packed_linear(x, self._cpu_packed, self.kernel_bits, self.group_size, self.in_features)
+        else:
+            words, scales, zeros = self._prepacked or self.kernel_layout()
+            y = int_linear(x, words, scales, zeros, self.kernel_bits, self.group_size, self.in_features, self.kernel,
+                           self._cpu_packed, self._tinygemm)
         return y if bias is None else y + bias
 
     # --- CompressedModule ----------------------------------------------------------------------

@@ -266,7 +266,11 @@ def test_cpu_packed_matmul_for_bf16(bits, group_size, symmetric):
     y_auto = q.set_kernel("auto")(x)
     assert torch.equal(y_auto, q.set_kernel("cpu_packed")(x))
     assert rel_err(y_auto, ref) < 1e-2  # measured 3e-3: bf16 rounding of activations and weights
-    assert q.set_kernel("auto")(x.float()).dtype == torch.float32  # fp32 activations: the reference path
+    y32 = q.set_kernel("auto")(x.float())  # fp32 activations: the reference path
+    assert y32.dtype == torch.float32 and rel_err(y32, ref) < 1e-5
+    # widened codes keep one derived copy, the packed weight (3-bit: 3 + 4 bits per weight, not
+    # 3 + 4 + 4); the reference path above widened them for the call
+    assert (q._prepacked is None) == (bits not in (2, 4, 8))
 
 
 def test_cpu_packing_skips_formats_it_cannot_hold():
@@ -373,3 +377,5 @@ def test_tinygemm_candidate_matches_reference(symmetric):
     ref = x.float() @ q.dequantized_weight().T
     assert rel_err(tinygemm.matmul(x, *q._tinygemm, 128), ref) < REL_TOL[torch.bfloat16]
     assert rel_err(q(x), ref) < REL_TOL[torch.bfloat16]
+    q3 = RTNConfig(bits=3, group_size=128, symmetric=symmetric).build().compress("l", nn.Linear(512, 256)).cuda()
+    assert q3.prepack(torch.bfloat16)._tinygemm is None  # widened: the 4-bit words are its one derived copy
