@@ -84,8 +84,11 @@ def configurations(kernels: list[str], bits: int, group: int, dtype: str, sp24: 
     base = dict(BITS=bits, GROUP=group, HAS_ZEROS=False)
     out = []
     if "gemv" in kernels:
-        kernel, extra = (ti._sp24_gemv_kernel, {}) if sp24 else (ti._gemv_kernel, dict(EVEN_K=True))
-        for bn, bk, nw, ns in im.gemv_configs(sp24):
+        if sp24 and bits == 16:
+            kernel, extra = ti._sp24_gemv_kernel, {}
+        else:
+            kernel, extra = (ti._sp24_int_gemv_kernel if sp24 else ti._gemv_kernel), dict(EVEN_K=True)
+        for bn, bk, nw, ns in im.gemv_configs(sp24, bits):
             if im.block_k_fits(bk, group, bits, sp24):
                 out.append((f"gemv n{bn} k{bk} w{nw} s{ns}", kernel,
                             base | extra | dict(BLOCK_N=bn, BLOCK_K=bk, STAGES=ns), nw, None, bn * bk / (32 * nw)))

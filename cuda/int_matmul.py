@@ -21,7 +21,8 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from . import cusparselt, tinygemm
-from .triton_int import _dequant_kernel, _dot_kernel, _gemv_kernel, _mma_kernel, _sp24_gemv_kernel
+from .triton_int import (_dequant_kernel, _dot_kernel, _gemv_kernel, _mma_kernel, _sp24_gemv_kernel,
+                         _sp24_int_gemv_kernel)
 from .tuning import Candidate, Tuner, Unavailable, interpreting
 
 ONE_GROUP = 1 << 30  # GROUP constant for per-channel scales (one group spans every K)
@@ -95,11 +96,17 @@ def gemv(x: torch.Tensor, w: IntWeight, block_n: int, block_k: int, num_warps: i
     n, k = w.out_features, w.in_features
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, block_n),)
-    if w.positions is not None:
+    if w.positions is not None and w.bits == 16:
         _sp24_gemv_kernel[grid](
+            x, w.words, w.positions, w.scales, w.scales, y, n, k, w.words.shape[1], w.positions.shape[1], BITS=16,
+            GROUP=w.group, HAS_ZEROS=False, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=num_warps,
+            enable_fp_fusion=FP_FUSION)
+    elif w.positions is not None:
+        _sp24_int_gemv_kernel[grid](
             x, w.words, w.positions, w.scales, w.zeros if w.zeros is not None else w.scales, y, n, k, w.words.shape[1],
-            w.positions.shape[1], BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, BLOCK_N=block_n,
-            BLOCK_K=block_k, STAGES=stages, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
+            w.positions.shape[1], GEMV_MAGIC, BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None,
+            BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, EVEN_K=k % block_k == 0, num_warps=num_warps,
+            enable_fp_fusion=FP_FUSION)
     else:
         _gemv_kernel[grid](
             x, w.words, w.scales, w.zeros if w.zeros is not None else w.scales, y, n, k, w.words.shape[1],
@@ -184,6 +191,9 @@ GEMV_CONFIGS = [(16, 128, 4, 1), (8, 1024, 1, 2), (16, 512, 1, 2), (16, 1024, 2,
                 (32, 1024, 4, 2), (16, 256, 1, 2), (32, 256, 2, 2)]
 SP24_GEMV_CONFIGS = [(16, 128, 4, 1), (4, 512, 2, 2), (8, 1024, 8, 2), (4, 1024, 4, 2), (8, 512, 4, 2),
                      (16, 256, 4, 2)]
+# 2:4 codes (`_sp24_int_gemv_kernel`, not timed yet): 5.3-5.8 instructions per dense weight at 4
+# bits with tiles of 512 columns, 6-6.6 with smaller ones (kernel_sass.py --sp24)
+SP24_INT_GEMV_CONFIGS = [(16, 128, 4, 1), (8, 512, 1, 2), (16, 512, 2, 2), (32, 512, 4, 2), (32, 128, 1, 2)]
 DOT_CONFIGS = {  # block_k 128 suits 4-bit (16 words), 64 suits 8-bit
     16: [(16, 64, 128, 4, 4, 3), (16, 64, 64, 8, 4, 3), (16, 128, 128, 4, 8, 3), (16, 32, 128, 4, 4, 3),
          (16, 32, 128, 8, 4, 3)],
@@ -217,8 +227,10 @@ def _config_range(bucket: int | None) -> int | None:
     return None if bucket is None else next((r for r in (16, 64, 256) if bucket <= r), None)
 
 
-def gemv_configs(sp24: bool) -> list[tuple[int, int, int, int]]:
-    return SP24_GEMV_CONFIGS if sp24 else GEMV_CONFIGS
+def gemv_configs(sp24: bool, bits: int) -> list[tuple[int, int, int, int]]:
+    if sp24:
+        return SP24_GEMV_CONFIGS if bits == 16 else SP24_INT_GEMV_CONFIGS
+    return GEMV_CONFIGS
 
 
 def _gemv(bn: int, bk: int, nw: int, ns: int) -> Candidate:
@@ -260,7 +272,7 @@ def candidates(m: int, dtype: torch.dtype, group: int, bits: int, has_tinygemm: 
     if dtype != torch.float32:  # fp32 activations: no tensor-core path, dense fp32 matmul instead
         tiles = _config_range(_m_bucket(m))
         if m == 1:
-            out += [_gemv(*c) for c in gemv_configs(sp24) if block_k_fits(c[1], group, bits, sp24)]
+            out += [_gemv(*c) for c in gemv_configs(sp24, bits) if block_k_fits(c[1], group, bits, sp24)]
         out += [_dot(*c) for c in DOT_CONFIGS[tiles] if block_k_fits(c[2], group, bits, sp24)]
         out += [_mma(*c) for c in MMA_CONFIGS[tiles] if mma_fits(c[2], group, bits, sp24)]
     return out + [DEQUANT_MATMUL]

@@ -1,11 +1,12 @@
 """Triton kernels for y = x @ dequantize(words).T with group-wise integer weights (layout.py).
 
-Five kernels, chosen per shape by `int_matmul` (cuda/tuning.py measures which is fastest):
+Six kernels, chosen per shape by `int_matmul` (cuda/tuning.py measures which is fastest):
 
 - `_gemv_kernel` (M = 1, decode): each program owns BLOCK_N output rows and walks the whole K
   dimension, so there is no split-K reduction, no zero-initialised buffer and one launch. Codes
   become biased floats in one mask-or each and the biases, zero points and scales are applied
-  once per word (its comments); `_sp24_gemv_kernel` is the same walk over 2:4 weights.
+  once per word (its comments); `_sp24_int_gemv_kernel` is the same walk over 2:4 codes and
+  `_sp24_gemv_kernel` over 2:4 float values.
 - `_dot_kernel` (small and medium M): dequantized weight tiles feed tensor cores through tl.dot;
   SPLIT_K > 1 spreads K over programs that add their fp32 partial sums atomically (enough
   programs to fill the GPU when M is small).
@@ -216,10 +217,10 @@ def _weight_tile(w_ptr, p_ptr, s_ptr, z_ptr, offs_n, n_ok, k0, N, K, n_words, n_
 def _sp24_gemv_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, n_pos_words,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    # x [K], words [N, n_words] (the kept codes, or values when BITS == 16), positions
-    # [N, n_pos_words], scales/zeros [n_groups, N], y [N]. Products accumulate elementwise in
-    # [BLOCK_N, BLOCK_K / 4] registers (a sum per group of 4 columns) and are summed across
-    # threads once, after the loop.
+    # x [K], words [N, n_words] (the kept values of a 2:4 float weight, BITS == 16; integer codes
+    # take `_sp24_int_gemv_kernel`), positions [N, n_pos_words], y [N]. Products accumulate
+    # elementwise in [BLOCK_N, BLOCK_K / 4] registers (a sum per group of 4 columns) and are summed
+    # across threads once, after the loop.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     acc = tl.zeros([BLOCK_N, BLOCK_K // 4], tl.float32)
@@ -309,6 +310,74 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, magic,
             r -= tl.load(z_ptr + g * N + rows, mask=g_mask, other=0).to(tl.float32) * x_sum[None]
         acc += s * r
     tl.store(y_ptr + offs_n, tl.sum(tl.sum(acc, axis=2), axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _sp24_kept_term(moved, pw, x_ptr, col0, x_ok, zc, magic, i: tl.constexpr, t: tl.constexpr, BITS: tl.constexpr):
+    """(code - zero) * x at its slot for kept value i (0..15) of every position word pw (uint32
+    [rows, words]; kept value i of a word sits in group i // 2 of its 32 columns, which start at
+    col0 [words]): `moved` holds its code as code t of the byte at bits 15-22 (`_biased_codes`),
+    zc = zero point [rows, words]. Kept value 2g sits at slot 0, 1 or 2 of its group and 2g + 1
+    at 1, 2 or 3, so two bit tests and two selects pick its x among three."""
+    col = col0 + 4 * (i // 2)
+    b0 = (pw & (1 << (2 * i))) != 0  # the slot's bits
+    b1 = (pw & (2 << (2 * i))) != 0
+    if i % 2 == 0:  # slot 0, 1 or 2 (bits 00, 01, 10)
+        x0 = tl.load(x_ptr + col, mask=x_ok, other=0.0).to(tl.float32)[None, :]
+        x1 = tl.load(x_ptr + col + 1, mask=x_ok, other=0.0).to(tl.float32)[None, :]
+        x2 = tl.load(x_ptr + col + 2, mask=x_ok, other=0.0).to(tl.float32)[None, :]
+        xs = tl.where(b1, x2, tl.where(b0, x1, x0))
+    else:  # slot 1, 2 or 3 (01, 10, 11)
+        x1 = tl.load(x_ptr + col + 1, mask=x_ok, other=0.0).to(tl.float32)[None, :]
+        x2 = tl.load(x_ptr + col + 2, mask=x_ok, other=0.0).to(tl.float32)[None, :]
+        x3 = tl.load(x_ptr + col + 3, mask=x_ok, other=0.0).to(tl.float32)[None, :]
+        xs = tl.where(b1, tl.where(b0, x3, x2), x1)
+    bias: tl.constexpr = 256.0 / (1 << (t * BITS))
+    return (_biased_codes(moved, t, BITS, magic - ((t * BITS) << 23)) - (zc + bias)) * xs
+
+
+@triton.jit
+def _sp24_int_gemv_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, n_pos_words, magic,
+                          BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, EVEN_K: tl.constexpr):
+    # x [K], words [N, n_words] (the K / 2 kept codes of each row), positions [N, n_pos_words],
+    # scales/zeros [n_groups, N], y [N]; magic: the bits of 256.0 (as in `_gemv_kernel`); EVEN_K:
+    # K % BLOCK_K == 0. The tile is [BLOCK_N, BLOCK_K / 32] position words, each covering 32
+    # columns: 16 kept values, whose codes fill 16 / cpw words. Per kept value: a share of a
+    # shift, a mask-or to a biased float (`_biased_codes`), the subtraction of bias + zero, two bit
+    # tests and two selects for its x, one FMA; the scale applies once per position word (GROUP >=
+    # 32). 5.3-6.0 instructions per dense weight and thread at 4 bits (sm_90), against 8.2-9.3
+    # dequantizing each kept code and picking x as `_sp24_products` does (kernel_sass.py --sp24).
+    CPW: tl.constexpr = 32 // BITS
+    PER_BYTE: tl.constexpr = 8 // BITS
+    CW: tl.constexpr = 16 // CPW if CPW < 16 else 1  # code words per position word
+    magic = magic.to(tl.uint32)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_n[:, None]
+    offs_j = tl.arange(0, BLOCK_K // 32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        pj = k0 // 32 + offs_j  # position words [words]
+        mask = (rows < N) & ((pj[None, :] < n_pos_words) | EVEN_K)
+        pw = tl.load(p_ptr + rows * n_pos_words + pj[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+        col0 = k0 + 32 * offs_j  # first column of each position word (K % 32 == 0: all in or all out)
+        g_off = (col0 // GROUP)[None, :] * N + rows
+        s = tl.load(s_ptr + g_off, mask=mask, other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            zc = tl.load(z_ptr + g_off, mask=mask, other=0).to(tl.float32)
+        else:
+            zc = tl.full([BLOCK_N, BLOCK_K // 32], 1 << (BITS - 1), tl.float32)
+        x_ok = (col0 < K) | EVEN_K
+        r = tl.zeros([BLOCK_N, BLOCK_K // 32], tl.float32)
+        for c in tl.static_range(CW):
+            words = tl.load(w_ptr + rows * n_words + (pj * CW + c)[None, :], mask=mask,
+                            other=0).to(tl.uint32, bitcast=True)
+            for b in tl.static_range(4):
+                moved = _byte_at_mantissa_top(words, b)
+                for t in tl.static_range(PER_BYTE):
+                    r += _sp24_kept_term(moved, pw, x_ptr, col0, x_ok, zc, magic, c * CPW + b * PER_BYTE + t, t, BITS)
+        acc += s * r
+    tl.store(y_ptr + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit

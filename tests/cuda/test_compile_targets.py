@@ -23,20 +23,16 @@ from triton.compiler import ASTSource
 from compress.cuda import triton_int as ti
 
 KERNELS = {  # kernel -> (pointer/int arguments in order, constexprs)
-    ti._sp24_gemv_kernel: (["*bf16", "*i32", "*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32", "i32"],
-                           dict(BLOCK_N=8, BLOCK_K=512, STAGES=2)),
     ti._dot_kernel: (["*bf16", "*i32", "*i32", "*fp16", "*u8", "*fp32"] + ["i32"] * 7,
                      dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, FP32=False)),
     ti._dequant_kernel: (["*i32", "*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32", "i32"],
                          dict(BLOCK_N=32, BLOCK_K=128)),
 }
 GEMV = ["*bf16", "*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32", "i32"]
+SP24_GEMV = ["*bf16", "*i32", "*i32", "*fp16", "*u8", "*bf16", "i32", "i32", "i32", "i32"]  # + magic for codes
 MMA = (["*i32", "*i32", "*fp16", "*u8", "*fp32"] + ["i32"] * 8,
        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4, FP32=False))
-
-
-def sp24_flag(fn, sp24):
-    return {} if fn is ti._sp24_gemv_kernel else dict(SP24=sp24)  # the 2:4 GEMV is a kernel of its own
+BLOCKS = dict(BLOCK_N=8, BLOCK_K=512, STAGES=2)
 
 
 def build(fn, types, consts, arch):
@@ -51,22 +47,23 @@ def build(fn, types, consts, arch):
 for arch in map(int, sys.argv[1:]):
     for bits in (2, 4, 8):
         for zeros in (False, True):
+            fmt = dict(BITS=bits, GROUP=128, HAS_ZEROS=zeros)
             for fn, (types, blocks) in KERNELS.items():
                 for sp24 in (False, True):  # dense, or 2:4 (kept codes + positions)
-                    if fn is not ti._sp24_gemv_kernel or sp24:
-                        build(fn, types, dict(BITS=bits, GROUP=128 if fn is not ti._dot_kernel else 64,
-                                              HAS_ZEROS=zeros, **sp24_flag(fn, sp24), **blocks), arch)
-            for even_k in (False, True):  # dense GEMV, tiles of whole groups (512 > 128)
-                build(ti._gemv_kernel, GEMV, dict(BITS=bits, GROUP=128, HAS_ZEROS=zeros, EVEN_K=even_k,
-                                                  BLOCK_N=8, BLOCK_K=512, STAGES=2), arch)
+                    build(fn, types, fmt | dict(GROUP=128 if fn is not ti._dot_kernel else 64, SP24=sp24, **blocks),
+                          arch)
+            for even_k in (False, True):  # the GEMVs, tiles of whole groups (512 > 128), with and without a K tail
+                build(ti._gemv_kernel, GEMV, fmt | dict(EVEN_K=even_k, **BLOCKS), arch)
+                build(ti._sp24_int_gemv_kernel, SP24_GEMV + ["i32"], fmt | dict(EVEN_K=even_k, **BLOCKS), arch)
             for act in ("*bf16", "*fp16"):  # the activations pick the 16-bit type codes are dequantized in
                 for sp24 in (False, True):
                     build(ti._mma_kernel, [act] + MMA[0], dict(BITS=bits, GROUP=128, HAS_ZEROS=zeros, SP24=sp24,
                                                                BF16_CODES=act == "*bf16" and bits < 8, **MMA[1]), arch)
     values = dict(BITS=16, GROUP=1 << 30, HAS_ZEROS=False)  # 2:4 float weights: the kept values
+    build(ti._sp24_gemv_kernel, SP24_GEMV[:1] + ["*bf16"] + SP24_GEMV[2:], values | BLOCKS, arch)
     for fn, (types, blocks) in KERNELS.items():
         at = 0 if fn is ti._dequant_kernel else 1  # w_ptr: the values take the int32 words' place
-        build(fn, types[:at] + ["*bf16"] + types[at + 1:], values | sp24_flag(fn, True) | blocks, arch)
+        build(fn, types[:at] + ["*bf16"] + types[at + 1:], values | dict(SP24=True, **blocks), arch)
     for act in ("*bf16", "*fp16"):
         build(ti._mma_kernel, [act, act] + MMA[0][1:], values | dict(SP24=True, BF16_CODES=False, **MMA[1]), arch)
 """
@@ -78,6 +75,6 @@ def test_kernels_compile_for_sm80_and_sm90():
     proc = subprocess.run([sys.executable, "-c", SCRIPT, "80", "90"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # per target: 3 widths x 2 zero modes x (2:4 GEMV + dense and 2:4 dot and dequantize + dense GEMV
+    # per target: 3 widths x 2 zero modes x (dense and 2:4 dot and dequantize + dense and 2:4 GEMV
     # with and without a K tail + 2 activation types x dense and 2:4 mma), then 3 + 2 for 2:4 float values
-    assert proc.stdout.count(" ok") == 2 * (3 * 2 * (1 + 2 * 2 + 2 + 2 * 2) + 3 + 2)
+    assert proc.stdout.count(" ok") == 2 * (3 * 2 * (2 * 2 + 2 * 2 + 2 * 2) + 3 + 2)
