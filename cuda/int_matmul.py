@@ -191,8 +191,8 @@ GEMV_CONFIGS = [(16, 128, 4, 1), (8, 1024, 1, 2), (16, 512, 1, 2), (16, 1024, 2,
                 (32, 1024, 4, 2), (16, 256, 1, 2), (32, 256, 2, 2)]
 SP24_GEMV_CONFIGS = [(16, 128, 4, 1), (4, 512, 2, 2), (8, 1024, 8, 2), (4, 1024, 4, 2), (8, 512, 4, 2),
                      (16, 256, 4, 2)]
-# 2:4 codes (`_sp24_int_gemv_kernel`, not timed yet): 5.3-5.8 instructions per dense weight at 4
-# bits with tiles of 512 columns, 6-6.6 with smaller ones (kernel_sass.py --sp24)
+# 2:4 codes (`_sp24_int_gemv_kernel`, not timed yet): 5.3 instructions per dense weight at 4
+# bits with tiles of 512 columns, 6.0 with 128 (kernel_sass.py --sp24 --kernels gemv)
 SP24_INT_GEMV_CONFIGS = [(16, 128, 4, 1), (8, 512, 1, 2), (16, 512, 2, 2), (32, 512, 4, 2), (32, 128, 1, 2)]
 DOT_CONFIGS = {  # block_k 128 suits 4-bit (16 words), 64 suits 8-bit
     16: [(16, 64, 128, 4, 4, 3), (16, 64, 64, 8, 4, 3), (16, 128, 128, 4, 8, 3), (16, 32, 128, 4, 4, 3),
