@@ -186,9 +186,11 @@ def dequantize(w: IntWeight, dtype: torch.dtype, block_n: int = 32, block_k: int
 # kernel 2-10x there: one configuration stays measured.
 # The dense GEMV's have not been timed yet: each thread should hold several rows of its columns
 # (their sums of x serve them all) and no more than 32 words of 8-bit codes (else registers spill);
-# these spend 3.3-3.7 instructions per weight at 4 bits and 4.3-5.0 at 8 (kernel_sass.py).
-GEMV_CONFIGS = [(16, 128, 4, 1), (8, 1024, 1, 2), (16, 512, 1, 2), (16, 1024, 2, 2), (32, 512, 2, 2),
-                (32, 1024, 4, 2), (16, 256, 1, 2), (32, 256, 2, 2)]
+# these spend 3.3-3.8 instructions per weight at 4 bits and 4.3-5.0 at 8 (kernel_sass.py). Narrow
+# one-warp programs (8 rows) keep bytes in flight on every SM: N = 4096 makes 512 of them; a third
+# stage deepens each one's pipeline.
+GEMV_CONFIGS = [(16, 128, 4, 1), (8, 1024, 1, 2), (8, 1024, 1, 3), (16, 512, 1, 2), (16, 1024, 2, 2),
+                (32, 512, 2, 2), (32, 1024, 4, 2), (16, 256, 1, 2), (32, 256, 2, 2)]
 SP24_GEMV_CONFIGS = [(16, 128, 4, 1), (4, 512, 2, 2), (8, 1024, 8, 2), (4, 1024, 4, 2), (8, 512, 4, 2),
                      (16, 256, 4, 2)]
 # 2:4 codes (`_sp24_int_gemv_kernel`, not timed yet): 5.3 instructions per dense weight at 4
