@@ -73,8 +73,8 @@ def block_k_fits(block_k: int, group: int, bits: int, sp24: bool = False) -> boo
     """A K tile lies inside one group or covers whole groups, and holds at least one word per row
     (2:4: of the kept codes, half the tile, and of the positions, 16 per word; and each of the
     tensor-core kernels' four MMAs, one per slot, spans at least 16 columns)."""
-    if sp24:
-        return block_k % 64 == 0 and block_k_fits(block_k // 2, group // 2, bits)
+    if sp24:  # (the 2:4 integer GEMV scales each position word's 32 columns as one: groups of >= 32)
+        return block_k % 64 == 0 and group % 32 == 0 and block_k_fits(block_k // 2, group // 2, bits)
     return (group % block_k == 0 or block_k % group == 0) and block_k >= 32 // bits
 
 
@@ -185,12 +185,14 @@ def dequantize(w: IntWeight, dtype: torch.dtype, block_n: int = 32, block_k: int
 # for the tensor-core kernel by M range. From M = 64 on, dequantize + cuBLAS beats our tensor-core
 # kernel 2-10x there: one configuration stays measured.
 # The dense GEMV's have not been timed yet: each thread should hold several rows of its columns
-# (their sums of x serve them all) and no more than 32 words of 8-bit codes (else registers spill);
-# these spend 3.3-3.8 instructions per weight at 4 bits and 4.3-5.0 at 8 (kernel_sass.py). Narrow
-# one-warp programs (8 rows) keep bytes in flight on every SM: N = 4096 makes 512 of them; a third
-# stage deepens each one's pipeline.
+# (their sums of x serve them all), and at 8 bits no more than 128 weights (32 words; else
+# registers spill). These spend 3.3-3.8 instructions per weight at 4 bits, 3.3-3.6 at 2 and
+# 4.5-5.0 at 8 (kernel_sass.py). Narrow one-warp programs (8 rows) keep bytes in flight on every
+# SM: N = 4096 makes 512 of them; a third stage deepens each one's pipeline.
 GEMV_CONFIGS = [(16, 128, 4, 1), (8, 1024, 1, 2), (8, 1024, 1, 3), (16, 512, 1, 2), (16, 1024, 2, 2),
-                (32, 512, 2, 2), (32, 1024, 4, 2), (16, 256, 1, 2), (32, 256, 2, 2)]
+                (32, 512, 2, 2), (32, 1024, 4, 2), (16, 256, 1, 2)]
+GEMV_8BIT_CONFIGS = [(16, 128, 4, 1), (8, 512, 1, 2), (8, 512, 1, 3), (16, 256, 1, 2), (16, 512, 2, 2),
+                     (32, 256, 2, 2), (32, 512, 4, 2)]
 SP24_GEMV_CONFIGS = [(16, 128, 4, 1), (4, 512, 2, 2), (8, 1024, 8, 2), (4, 1024, 4, 2), (8, 512, 4, 2),
                      (16, 256, 4, 2)]
 # 2:4 codes (`_sp24_int_gemv_kernel`, not timed yet): 5.3 instructions per dense weight at 4
@@ -232,7 +234,7 @@ def _config_range(bucket: int | None) -> int | None:
 def gemv_configs(sp24: bool, bits: int) -> list[tuple[int, int, int, int]]:
     if sp24:
         return SP24_GEMV_CONFIGS if bits == 16 else SP24_INT_GEMV_CONFIGS
-    return GEMV_CONFIGS
+    return GEMV_8BIT_CONFIGS if bits == 8 else GEMV_CONFIGS
 
 
 def _gemv(bn: int, bk: int, nw: int, ns: int) -> Candidate:

@@ -234,22 +234,24 @@ def _sp24_gemv_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, n
 
 
 @triton.jit
-def _byte_at_mantissa_top(w, b: tl.constexpr):
-    """Byte b of every word (uint32) moved to bits 15-22, the top of an fp32 mantissa (bits
-    shifted past either end are dropped: only those 8 bits are read)."""
-    if b < 2:
-        return w << (15 - 8 * b)
+def _unit_at_mantissa_top(w, u: tl.constexpr, UNIT: tl.constexpr):
+    """Bits u * UNIT ... (u + 1) * UNIT - 1 of every word (uint32; UNIT 8 or 4) moved to the top of
+    an fp32 mantissa, bits 23 - UNIT ... 22 (bits shifted past either end are dropped: only those
+    are read)."""
+    if u * UNIT <= 23 - UNIT:
+        return w << (23 - UNIT - u * UNIT)
     else:
-        return w >> (8 * b - 15)
+        return w >> (u * UNIT - 23 + UNIT)
 
 
 @triton.jit
-def _biased_codes(moved, t: tl.constexpr, BITS: tl.constexpr, magic):
-    """Code t of the byte at bits 15-22 (`_byte_at_mantissa_top`) as the fp32 2**(8 - t * BITS) +
-    code, exactly: `magic` holds that float's bits, whose mantissa's lowest bit under the code
-    (15 + t * BITS) is worth 1. One mask-or, no shift of its own and no subtraction."""
-    MASK: tl.constexpr = ((1 << BITS) - 1) << (15 + t * BITS)
-    return ((moved & MASK) | magic).to(tl.float32, bitcast=True)
+def _biased_codes(moved, t: tl.constexpr, BITS: tl.constexpr, UNIT: tl.constexpr, magic):
+    """Code t of the unit at the top of the mantissa (`_unit_at_mantissa_top`) as the fp32
+    2**(UNIT - t * BITS) + code, exactly: the float's mantissa bit under the code's lowest
+    (23 - UNIT + t * BITS) is worth 1. `magic` holds the bits of 256.0, the float's exponent is
+    lowered from there. One mask-or, no shift of its own and no subtraction."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (23 - UNIT + t * BITS)
+    return ((moved & MASK) | (magic - ((8 - UNIT + t * BITS) << 23))).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -260,22 +262,24 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, magic,
     # runtime argument, so that it lives in a register: the mask-or takes one immediate, the mask).
     # EVEN_K: K % BLOCK_K == 0, no tail to mask.
     #
-    # Each code becomes the float bias_t + code in one mask-or (`_biased_codes`, bias_t = 256, 16
-    # for 4 bits; 256 for 8; 256, 64, 16, 4 for 2) and multiplies x unscaled, so per weight the
-    # loop spends a share of a shift (one per byte), the mask-or and one FMA: 3.3-3.7 instructions
-    # per weight and thread at 4 bits (sm_90) against 7.6-7.9 for shift, extract, or, subtract,
-    # scale and FMA per weight (benchmarks/kernel_sass.py). Per word of each row,
+    # Each byte (nibble for 2-bit codes) of a word moves to the top of an fp32 mantissa, and each
+    # code there becomes the float bias_t + code in one mask-or (`_biased_codes`: bias_t = 256, 16
+    # for 4 bits; 256 for 8; 16, 4 for 2) and multiplies x unscaled, so per weight the loop spends
+    # a share of a shift, the mask-or and one FMA: 3.3-3.8 instructions per weight and thread at 4
+    # bits (sm_90) against 7.6-7.9 for shift, extract, or, subtract, scale and FMA per weight
+    # (benchmarks/kernel_sass.py). Per word of each row,
     # r = sum_i (bias_i + c_i) * x_i; the biases and the zero point come off once per word, from
     # sums of x alone (shared by the thread's rows): sum_i (c_i - z) * x_i = r - sum_i (bias_i + z)
     # * x_i for symmetric codes, r - sum_i bias_i * x_i - z * sum_i x_i with zero points; then one
-    # FMA by the group's scale. The biases are at most 256, so the cancellation costs little fp32
-    # precision: relative error up to 1.3e-5 (2-bit codes, biased up to 128x their size), far
-    # below a 16-bit output's rounding.
+    # FMA by the group's scale. The biases are at most 256 and at most 17 times a code's largest
+    # value (256 against 15 at 4 bits), so the cancellation costs little fp32 precision (relative
+    # error up to ~6e-6 against the reference), far below a 16-bit output's rounding.
     #
     # The tile is [BLOCK_N, GPT, WPG] words: GPT groups per K tile (1 when the tile lies inside a
     # group) of WPG words each, so a scale is loaded once per (row, group), not per word.
     CPW: tl.constexpr = 32 // BITS  # codes per word
-    PER_BYTE: tl.constexpr = 8 // BITS
+    UNIT: tl.constexpr = 4 if BITS == 2 else 8  # bits moved at a time: 2-bit codes in nibbles keep biases <= 16
+    PER_UNIT: tl.constexpr = UNIT // BITS
     GPT: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
     WPG: tl.constexpr = BLOCK_K // CPW // GPT
     magic = magic.to(tl.uint32)
@@ -294,17 +298,17 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, n_words, magic,
         r = tl.zeros([BLOCK_N, GPT, WPG], tl.float32)
         x_bias = tl.zeros([GPT, WPG], tl.float32)  # sum_i (bias_i [+ z]) * x_i per word
         x_sum = tl.zeros([GPT, WPG], tl.float32)  # sum_i x_i per word (zero points)
-        for b in tl.static_range(4):
-            moved = _byte_at_mantissa_top(words, b)
-            for t in tl.static_range(PER_BYTE):
-                offs_k = k0 + word * CPW + (b * PER_BYTE + t)  # column of code b * PER_BYTE + t of each word
+        for u in tl.static_range(32 // UNIT):
+            moved = _unit_at_mantissa_top(words, u, UNIT)
+            for t in tl.static_range(PER_UNIT):
+                offs_k = k0 + word * CPW + (u * PER_UNIT + t)  # column of code u * PER_UNIT + t of each word
                 x = tl.load(x_ptr + offs_k, mask=(offs_k < K) | EVEN_K, other=0.0).to(tl.float32)
                 if HAS_ZEROS:
-                    x_bias += x * (256.0 / (1 << (t * BITS)))
+                    x_bias += x * (1 << (UNIT - t * BITS))
                     x_sum += x
                 else:
-                    x_bias += x * (256.0 / (1 << (t * BITS)) + (1 << (BITS - 1)))
-                r += _biased_codes(moved, t, BITS, magic - ((t * BITS) << 23)) * x[None]
+                    x_bias += x * ((1 << (UNIT - t * BITS)) + (1 << (BITS - 1)))
+                r += _biased_codes(moved, t, BITS, UNIT, magic) * x[None]
         r -= x_bias[None]
         if HAS_ZEROS:
             r -= tl.load(z_ptr + g * N + rows, mask=g_mask, other=0).to(tl.float32) * x_sum[None]
@@ -332,8 +336,7 @@ def _sp24_kept_term(moved, pw, x_ptr, col0, x_ok, zc, magic, i: tl.constexpr, t:
         x2 = tl.load(x_ptr + col + 2, mask=x_ok, other=0.0).to(tl.float32)[None, :]
         x3 = tl.load(x_ptr + col + 3, mask=x_ok, other=0.0).to(tl.float32)[None, :]
         xs = tl.where(b1, tl.where(b0, x3, x2), x1)
-    bias: tl.constexpr = 256.0 / (1 << (t * BITS))
-    return (_biased_codes(moved, t, BITS, magic - ((t * BITS) << 23)) - (zc + bias)) * xs
+    return (_biased_codes(moved, t, BITS, 8, magic) - (zc + (1 << (8 - t * BITS)))) * xs
 
 
 @triton.jit
@@ -373,7 +376,7 @@ def _sp24_int_gemv_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, K, n_word
             words = tl.load(w_ptr + rows * n_words + (pj * CW + c)[None, :], mask=mask,
                             other=0).to(tl.uint32, bitcast=True)
             for b in tl.static_range(4):
-                moved = _byte_at_mantissa_top(words, b)
+                moved = _unit_at_mantissa_top(words, b, 8)
                 for t in tl.static_range(PER_BYTE):
                     r += _sp24_kept_term(moved, pw, x_ptr, col0, x_ok, zc, magic, c * CPW + b * PER_BYTE + t, t, BITS)
         acc += s * r

@@ -18,7 +18,7 @@ from compress.sparsity.layers import SparseLinear
 from compress.sparsity.masks import nm_mask
 from compress.sparsity.sparse_quant import SparseQuantLinear
 
-from .test_int_kernels import CUDA, DEVICE, DTYPES, REL_TOL, rel_err
+from .test_int_kernels import CUDA, DEVICE, DTYPES, REL_TOL, exact_inputs, rel_err
 
 # (N, K, bits, group_size, symmetric); group_size None = per-channel
 FORMATS = [
@@ -123,6 +123,22 @@ def test_sp24_gemv_kernel(spec, dtype, block_n, block_k):
     x = torch.randn(1, w.in_features, device=DEVICE).to(dtype)
     y = im.gemv(x, w, block_n, block_k)
     assert y.shape == (1, w.out_features) and rel_err(y, reference(x, w)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("spec", FORMATS + [(16, 1088, 4, 64, False)])
+@pytest.mark.parametrize("block_n,block_k", [(16, 64), (8, 512)])
+def test_sp24_int_gemv_is_exact_on_integer_inputs(spec, block_n, block_k):
+    """The 2:4 integer GEMV picks each kept code's x by its slot and scales per 32 columns: exact
+    against the reference on integer inputs (`exact_inputs`), K tails and multi-group tiles included."""
+    x, w = exact_inputs(make_sp24(*spec))
+    if not im.block_k_fits(block_k, w.group, w.bits, sp24=True):
+        pytest.skip("tile does not fit the groups")
+    assert torch.equal(im.gemv(x, w, block_n, block_k), reference(x, w))
+
+
+def test_sp24_tiles_need_groups_of_whole_position_words():
+    assert not im.block_k_fits(64, 16, 4, sp24=True)  # a position word (32 columns) would span 2 groups
+    assert im.block_k_fits(64, 32, 4, sp24=True) and im.block_k_fits(512, 1 << 30, 8, sp24=True)
 
 
 @pytest.mark.parametrize("spec", WEIGHTS)
