@@ -162,8 +162,9 @@ class QuantLinear(GridBuffers, nn.Module):
         second copy of the codes) on CUDA, for the kernel choice to weigh. Codes of 3, 5, 6 and 7
         bits take the paths of their kernel width from one derived copy beside the stored codes, so
         that they never hold more than the wider width does (3-bit: 3 + 4 bits per weight against
-        4 + 4): on CPU the packed weight where it applies (other activation dtypes widen the codes
-        per call), else the widened words (on CUDA without tinygemm's copy)."""
+        4 + 4): on CPU the packed weight where it applies (calls it does not serve, other
+        activation dtypes or a forced "reference" / "triton" kernel, widen the codes per call),
+        else the widened words (on CUDA without tinygemm's copy)."""
         self._prepacked = self.kernel_layout()
         self._cpu_packed, self._tinygemm = None, None
         if dtype != torch.bfloat16:
