@@ -95,23 +95,18 @@ def gemv(x: torch.Tensor, w: IntWeight, block_n: int, block_k: int, num_warps: i
     """x [1, K] -> [1, N]."""
     n, k = w.out_features, w.in_features
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    words, positions, scales, zeros, n_pos_words, sp24 = _args(w)
     grid = (triton.cdiv(n, block_n),)
-    if w.positions is not None and w.bits == 16:
-        _sp24_gemv_kernel[grid](
-            x, w.words, w.positions, w.scales, w.scales, y, n, k, w.words.shape[1], w.positions.shape[1], BITS=16,
-            GROUP=w.group, HAS_ZEROS=False, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=num_warps,
-            enable_fp_fusion=FP_FUSION)
-    elif w.positions is not None:
-        _sp24_int_gemv_kernel[grid](
-            x, w.words, w.positions, w.scales, w.zeros if w.zeros is not None else w.scales, y, n, k, w.words.shape[1],
-            w.positions.shape[1], GEMV_MAGIC, BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None,
-            BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, EVEN_K=k % block_k == 0, num_warps=num_warps,
-            enable_fp_fusion=FP_FUSION)
+    fmt = dict(BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+               STAGES=stages, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
+    if sp24 and w.bits == 16:
+        _sp24_gemv_kernel[grid](x, words, positions, scales, zeros, y, n, k, words.shape[1], n_pos_words, **fmt)
+    elif sp24:
+        _sp24_int_gemv_kernel[grid](x, words, positions, scales, zeros, y, n, k, words.shape[1], n_pos_words,
+                                    GEMV_MAGIC, EVEN_K=k % block_k == 0, **fmt)
     else:
-        _gemv_kernel[grid](
-            x, w.words, w.scales, w.zeros if w.zeros is not None else w.scales, y, n, k, w.words.shape[1],
-            GEMV_MAGIC, BITS=w.bits, GROUP=w.group, HAS_ZEROS=w.zeros is not None, BLOCK_N=block_n,
-            BLOCK_K=block_k, STAGES=stages, EVEN_K=k % block_k == 0, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
+        _gemv_kernel[grid](x, words, scales, zeros, y, n, k, words.shape[1], GEMV_MAGIC, EVEN_K=k % block_k == 0,
+                           **fmt)
     return y
 
 
@@ -186,8 +181,8 @@ def dequantize(w: IntWeight, dtype: torch.dtype, block_n: int = 32, block_k: int
 # kernel 2-10x there: one configuration stays measured.
 # The dense GEMV's have not been timed yet: each thread should hold several rows of its columns
 # (their sums of x serve them all), and at 8 bits no more than 128 weights (32 words; else
-# registers spill). These spend 3.3-3.8 instructions per weight at 4 bits, 3.3-3.6 at 2 and
-# 4.5-5.0 at 8 (kernel_sass.py). Narrow one-warp programs (8 rows) keep bytes in flight on every
+# registers spill). These spend 3.3-3.8 instructions per weight at 4 bits, 3.3-4.4 at 2 and
+# 4.5-4.8 at 8 (kernel_sass.py). Narrow one-warp programs (8 rows) keep bytes in flight on every
 # SM: N = 4096 makes 512 of them; a third stage deepens each one's pipeline.
 GEMV_CONFIGS = [(16, 128, 4, 1), (8, 1024, 1, 2), (8, 1024, 1, 3), (16, 512, 1, 2), (16, 1024, 2, 2),
                 (32, 512, 2, 2), (32, 1024, 4, 2), (16, 256, 1, 2)]

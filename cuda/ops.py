@@ -1,5 +1,6 @@
 """The integer-weight ops as `torch.library` custom ops (traceable by torch.compile, capturable in
-CUDA graphs), and `int_linear`, the one call a compressed module makes.
+CUDA graphs), and `int_linear`, the call a compressed module makes (or `cpu_packed_linear`,
+where PyTorch's packed CPU weight serves the call and the kernels' words need not be derived).
 
     compress::int_linear(x, words, scales, zeros, bits, group_size, in_features, kernel,
                          tinygemm_weight, tinygemm_scales)

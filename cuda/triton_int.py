@@ -353,7 +353,7 @@ def _sp24_int_gemv_kernel(x_ptr, w_ptr, p_ptr, s_ptr, z_ptr, y_ptr, N, K, n_word
     # dequantizing each kept code and picking x as `_sp24_products` does (kernel_sass.py --sp24).
     CPW: tl.constexpr = 32 // BITS
     PER_BYTE: tl.constexpr = 8 // BITS
-    CW: tl.constexpr = 16 // CPW if CPW < 16 else 1  # code words per position word
+    CW: tl.constexpr = 16 // CPW  # code words per position word (16 kept codes)
     magic = magic.to(tl.uint32)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_n[:, None]
