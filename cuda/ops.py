@@ -19,13 +19,15 @@ Semantics are those of layout.dequantize_words (the reference). `kernel` picks t
 implementation per call: "reference"; "triton" (our Triton kernels or dequantize + cuBLAS,
 whichever is faster for the shape; CUDA, or the CPU interpreter under TRITON_INTERPRET=1; an
 error if the format is not supported); "cpu_packed" (PyTorch's packed CPU matmuls, bf16
-activations); "auto": on CUDA the fastest of triton's choices and, where the weight was
+activations); "cpu_fused" (dequantization fused into a compiled CPU matmul, for few rows of x:
+cuda/cpu_fused.py); "auto": on CUDA the fastest of triton's choices and, where the weight was
 prepared for it, PyTorch's tinygemm (cuda/tinygemm.py) or, for 2:4 float weights, cuSPARSELt
 (cuda/cusparselt.py); on CPU cpu_packed where a packed weight was prepared for the activation
-dtype; else the reference.
+dtype, else cpu_fused up to cpu_fused.MAX_M rows of x where it reads the format; else the
+reference.
 
-Kernels differ from the reference by rounding only: the Triton kernels accumulate in fp32 (with
-split-K, in an order that varies from run to run); PyTorch's packed kernels hold the scales and
+Kernels differ from the reference by rounding only: the Triton kernels and cpu_fused accumulate
+in fp32 (with split-K, in an order that varies from run to run); PyTorch's packed kernels hold the scales and
 the zero term (8 - zero) * scale in bf16, a slightly different function (relative output error
 about 3e-3 against the reference's 2e-3 in bf16, measured on an H200).
 """
@@ -36,11 +38,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu_packed
+from . import cpu_fused, cpu_packed
 from .layout import dense_sp24_values, dequantize_sp24_words, dequantize_words, supported
 from .tuning import interpreting
 
-KERNELS = ("auto", "reference", "triton", "cpu_packed")
+KERNELS = ("auto", "reference", "triton", "cpu_packed", "cpu_fused")
 
 
 def _use_triton(device: torch.device, bits: int, group_size: int, in_features: int, kernel: str,
@@ -57,6 +59,19 @@ def _use_triton(device: torch.device, bits: int, group_size: int, in_features: i
     return kernel == "auto" and device.type == "cuda" and supported(bits, group_size, in_features, sp24)
 
 
+def _use_cpu_fused(x2: torch.Tensor, bits: int, group_size: int, in_features: int, kernel: str) -> bool:
+    if kernel == "cpu_fused":
+        if x2.device.type != "cpu" or not cpu_fused.applies(bits, group_size, in_features):
+            raise ValueError(f"kernel 'cpu_fused' takes CPU activations and 2, 4 or 8-bit words in whole groups, not "
+                             f"{x2.device.type} activations with {bits}-bit words in groups of {group_size} "
+                             f"(K = {in_features}); use kernel 'auto'")
+        if not cpu_fused.available():
+            raise ValueError(f"kernel 'cpu_fused' could not be compiled ({cpu_fused.failure()}); use kernel 'auto'")
+        return True
+    return (kernel == "auto" and x2.device.type == "cpu" and x2.shape[0] <= cpu_fused.MAX_M and cpu_fused.available()
+            and cpu_fused.applies(bits, group_size, in_features))
+
+
 @torch.library.custom_op("compress::int_linear", mutates_args=())
 def int_linear_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                   bits: int, group_size: int, in_features: int, kernel: str,
@@ -70,8 +85,13 @@ def int_linear_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, ze
         library = None if kernel == "triton" or tinygemm_weight is None else (tinygemm_weight, tinygemm_scales)
         y = int_matmul(x2.contiguous(), IntWeight(words, scales, zeros, bits, group_size, in_features, library))
     else:
-        y = torch.nn.functional.linear(x2, dequantize_words(words, scales, zeros, bits, group_size, in_features,
-                                                            x.dtype))
+        y = cpu_fused.matmul(x2, words, scales, zeros, bits, in_features) if _use_cpu_fused(
+            x2, bits, group_size, in_features, kernel) else None
+        if y is None and kernel == "cpu_fused":  # compiling failed just now (cpu_fused warned)
+            raise ValueError(f"kernel 'cpu_fused' could not be compiled ({cpu_fused.failure()}); use kernel 'auto'")
+        if y is None:
+            y = torch.nn.functional.linear(x2, dequantize_words(words, scales, zeros, bits, group_size, in_features,
+                                                                x.dtype))
     return y.reshape(*x.shape[:-1], words.shape[0])
 
 

@@ -20,7 +20,9 @@ def test_forward_is_dequantize_then_matmul(bits, symmetric):
     q = quantize_linear("l", lin, bits, 8, symmetric, "float16")
     x = torch.randn(3, 24)
     ref = x @ q.dequantized_weight().T + lin.bias
-    assert torch.equal(q(x), ref)
+    assert torch.equal(q.set_kernel("reference")(x), ref)
+    # "auto" on CPU: the fused matmul (cuda/cpu_fused.py), the same sums in another order
+    assert (q.set_kernel("auto")(x) - ref).norm() < 1e-6 * ref.norm()
 
 
 def test_input_linear_is_not_modified():

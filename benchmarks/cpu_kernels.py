@@ -1,0 +1,98 @@
+"""Integer-weight matmuls on CPU: the fused path (cuda/cpu_fused.py) against the reference and a
+dense fp32 matmul, measured in the same run.
+
+For each (format, N x K weight, M tokens, activation dtype): y = x[M, K] @ W.T with random codes
+and scales, each contender timed by the median of repeated calls after a warm-up (which compiles
+the fused path):
+  - `dense`:     F.linear with the dense weight in x's dtype (the float model's layer);
+  - `reference`: what a quantized layer ran before the fused path existed: dequantize_words,
+                 then F.linear (cuda/layout.py);
+  - `fused`:     cuda/cpu_fused.matmul;
+  - `packed`:    PyTorch's packed int4 / int8 CPU matmul (cuda/cpu_packed.py), bf16 only and
+                 where it takes the format.
+`*_speedup` is dense time / that time. One JSON line per row on stdout, the CPU and thread count
+in each. Weights small enough to stay in cache (smollm2-135m's are) favour the dense matmul over
+what a decode step sees, where every layer's weights come from memory: the 4096 x 4096 rows show
+the memory-bound case.
+
+    python benchmarks/cpu_kernels.py
+    python benchmarks/cpu_kernels.py --formats w4g64 --ms 1 16 --shapes 4096x4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+SHAPES = ["576x576", "192x576", "1536x576", "576x1536", "4096x4096"]  # N x K: smollm2-135m's layers, and 4096^2
+MS = [1, 2, 4, 8, 16, 32]
+FORMATS = {"w4g64": (4, 64, True), "w4g128-asym": (4, 128, False), "w8": (8, 1 << 30, True), "w2g64": (2, 64, False)}
+
+
+def _time_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--shapes", nargs="+", default=SHAPES)
+    parser.add_argument("--ms", nargs="+", type=int, default=MS)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+
+    from compress.cuda import cpu_fused, cpu_packed
+    from compress.cuda.layout import dequantize_words, words_of
+    from compress.quant.packing import pack_codes
+
+    torch.manual_seed(0)
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    for name in args.formats:
+        bits, group_size, symmetric = FORMATS[name]
+        for shape in args.shapes:
+            n, k = map(int, shape.split("x"))
+            group = min(group_size, k)
+            codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8)
+            words = words_of(pack_codes(codes, bits))
+            scales = (torch.rand(k // group, n) * 0.01 + 0.001).half()
+            zeros = None if symmetric else torch.randint(0, 2 ** bits, (k // group, n), dtype=torch.uint8)
+            for dtype_name in args.dtypes:
+                dtype = getattr(torch, dtype_name)
+                dense = dequantize_words(words, scales, zeros, bits, group_size, k, dtype)
+                packed = None
+                if dtype == torch.bfloat16 and cpu_packed.int4_applies(bits, group_size, k, n):
+                    p, sz = cpu_packed.pack_int4(codes, scales.T, None if zeros is None else zeros.T, dtype)
+                    packed = lambda x: cpu_packed.int4_matmul(x, p, sz, group)  # noqa: E731
+                for m in args.ms:
+                    x = torch.randn(m, k, dtype=dtype)
+                    row = {"format": name, "shape": shape, "m": m, "dtype": dtype_name, "cpu": cpu}
+                    row["dense_ms"] = _time_ms(lambda: torch.nn.functional.linear(x, dense), args.repeats)
+                    row["reference_ms"] = _time_ms(
+                        lambda: torch.nn.functional.linear(x, dequantize_words(words, scales, zeros, bits, group_size,
+                                                                               k, dtype)), args.repeats)
+                    if cpu_fused.applies(bits, group_size, k):
+                        row["fused_ms"] = _time_ms(lambda: cpu_fused.matmul(x, words, scales, zeros, bits, k),
+                                                   args.repeats)
+                    if packed is not None:
+                        row["packed_ms"] = _time_ms(lambda: packed(x), args.repeats)
+                    for key in ("reference", "fused", "packed"):
+                        if f"{key}_ms" in row:
+                            row[f"{key}_speedup"] = round(row["dense_ms"] / row[f"{key}_ms"], 3)
+                    print(json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}),
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()
