@@ -8,8 +8,11 @@ the fused path):
   - `reference`: what a quantized layer ran before the fused path existed: dequantize_words,
                  then F.linear (cuda/layout.py);
   - `fused`:     cuda/cpu_fused.matmul;
-  - `packed`:    PyTorch's packed int4 / int8 CPU matmul (cuda/cpu_packed.py), bf16 only and
-                 where it takes the format.
+  - `packed`:    PyTorch's packed int4 CPU matmul (cuda/cpu_packed.py), bf16 only and where it
+                 takes the format.
+`sp24w4g128`: a 2:4 sparse weight whose kept values are 4-bit codes (SparseQuantLinear's format):
+`reference` is dequantize_sp24_words + F.linear, `fused` cuda/cpu_fused.sp24_matmul, `dense` the
+same (half-zero) weight as a dense matmul.
 `*_speedup` is dense time / that time. One JSON line per row on stdout, the CPU and thread count
 in each. Weights small enough to stay in cache (smollm2-135m's are) favour the dense matmul over
 what a decode step sees, where every layer's weights come from memory: the 4096 x 4096 rows show
@@ -31,7 +34,10 @@ import torch
 
 SHAPES = ["576x576", "192x576", "1536x576", "576x1536", "4096x4096"]  # N x K: smollm2-135m's layers, and 4096^2
 MS = [1, 2, 4, 8, 16, 32]
-FORMATS = {"w4g64": (4, 64, True), "w4g128-asym": (4, 128, False), "w8": (8, 1 << 30, True), "w2g64": (2, 64, False)}
+FORMATS = {  # name -> (bits, group_size, symmetric, 2:4)
+    "w4g64": (4, 64, True, False), "w4g128-asym": (4, 128, False, False), "w8": (8, 1 << 30, True, False),
+    "w2g64": (2, 64, False, False), "sp24w4g128": (4, 128, True, True),
+}
 
 
 def _time_ms(fn, repeats: int) -> float:
@@ -54,37 +60,48 @@ def main() -> None:
     args = parser.parse_args()
 
     from compress.cuda import cpu_fused, cpu_packed
-    from compress.cuda.layout import dequantize_words, words_of
+    from compress.cuda.layout import dequantize_sp24_words, dequantize_words, words_of
     from compress.quant.packing import pack_codes
 
     torch.manual_seed(0)
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     for name in args.formats:
-        bits, group_size, symmetric = FORMATS[name]
+        bits, group_size, symmetric, sp24 = FORMATS[name]
         for shape in args.shapes:
             n, k = map(int, shape.split("x"))
             group = min(group_size, k)
-            codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8)
+            groups = -(-k // group)  # a short last group where the group does not divide K
+            codes = torch.randint(0, 2 ** bits, (n, k // 2 if sp24 else k), dtype=torch.uint8)
             words = words_of(pack_codes(codes, bits))
-            scales = (torch.rand(k // group, n) * 0.01 + 0.001).half()
-            zeros = None if symmetric else torch.randint(0, 2 ** bits, (k // group, n), dtype=torch.uint8)
+            scales = (torch.rand(groups, n) * 0.01 + 0.001).half()
+            zeros = None if symmetric else torch.randint(0, 2 ** bits, (groups, n), dtype=torch.uint8)
+            if sp24:  # slots: the first kept value of each group of 4 in slot 0-2, the second after it
+                first = torch.randint(0, 3, (n, k // 4))
+                second = torch.maximum(torch.randint(0, 4, (n, k // 4)), first + 1)
+                positions = words_of(pack_codes(torch.stack([first, second], -1).reshape(n, -1).to(torch.uint8), 2))
+                weight = lambda dtype: dequantize_sp24_words(words, positions, scales, zeros, bits,  # noqa: E731
+                                                             group_size, k, dtype)
+                fused = lambda x: cpu_fused.sp24_matmul(x, words, positions, scales, zeros, bits,  # noqa: E731
+                                                        group_size, k)
+                fits = cpu_fused.sp24_applies(bits, group_size, k)
+            else:
+                weight = lambda dtype: dequantize_words(words, scales, zeros, bits, group_size, k, dtype)  # noqa: E731
+                fused = lambda x: cpu_fused.matmul(x, words, scales, zeros, bits, group_size, k)  # noqa: E731
+                fits = cpu_fused.applies(bits, group_size, k)
             for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
-                dense = dequantize_words(words, scales, zeros, bits, group_size, k, dtype)
+                dense = weight(dtype)
                 packed = None
-                if dtype == torch.bfloat16 and cpu_packed.int4_applies(bits, group_size, k, n):
+                if dtype == torch.bfloat16 and not sp24 and cpu_packed.int4_applies(bits, group_size, k, n):
                     p, sz = cpu_packed.pack_int4(codes, scales.T, None if zeros is None else zeros.T, dtype)
                     packed = lambda x: cpu_packed.int4_matmul(x, p, sz, group)  # noqa: E731
                 for m in args.ms:
                     x = torch.randn(m, k, dtype=dtype)
                     row = {"format": name, "shape": shape, "m": m, "dtype": dtype_name, "cpu": cpu}
                     row["dense_ms"] = _time_ms(lambda: torch.nn.functional.linear(x, dense), args.repeats)
-                    row["reference_ms"] = _time_ms(
-                        lambda: torch.nn.functional.linear(x, dequantize_words(words, scales, zeros, bits, group_size,
-                                                                               k, dtype)), args.repeats)
-                    if cpu_fused.applies(bits, group_size, k):
-                        row["fused_ms"] = _time_ms(lambda: cpu_fused.matmul(x, words, scales, zeros, bits, k),
-                                                   args.repeats)
+                    row["reference_ms"] = _time_ms(lambda: torch.nn.functional.linear(x, weight(dtype)), args.repeats)
+                    if fits:
+                        row["fused_ms"] = _time_ms(lambda: fused(x), args.repeats)
                     if packed is not None:
                         row["packed_ms"] = _time_ms(lambda: packed(x), args.repeats)
                     for key in ("reference", "fused", "packed"):

@@ -34,15 +34,19 @@ import torch
 # (0.29 against 0.34 ms at 576 x 576, 12 against 36 ms at 4096 x 4096) and behind at M = 16 on
 # smollm2-135m's (0.55 against 0.34 ms at 576 x 576).
 MAX_M = 8
+# The same for 2:4 weights, whose reference (scatter the kept values into a dense weight, then
+# dequantize) is 3-4x slower: at M = 32 the fused path still takes 0.6-0.7x of its time (1.25
+# against 1.78 ms at 576 x 576, 45 against 156 ms at 4096 x 4096, 2:4 + 4-bit g128).
+SP24_MAX_M = 32
 
 _failure: str | None = None  # why compiling failed, once it has: the path is off from then on
 
 
 def applies(bits: int, group_size: int, in_features: int) -> bool:
-    """Whether the fused path reads this format: 2, 4 or 8-bit words (cuda/layout.py) in whole
-    groups (or per-channel) whose columns fill whole bytes."""
+    """Whether the fused path reads this format: 2, 4 or 8-bit words (cuda/layout.py) whose groups
+    (a shorter last one included) fill whole bytes."""
     span = min(group_size, in_features)
-    return bits in (2, 4, 8) and in_features % span == 0 and span % (8 // bits) == 0
+    return bits in (2, 4, 8) and span % (8 // bits) == 0 and in_features % (8 // bits) == 0
 
 
 def available() -> bool:
@@ -69,43 +73,134 @@ def _grouped_matmul(planes: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
     return (acc.sum(-1) * scales.T.float()).sum(-1)
 
 
+def _sp24_grouped_matmul(planes: torch.Tensor, codes: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor,
+                         zeros: torch.Tensor | None, bits: int, kept: int) -> torch.Tensor:
+    """The same for 2:4 weights, a unit of `kept` kept codes (2 or 4: kept / 2 groups of 4 columns)
+    at a time. planes fp32 [M, kept / 2, 4, n_groups, units] (plane (h, r): x's column r of the
+    unit's group of 4 number h); codes [N, n_groups, units] (uint8 or int32: kept code c of a unit
+    at bits c * bits); slots uint8 [N, n_groups, units] (code c's slot in its group of 4 at bits
+    2 * c) -> y fp32 [M, N]. Each code's x is picked from its group's four by its slot: selects,
+    which vectorize, where a gather would not."""
+    mask = (1 << bits) - 1
+    zero = 2.0 ** (bits - 1) if zeros is None else zeros.T.float()[:, :, None]  # [N, n_groups, 1]
+    codes, slots = codes.int(), slots.int()  # shifts of 32-bit lanes vectorize; of 16-bit ones they did not
+    acc = 0
+    for c in range(kept):
+        code = ((codes >> (c * bits)) & mask).float() - zero  # [N, n_groups, units]
+        slot = (slots >> (2 * c)) & 3
+        x = planes[:, None, c // 2]  # [M, 1, 4, n_groups, units]
+        x = torch.where(slot == 0, x[:, :, 0], torch.where(slot == 1, x[:, :, 1],
+                                                            torch.where(slot == 2, x[:, :, 2], x[:, :, 3])))
+        acc = acc + code * x  # [M, N, n_groups, units]
+    return (acc.sum(-1) * scales.T.float()).sum(-1)
+
+
+def _dense_parts(parts: list[tuple], bits: int) -> torch.Tensor:
+    """The sum of `_grouped_matmul` over parts (planes, codes, scales, zeros): the whole groups and a
+    shorter last one, in one compiled call (each call costs tens of microseconds of dispatch)."""
+    y = 0
+    for part in parts:
+        y = y + _grouped_matmul(*part, bits)
+    return y
+
+
+def _sp24_parts(parts: list[tuple], bits: int, kept: int) -> torch.Tensor:
+    """The same over `_sp24_grouped_matmul`'s parts (planes, codes, slots, scales, zeros)."""
+    y = 0
+    for part in parts:
+        y = y + _sp24_grouped_matmul(*part, bits, kept)
+    return y
+
+
 _compiled: dict[tuple, Callable] = {}
 
 
-def _compiled_for(bits: int, symmetric: bool, single_row: bool, scale_dtype: torch.dtype, group_bytes: int) -> Callable:
-    """`_grouped_matmul` compiled for one variant: M, N and the number of groups stay dynamic
-    within it, a single row of x is a variant of its own (Dynamo specializes sizes of 1), and so
-    is the number of bytes per group (static, the loop Inductor vectorizes). Each variant gets a code
-    object of its own: Dynamo keeps a function's compilations on its code object and stops
-    compiling past 8 of them (`recompile_limit`), which a model mixing widths would reach."""
-    key = (bits, symmetric, single_row, scale_dtype, group_bytes)
-    if key not in _compiled:
-        code = _grouped_matmul.__code__.replace(co_name=f"_grouped_matmul_{len(_compiled)}")
-        _compiled[key] = torch.compile(types.FunctionType(code, globals()), dynamic=False, fullgraph=True)
-    return _compiled[key]
-
-
-def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-           in_features: int) -> torch.Tensor | None:
-    """x [M, K] @ dequantize_words(words, ...).T -> [M, N] in x's dtype (words int32 [N, n_words],
-    scales [n_groups, N], zeros uint8 [n_groups, N] or None; a format `applies` takes); None when
-    compiling has failed (the caller runs the reference)."""
+def _run(fn: Callable, key: tuple, *args) -> torch.Tensor | None:
+    """fn(*args) compiled for the variant `key`. Each variant gets a code object of its own: Dynamo
+    keeps a function's compilations on its code object and stops compiling past 8 of them
+    (`recompile_limit`), which a model mixing widths would reach. None where compiling failed
+    (this time or before)."""
     global _failure
     if _failure is not None:
         return None
-    (m, k), n, groups = x.shape, words.shape[0], scales.shape[0]
-    cpb, span = 8 // bits, k // groups
-    codes = words.view(torch.uint8)[:, : k // cpb].view(n, groups, span // cpb)  # a view: no copy
-    planes = x.float().reshape(m, groups, span // cpb, cpb).permute(0, 3, 1, 2).contiguous()
-    for t, dims in ((planes, (0, 2)), (codes, (0, 1)), (scales, (0, 1)), (zeros, (0, 1))):
-        for d in dims if t is not None else ():
-            torch._dynamo.maybe_mark_dynamic(t, d)
+    if key not in _compiled:
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_compiled)}")
+        _compiled[key] = torch.compile(types.FunctionType(code, globals()), dynamic=False, fullgraph=True)
     try:
-        y = _compiled_for(bits, zeros is None, m == 1, scales.dtype, span // cpb)(planes, codes, scales, zeros, bits)
+        return _compiled[key](*args)
     except torch._dynamo.exc.BackendCompilerFailed as e:  # no working C++ compiler, typically
         message = str(e.inner_exception).strip()
         _failure = f"{type(e.inner_exception).__name__}: {message.splitlines()[0] if message else ''}"
         warnings.warn(f"compress: the fused CPU matmul could not be compiled ({_failure}); quantized layers "
-                      "run the reference path (dequantize, then matmul) on CPU", RuntimeWarning, stacklevel=2)
+                      "run the reference path (dequantize, then matmul) on CPU", RuntimeWarning, stacklevel=3)
         return None
-    return y.to(x.dtype)
+
+
+def _dynamic(*tensors: torch.Tensor | None, dims: tuple[tuple[int, ...], ...]) -> tuple:
+    """The tensors, their sizes along `dims` marked dynamic (M, N, the number of groups): one
+    compilation serves every shape, while what the vectorized loop spans stays static. A size of
+    1 stays specialized (Dynamo's rule), which makes a single row of x a variant of its own."""
+    for t, ds in zip(tensors, dims):
+        for d in ds if t is not None else ():
+            torch._dynamo.maybe_mark_dynamic(t, d)
+    return tensors
+
+
+def _split(k: int, group_size: int) -> list[tuple[int, int, int, int]]:
+    """(first column, columns, group span, first group) of the whole groups, then of a shorter
+    last group if there is one."""
+    span = min(group_size, k)
+    whole = k // span
+    return [(0, whole * span, span, 0)] + ([(whole * span, k - whole * span, k - whole * span, whole)]
+                                            if whole * span < k else [])
+
+
+def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+           group_size: int, in_features: int) -> torch.Tensor | None:
+    """x [M, K] @ dequantize_words(words, ...).T -> [M, N] in x's dtype (words int32 [N, n_words],
+    scales [n_groups, N], zeros uint8 [n_groups, N] or None; a format `applies` takes); None when
+    compiling has failed (the caller runs the reference)."""
+    m, n, cpb = x.shape[0], words.shape[0], 8 // bits
+    code_bytes, parts = words.view(torch.uint8), []
+    for first, cols, span, g0 in _split(in_features, group_size):
+        groups = cols // span
+        codes = code_bytes[:, first // cpb:(first + cols) // cpb].view(n, groups, span // cpb)  # a view
+        planes = x[:, first:first + cols].float().reshape(m, groups, span // cpb, cpb).permute(0, 3, 1, 2)
+        parts.append(_dynamic(planes.contiguous(), codes, scales[g0:g0 + groups],
+                              None if zeros is None else zeros[g0:g0 + groups], dims=((0, 2), (0, 1), (0, 1), (0, 1))))
+    key = ("dense", bits, zeros is None, m == 1, scales.dtype, *(part[1].shape[2] for part in parts))
+    y = _run(_dense_parts, key, parts, bits)
+    return None if y is None else y.to(x.dtype)
+
+
+def sp24_applies(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether the fused path reads this 2:4 format: 2, 4 or 8-bit kept codes in groups (a shorter
+    last one included) of whole 8-column units."""
+    return bits in (2, 4, 8) and min(group_size, in_features) % 8 == 0 and in_features % 8 == 0
+
+
+def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> torch.Tensor | None:
+    """x [M, K] @ dequantize_sp24_words(words, positions, ...).T -> [M, N] in x's dtype (cuda/layout.py:
+    words int32 [N, n_words] of the K / 2 kept codes, positions int32 [N, n_pos_words] of their
+    slots; a format `sp24_applies` takes); None when compiling has failed."""
+    m, n = x.shape[0], words.shape[0]
+    # A unit is 8 columns, 4 kept codes, at 2 and 8 bits (one slot byte, one code byte or int32);
+    # at 4 bits their codes would take 16-bit lanes, so a unit is 4 columns, 2 kept codes: a code
+    # byte and, split off the stored bytes (a small copy per call), a slot nibble.
+    kept = 2 if bits == 4 else 4
+    code_bytes, slot_bytes, parts = words.view(torch.uint8), positions.view(torch.uint8), []
+    for first, cols, span, g0 in _split(in_features, group_size):
+        groups, units = cols // span, span // (2 * kept)
+        codes = code_bytes[:, first * bits // 16:(first + cols) * bits // 16]  # K / 2 kept codes of `bits`
+        codes = (codes.view(torch.int32) if bits == 8 else codes).view(n, groups, units)
+        slots = slot_bytes[:, first // 8:(first + cols) // 8]  # 2 bits per kept code: a byte per 8 columns
+        if bits == 4:
+            slots = torch.stack([slots & 15, slots >> 4], dim=-1)
+        planes = x[:, first:first + cols].float().reshape(m, groups, units, kept // 2, 4).permute(0, 3, 4, 1, 2)
+        parts.append(_dynamic(planes.contiguous(), codes, slots.reshape(n, groups, units), scales[g0:g0 + groups],
+                              None if zeros is None else zeros[g0:g0 + groups],
+                              dims=((0, 3), (0, 1), (0, 1), (0, 1), (0, 1))))
+    key = ("sp24", bits, zeros is None, m == 1, scales.dtype, *(part[1].shape[2] for part in parts))
+    y = _run(_sp24_parts, key, parts, bits, kept)
+    return None if y is None else y.to(x.dtype)

@@ -9,7 +9,7 @@ where PyTorch's packed CPU weight serves the call and the kernels' words need no
         the dense weight [N, K]
     compress::sp24_int_linear(x, words, positions, scales, zeros, bits, group_size, in_features, kernel)
         the same for a 2:4 sparse weight: `words` hold the K / 2 kept codes of each row, `positions`
-        their slots (layout.dequantize_sp24_words); kernels "auto", "reference" or "triton"
+        their slots (layout.dequantize_sp24_words); kernels "auto", "reference", "triton" or "cpu_fused"
     compress::sp24_linear(x, values, positions, kernel, cusparselt)
         x [..., K] @ W.T for a 2:4 float weight: `values` [N, K / 2] the kept weights, `positions`
         their slots (layout.dense_sp24_values); `cusparselt` the same weight prepared for
@@ -23,12 +23,12 @@ activations); "cpu_fused" (dequantization fused into a compiled CPU matmul, for 
 cuda/cpu_fused.py); "auto": on CUDA the fastest of triton's choices and, where the weight was
 prepared for it, PyTorch's tinygemm (cuda/tinygemm.py) or, for 2:4 float weights, cuSPARSELt
 (cuda/cusparselt.py); on CPU cpu_packed where a packed weight was prepared for the activation
-dtype, else cpu_fused up to cpu_fused.MAX_M rows of x where it reads the format; else the
-reference.
+dtype, else cpu_fused up to cpu_fused.MAX_M rows of x (SP24_MAX_M for 2:4 weights) where it
+reads the format; else the reference.
 
 Kernels differ from the reference by rounding only: the Triton kernels and cpu_fused accumulate
-in fp32 (with split-K, in an order that varies from run to run); PyTorch's packed kernels hold the scales and
-the zero term (8 - zero) * scale in bf16, a slightly different function (relative output error
+in fp32 (with split-K, in an order that varies from run to run); PyTorch's packed kernels hold
+the scales and the zero term (8 - zero) * scale in bf16, a slightly different function (relative output error
 about 3e-3 against the reference's 2e-3 in bf16, measured on an H200).
 """
 
@@ -59,17 +59,28 @@ def _use_triton(device: torch.device, bits: int, group_size: int, in_features: i
     return kernel == "auto" and device.type == "cuda" and supported(bits, group_size, in_features, sp24)
 
 
-def _use_cpu_fused(x2: torch.Tensor, bits: int, group_size: int, in_features: int, kernel: str) -> bool:
+def _use_cpu_fused(x2: torch.Tensor, bits: int, group_size: int, in_features: int, kernel: str,
+                   sp24: bool = False) -> bool:
+    applies = (cpu_fused.sp24_applies if sp24 else cpu_fused.applies)(bits, group_size, in_features)
     if kernel == "cpu_fused":
-        if x2.device.type != "cpu" or not cpu_fused.applies(bits, group_size, in_features):
-            raise ValueError(f"kernel 'cpu_fused' takes CPU activations and 2, 4 or 8-bit words in whole groups, not "
-                             f"{x2.device.type} activations with {bits}-bit words in groups of {group_size} "
-                             f"(K = {in_features}); use kernel 'auto'")
+        if x2.device.type != "cpu" or not applies:
+            what = "2:4 weights of 2, 4 or 8-bit codes in groups of whole 8-column units" if sp24 else \
+                "2, 4 or 8-bit words in groups of whole bytes"
+            raise ValueError(f"kernel 'cpu_fused' takes CPU activations and {what}, not {x2.device.type} "
+                             f"activations with {bits}-bit codes in groups of {group_size} (K = {in_features}); "
+                             "use kernel 'auto'")
         if not cpu_fused.available():
             raise ValueError(f"kernel 'cpu_fused' could not be compiled ({cpu_fused.failure()}); use kernel 'auto'")
         return True
-    return (kernel == "auto" and x2.device.type == "cpu" and x2.shape[0] <= cpu_fused.MAX_M and cpu_fused.available()
-            and cpu_fused.applies(bits, group_size, in_features))
+    most = cpu_fused.SP24_MAX_M if sp24 else cpu_fused.MAX_M
+    return kernel == "auto" and x2.device.type == "cpu" and x2.shape[0] <= most and cpu_fused.available() and applies
+
+
+def _unless_failed(y: torch.Tensor | None, kernel: str) -> torch.Tensor | None:
+    """cpu_fused's result; None where compiling it failed just now (it warned), an error if forced."""
+    if y is None and kernel == "cpu_fused":
+        raise ValueError(f"kernel 'cpu_fused' could not be compiled ({cpu_fused.failure()}); use kernel 'auto'")
+    return y
 
 
 @torch.library.custom_op("compress::int_linear", mutates_args=())
@@ -85,10 +96,9 @@ def int_linear_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, ze
         library = None if kernel == "triton" or tinygemm_weight is None else (tinygemm_weight, tinygemm_scales)
         y = int_matmul(x2.contiguous(), IntWeight(words, scales, zeros, bits, group_size, in_features, library))
     else:
-        y = cpu_fused.matmul(x2, words, scales, zeros, bits, in_features) if _use_cpu_fused(
-            x2, bits, group_size, in_features, kernel) else None
-        if y is None and kernel == "cpu_fused":  # compiling failed just now (cpu_fused warned)
-            raise ValueError(f"kernel 'cpu_fused' could not be compiled ({cpu_fused.failure()}); use kernel 'auto'")
+        y = None
+        if _use_cpu_fused(x2, bits, group_size, in_features, kernel):
+            y = _unless_failed(cpu_fused.matmul(x2, words, scales, zeros, bits, group_size, in_features), kernel)
         if y is None:
             y = torch.nn.functional.linear(x2, dequantize_words(words, scales, zeros, bits, group_size, in_features,
                                                                 x.dtype))
@@ -115,12 +125,15 @@ def _(words, scales, zeros, bits, group_size, in_features, dtype, kernel):
     return words.new_empty(words.shape[0], in_features, dtype=dtype)
 
 
+SP24_INT_KERNELS = ("auto", "reference", "triton", "cpu_fused")
+
+
 @torch.library.custom_op("compress::sp24_int_linear", mutates_args=())
 def sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
                     zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int,
                     kernel: str = "auto") -> torch.Tensor:
-    if kernel not in ("auto", "reference", "triton"):
-        raise ValueError(f"2:4 weights run kernel 'auto', 'reference' or 'triton', not '{kernel}'")
+    if kernel not in SP24_INT_KERNELS:
+        raise ValueError(f"2:4 weights run kernel {', '.join(map(repr, SP24_INT_KERNELS))}, not '{kernel}'")
     x2 = x.reshape(-1, in_features)
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], words.shape[0])
@@ -130,8 +143,13 @@ def sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tenso
         y = int_matmul(x2.contiguous(), IntWeight(words, scales, zeros, bits, group_size, in_features,
                                                   positions=positions))
     else:
-        y = torch.nn.functional.linear(x2, dequantize_sp24_words(words, positions, scales, zeros, bits, group_size,
-                                                                 in_features, x.dtype))
+        y = None
+        if _use_cpu_fused(x2, bits, group_size, in_features, kernel, sp24=True):
+            y = _unless_failed(cpu_fused.sp24_matmul(x2, words, positions, scales, zeros, bits, group_size,
+                                                            in_features), kernel)
+        if y is None:
+            y = torch.nn.functional.linear(x2, dequantize_sp24_words(words, positions, scales, zeros, bits,
+                                                                     group_size, in_features, x.dtype))
     return y.reshape(*x.shape[:-1], words.shape[0])
 
 

@@ -19,8 +19,9 @@ g128: 4.125, 25.8%). Pruned weights are exactly zero whatever the grid.
 
 Forward: a 2:4 layer calls compress::sp24_int_linear (cuda/ops.py), which on CUDA runs our fused
 kernels (kept codes and positions decompressed in registers, cuda/triton_int.py) or dequantize +
-cuBLAS, whichever is faster for the shape, and elsewhere the reference; `kernel` ("auto" |
-"reference" | "triton") picks as QuantLinear's does. The kernels read the stored bytes as int32
+cuBLAS, whichever is faster for the shape, on CPU for a few rows of x (decode) the compiled fused
+matmul (cuda/cpu_fused.py), and elsewhere the reference; `kernel` ("auto" | "reference" |
+"triton" | "cpu_fused") picks as QuantLinear's does. The kernels read the stored bytes as int32
 words at 2, 4 and 8 bits, and codes of 3, 5, 6 and 7 bits widened to 4 or 8 (a copy, as
 QuantLinear's); `prepack` derives that layout once, on the module's device. Other layers run the
 reference: decompress the codes, dequantize, zero the pruned, matmul.
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from compress.cuda.layout import words_of
-from compress.cuda.ops import sp24_int_linear
+from compress.cuda.ops import SP24_INT_KERNELS, sp24_int_linear
 from compress.errors import CompressError
 from compress.quant.layers import GridBuffers
 from compress.quant.packing import pack_codes, packed_row_bytes, unpack_codes
@@ -137,8 +138,8 @@ class SparseQuantLinear(GridBuffers, nn.Module):
                 *self.kernel_grid())
 
     def set_kernel(self, kernel: str) -> SparseQuantLinear:
-        if kernel not in ("auto", "reference", "triton"):
-            raise ValueError(f"unknown kernel '{kernel}'; choose auto, reference or triton")
+        if kernel not in SP24_INT_KERNELS:
+            raise ValueError(f"unknown kernel '{kernel}'; choose {', '.join(SP24_INT_KERNELS)}")
         self.kernel = kernel
         return self
 

@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 from compress.cuda import cpu_fused
-from compress.cuda.layout import dequantize_words, words_of
+from compress.cuda.layout import dequantize_sp24_words, dequantize_words, words_of
 from compress.cuda.ops import int_linear
 from compress.quant.packing import pack_codes
+from compress.quant.quantize import compute_grid, quantize
 from compress.quant.rtn import RTNConfig
+from compress.sparsity.masks import nm_mask
+from compress.sparsity.sparse_quant import SparseQuantLinear
 
 # Relative error ||y - ref|| / ||ref||: fp32 measured <= 3.2e-7 (the same sums in another order);
 # bf16 activations: the output's rounding to bf16, measured <= 1.9e-3
@@ -25,7 +28,7 @@ REL_TOL = {torch.float32: 1e-6, torch.bfloat16: 5e-3}
 
 def weight(n: int, k: int, bits: int, group_size: int, symmetric: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    groups = k // min(group_size, k)
+    groups = -(-k // min(group_size, k))  # a shorter last group where the size does not divide K
     codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=g)
     scales = (torch.rand(groups, n, generator=g) * 0.1 + 0.01).half()
     zeros = None if symmetric else torch.randint(0, 2**bits, (groups, n), dtype=torch.uint8, generator=g)
@@ -36,8 +39,12 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 64, True), (4, 16, False), (2, 32, False),
-                                                       (8, 1 << 30, True), (8, 64, False), (2, 1 << 30, True)])
+# (bits, group size, symmetric): groups of 80 and 128 leave a shorter last group of 32 and 64 of K = 192
+FORMATS = [(4, 64, True), (4, 16, False), (2, 32, False), (8, 1 << 30, True), (4, 80, False), (2, 128, True),
+           (8, 128, False)]
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", FORMATS)
 @pytest.mark.parametrize("m", [1, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_matmul_matches_the_reference(bits, group_size, symmetric, m, dtype):
@@ -45,7 +52,7 @@ def test_fused_matmul_matches_the_reference(bits, group_size, symmetric, m, dtyp
     words, scales, zeros = weight(n, k, bits, group_size, symmetric)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype)
     ref = x.float() @ dequantize_words(words, scales, zeros, bits, group_size, k, torch.float32).T
-    y = cpu_fused.matmul(x, words, scales, zeros, bits, k)
+    y = cpu_fused.matmul(x, words, scales, zeros, bits, group_size, k)
     assert y.dtype == dtype and y.shape == (m, n)
     assert rel_err(y, ref) < REL_TOL[dtype]
 
@@ -53,16 +60,16 @@ def test_fused_matmul_matches_the_reference(bits, group_size, symmetric, m, dtyp
 def test_new_shapes_reuse_the_compilation():
     """Sizes are dynamic within a variant: other N, K and M run without compiling again."""
     words, scales, zeros = weight(24, 128, 4, 32, True)
-    cpu_fused.matmul(torch.randn(3, 128), words, scales, zeros, 4, 128)
-    compiled = cpu_fused._compiled_for(4, True, False, torch.float16, 16)
-    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    cpu_fused.matmul(torch.randn(3, 128), words, scales, zeros, 4, 32, 128)
+    variants = dict(cpu_fused._compiled)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for n, k, m in ((56, 256, 2), (8, 64, 7)):
         words, scales, zeros = weight(n, k, 4, 32, True)
         x = torch.randn(m, k)
-        y = cpu_fused.matmul(x, words, scales, zeros, 4, k)
+        y = cpu_fused.matmul(x, words, scales, zeros, 4, 32, k)
         assert rel_err(y, x @ dequantize_words(words, scales, zeros, 4, 32, k, torch.float32).T) < 1e-6
-    assert cpu_fused._compiled_for(4, True, False, torch.float16, 16) is compiled
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    assert cpu_fused._compiled == variants
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_auto_runs_it_for_few_rows_of_x_on_cpu(monkeypatch):
@@ -82,12 +89,13 @@ def test_auto_runs_it_for_few_rows_of_x_on_cpu(monkeypatch):
 
 def test_formats_it_cannot_read_run_the_reference():
     torch.manual_seed(0)
-    x = torch.randn(1, 200)
-    q = RTNConfig(bits=4, group_size=64).build().compress("l", nn.Linear(200, 16)).prepack()  # last group short
-    assert not cpu_fused.applies(4, 64, 200)
+    x = torch.randn(1, 202)
+    q = RTNConfig(bits=2, group_size=64).build().compress("l", nn.Linear(202, 16)).prepack()  # a byte across groups
+    assert not cpu_fused.applies(2, 64, 202) and cpu_fused.applies(2, 64, 200)
     assert rel_err(q(x), x @ q.dequantized_weight().T + q.bias) < 1e-6
     with pytest.raises(ValueError, match="kernel 'cpu_fused' takes CPU activations and 2, 4 or 8-bit words in "
-                                         "whole groups, not cpu activations with 4-bit words in groups of 64"):
+                                         "groups of whole bytes, not cpu activations with 2-bit codes in groups "
+                                         "of 64 \\(K = 202\\)"):
         q.set_kernel("cpu_fused")(x)
     # 3-bit codes are read as the 4-bit words they widen to
     q3 = RTNConfig(bits=3, group_size=64).build().compress("l", nn.Linear(256, 16)).prepack()
@@ -96,14 +104,18 @@ def test_formats_it_cannot_read_run_the_reference():
 
 
 def test_a_compile_failure_turns_the_path_off_with_one_warning(monkeypatch):
-    def broken(*key):
-        def fail(*args):
-            raise torch._dynamo.exc.BackendCompilerFailed(
-                "inductor", RuntimeError("No working C++ compiler found"), None)
-        return fail
+    def fail(*args):
+        raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("No working C++ compiler found"), None)
 
-    monkeypatch.setattr(cpu_fused, "_failure", None)  # restored after the test
-    monkeypatch.setattr(cpu_fused, "_compiled_for", broken)
+    class Broken(dict):  # every variant "compiled", each failing when called
+        def __contains__(self, key):
+            return True
+
+        def __getitem__(self, key):
+            return fail
+
+    monkeypatch.setattr(cpu_fused, "_failure", None)  # both restored after the test
+    monkeypatch.setattr(cpu_fused, "_compiled", Broken())
     torch.manual_seed(0)
     q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(64, 16)).prepack()
     x = torch.randn(1, 64)
@@ -154,3 +166,58 @@ def test_the_op_serves_bf16_activations_without_a_packed_weight():
     y = int_linear(x, words, scales, zeros, 2, 64, 128, kernel="cpu_fused")
     assert torch.equal(int_linear(x, words, scales, zeros, 2, 64, 128), y)
     assert rel_err(y, x.float() @ dequantize_words(words, scales, zeros, 2, 64, 128, torch.float32).T) < 5e-3
+
+
+def sp24_weight(n: int, k: int, bits: int, group_size: int, symmetric: bool, seed: int = 0):
+    """Kept codes and their slots (the first of a group of 4 in slot 0-2, the second after it) in
+    the kernels' words, as cuda/layout.py describes them."""
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-k // min(group_size, k))  # a shorter last group where the size does not divide K
+    kept = torch.randint(0, 2**bits, (n, k // 2), dtype=torch.uint8, generator=g)
+    first = torch.randint(0, 3, (n, k // 4), generator=g)
+    second = torch.maximum(torch.randint(0, 4, (n, k // 4), generator=g), first + 1)
+    slots = torch.stack([first, second], dim=-1).reshape(n, k // 2).to(torch.uint8)
+    scales = (torch.rand(groups, n, generator=g) * 0.1 + 0.01).half()
+    zeros = None if symmetric else torch.randint(0, 2**bits, (groups, n), dtype=torch.uint8, generator=g)
+    return words_of(pack_codes(kept, bits)), words_of(pack_codes(slots, 2)), scales, zeros
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", FORMATS)
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_2_4_matmul_matches_the_reference(bits, group_size, symmetric, m, dtype):
+    n, k = 40, 192
+    words, positions, scales, zeros = sp24_weight(n, k, bits, group_size, symmetric)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    ref = x.float() @ dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, k, torch.float32).T
+    y = cpu_fused.sp24_matmul(x, words, positions, scales, zeros, bits, group_size, k)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert rel_err(y, ref) < REL_TOL[dtype]  # measured as for dense weights: 1.7e-7, 2.2e-3
+
+
+def sparse_quant_layer(k: int, bits: int, group_size: int) -> SparseQuantLinear:
+    torch.manual_seed(0)
+    w = torch.randn(48, k)
+    keep = nm_mask(w.abs(), 2, 4)
+    grid = compute_grid(w * keep, bits, group_size, False)
+    return SparseQuantLinear.from_codes(quantize(w, grid), keep, grid, "2:4", 0.5, torch.randn(48), "float16", "l")
+
+
+def test_2_4_layers_run_it_for_few_rows_of_x_on_cpu(monkeypatch):
+    layer = sparse_quant_layer(264, 4, 64).prepack()  # 4 groups and a last one of 8 columns
+    calls = []
+    fused = cpu_fused.sp24_matmul
+    monkeypatch.setattr(cpu_fused, "sp24_matmul", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+    for m in (1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1):
+        x = torch.randn(m, 264)
+        assert rel_err(layer(x), x @ layer.dequantized_weight().T + layer.bias) < 1e-6
+    assert calls == [1, cpu_fused.SP24_MAX_M]
+    layer.set_kernel("cpu_fused")(x)
+    assert calls == [1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1]
+    short = sparse_quant_layer(196, 4, 64)  # a last group of 4 columns, half a unit: the reference
+    x = torch.randn(1, 196)
+    assert rel_err(short(x), x @ short.dequantized_weight().T + short.bias) < 1e-6
+    assert calls == [1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1]
+    with pytest.raises(ValueError, match="kernel 'cpu_fused' takes CPU activations and 2:4 weights of 2, 4 or "
+                                         "8-bit codes in groups of whole 8-column units"):
+        short.set_kernel("cpu_fused")(x)

@@ -92,7 +92,11 @@ def test_stores_exactly_the_kept_codes_and_reloads(pattern, symmetric, bits):
     want = dequantize(codes, grid) * keep
     assert torch.equal(m.dequantized_weight(), want)
     x = torch.randn(3, 256)
-    assert torch.equal(m(x), nn.functional.linear(x, want, b))
+    ref = nn.functional.linear(x, want, b)
+    if pattern == "2:4":  # its op: on CPU the fused matmul (cuda/cpu_fused.py), the same sums in another order
+        assert (m(x) - ref).norm() < 1e-6 * ref.norm()
+        m.set_kernel("reference")
+    assert torch.equal(m(x), ref)
     assert m.sparsity() == 0.5 and m.storage == ("bitmask" if pattern == "unstructured" else "nm")
     empty = SparseQuantLinear.from_spec(m.format_spec(), device="meta")
     empty.load_state_dict(m.state_dict(), assign=True)
