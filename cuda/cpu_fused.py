@@ -15,9 +15,11 @@ in fp32, the reference's values up to the order of the sums. The codes stay in t
 (plane i = x[..., i::cpb], a small copy per call) and each plane meets its slice of every byte: a
 shift and a mask per code and no gather, a loop Inductor vectorizes.
 
-One compilation per bit width, symmetry and dtype, a few seconds, cached on disk by Inductor; the
-sizes (M, N, the number of groups) are dynamic, so new shapes reuse it. Compiling needs a C++
-compiler: where it fails, the path turns itself off with one warning and the reference runs.
+One compilation per variant (`_run`: bit width, symmetry, scale dtype, a single row of x or
+several, the bytes a group spans and those of a shorter last group), a few seconds, cached on
+disk by Inductor; the sizes (M, N, the number of groups) are dynamic, so new shapes reuse it.
+Compiling needs a C++ compiler and a Python that Dynamo supports: where compiling or running the
+compiled code fails, the path turns itself off with one warning and the reference runs.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import torch
 
 # Largest M served: the work grows with M (every code is decoded once per row of x), while the
 # reference dequantizes once and then runs a dense matmul. On this project's 2-core CPU
-# (benchmarks/cpu_kernels.py, fp32, 4-bit g64) the fused path is ahead at M = 8 on every shape
-# (0.29 against 0.34 ms at 576 x 576, 12 against 36 ms at 4096 x 4096) and behind at M = 16 on
-# smollm2-135m's (0.55 against 0.34 ms at 576 x 576).
+# (benchmarks/results/cpu-2026-12-04, fp32, 4-bit g64) the two are about even at M = 8 on
+# smollm2-135m's shapes (0.35 against 0.40 ms at 576 x 576, 0.67 against 0.67 at 576 x 1536;
+# 8-bit per-channel 576 x 1536: 0.98 against 0.60) and the fused path is far ahead at 4096 x 4096
+# (12 against 37 ms); at M = 16 the reference wins on smollm2's (0.60 against 0.43 ms).
 MAX_M = 8
-# The same for 2:4 weights, whose reference (scatter the kept values into a dense weight, then
-# dequantize) is 3-4x slower: at M = 32 the fused path still takes 0.6-0.7x of its time (1.25
-# against 1.78 ms at 576 x 576, 45 against 156 ms at 4096 x 4096, 2:4 + 4-bit g128).
+# The same for 2:4 weights, whose reference (scatter the kept codes into a dense weight, then
+# dequantize) is 3-7x slower than the dense one: at M = 32 the fused path still takes 0.3-0.8x
+# of its time (1.25 against 1.78 ms at 576 x 576, 45 against 156 ms at 4096 x 4096, 4-bit g128).
 SP24_MAX_M = 32
 
 _failure: str | None = None  # why compiling failed, once it has: the path is off from then on
@@ -46,12 +49,13 @@ def applies(bits: int, group_size: int, in_features: int) -> bool:
     """Whether the fused path reads this format: 2, 4 or 8-bit words (cuda/layout.py) whose groups
     (a shorter last one included) fill whole bytes."""
     span = min(group_size, in_features)
-    return bits in (2, 4, 8) and span % (8 // bits) == 0 and in_features % (8 // bits) == 0
+    return bits in (2, 4, 8) and span > 0 and span % (8 // bits) == 0 and in_features % (8 // bits) == 0
 
 
 def available() -> bool:
-    """False once compiling has failed in this process (then `failure()` says why)."""
-    return _failure is None
+    """Whether the path can run: Dynamo supports this Python and is not switched off, and compiling
+    has not failed in this process (then `failure()` says why)."""
+    return _failure is None and torch._dynamo.is_dynamo_supported() and not torch._dynamo.config.disable
 
 
 def failure() -> str | None:
@@ -123,14 +127,15 @@ def _run(fn: Callable, key: tuple, *args) -> torch.Tensor | None:
     global _failure
     if _failure is not None:
         return None
-    if key not in _compiled:
-        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_compiled)}")
-        _compiled[key] = torch.compile(types.FunctionType(code, globals()), dynamic=False, fullgraph=True)
     try:
+        if key not in _compiled:
+            code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_compiled)}")
+            _compiled[key] = torch.compile(types.FunctionType(code, globals()), dynamic=False, fullgraph=True)
         return _compiled[key](*args)
-    except torch._dynamo.exc.BackendCompilerFailed as e:  # no working C++ compiler, typically
-        message = str(e.inner_exception).strip()
-        _failure = f"{type(e.inner_exception).__name__}: {message.splitlines()[0] if message else ''}"
+    except Exception as e:  # no C++ compiler (BackendCompilerFailed), a recompile limit, an unsupported Python
+        cause = getattr(e, "inner_exception", e)
+        message = str(cause).strip()
+        _failure = f"{type(cause).__name__}: {message.splitlines()[0] if message else ''}"
         warnings.warn(f"compress: the fused CPU matmul could not be compiled ({_failure}); quantized layers "
                       "run the reference path (dequantize, then matmul) on CPU", RuntimeWarning, stacklevel=3)
         return None
@@ -176,7 +181,8 @@ def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: to
 def sp24_applies(bits: int, group_size: int, in_features: int) -> bool:
     """Whether the fused path reads this 2:4 format: 2, 4 or 8-bit kept codes in groups (a shorter
     last one included) of whole 8-column units."""
-    return bits in (2, 4, 8) and min(group_size, in_features) % 8 == 0 and in_features % 8 == 0
+    return bits in (2, 4, 8) and min(group_size, in_features) > 0 and min(group_size, in_features) % 8 == 0 \
+        and in_features % 8 == 0
 
 
 def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,

@@ -27,9 +27,10 @@ dtype, else cpu_fused up to cpu_fused.MAX_M rows of x (SP24_MAX_M for 2:4 weight
 reads the format; else the reference.
 
 Kernels differ from the reference by rounding only: the Triton kernels and cpu_fused accumulate
-in fp32 (with split-K, in an order that varies from run to run); PyTorch's packed kernels hold
-the scales and the zero term (8 - zero) * scale in bf16, a slightly different function (relative output error
-about 3e-3 against the reference's 2e-3 in bf16, measured on an H200).
+in fp32 (the Triton kernels with split-K in an order that varies from run to run); PyTorch's
+packed kernels hold the scales and the zero term (8 - zero) * scale in bf16, a slightly
+different function (relative output error about 3e-3 against the reference's 2e-3 in bf16,
+measured on an H200).
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def _use_cpu_fused(x2: torch.Tensor, bits: int, group_size: int, in_features: in
         if not cpu_fused.available():
             raise ValueError(f"kernel 'cpu_fused' could not be compiled ({cpu_fused.failure()}); use kernel 'auto'")
         return True
-    most = cpu_fused.SP24_MAX_M if sp24 else cpu_fused.MAX_M
-    return kernel == "auto" and x2.device.type == "cpu" and x2.shape[0] <= most and cpu_fused.available() and applies
+    most = cpu_fused.SP24_MAX_M if sp24 else cpu_fused.MAX_M  # (float64 activations keep the reference's precision)
+    return (kernel == "auto" and x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and x2.shape[0] <= most and cpu_fused.available() and applies)
 
 
 def _unless_failed(y: torch.Tensor | None, kernel: str) -> torch.Tensor | None:

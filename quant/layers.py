@@ -9,7 +9,7 @@ State (registered buffers, so the state dict is the checkpoint format):
     bias     [out] (optional), kept in the original dtype
 
 Forward calls compress.cuda.ops.int_linear, which picks the kernel (`kernel`, per module:
-"auto" | "reference" | "triton" | "cpu_packed"). The kernels read a layout derived from this state
+"auto" | "reference" | "triton" | "cpu_packed" | "cpu_fused"). The kernels read a layout derived from this state
 by `prepack()` (cuda/layout.py: the packed bytes viewed as int32 words, scales and zero points
 transposed to [n_groups, out]); without it the derived tensors are made on the fly. Codes of 3,
 5, 6 and 7 bits, which straddle bytes in the checkpoint, are widened there to 4 or 8 bits (the

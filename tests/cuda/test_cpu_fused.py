@@ -92,7 +92,9 @@ def test_formats_it_cannot_read_run_the_reference():
     x = torch.randn(1, 202)
     q = RTNConfig(bits=2, group_size=64).build().compress("l", nn.Linear(202, 16)).prepack()  # a byte across groups
     assert not cpu_fused.applies(2, 64, 202) and cpu_fused.applies(2, 64, 200)
-    assert rel_err(q(x), x @ q.dequantized_weight().T + q.bias) < 1e-6
+    assert not cpu_fused.applies(8, -1, 64) and not cpu_fused.sp24_applies(4, 0, 64)
+    assert torch.equal(q(x), q.set_kernel("reference")(x))  # the reference ran
+    q.set_kernel("auto")
     with pytest.raises(ValueError, match="kernel 'cpu_fused' takes CPU activations and 2, 4 or 8-bit words in "
                                          "groups of whole bytes, not cpu activations with 2-bit codes in groups "
                                          "of 64 \\(K = 202\\)"):
@@ -151,12 +153,37 @@ def test_without_a_cxx_compiler_the_reference_runs(tmp_path):
                                  "(InvalidCxxCompiler: No working C++ compiler"), out.stdout
 
 
-def test_it_runs_inside_a_compiled_model():
+def test_it_runs_inside_a_compiled_model(monkeypatch):
     torch.manual_seed(0)
     q = RTNConfig(bits=4, group_size=32, symmetric=False).build().compress("l", nn.Linear(64, 16)).prepack()
     x = torch.randn(1, 64)
+    calls = []
+    fused = cpu_fused.matmul
+    monkeypatch.setattr(cpu_fused, "matmul", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
     compiled = torch.compile(q, backend="aot_eager", fullgraph=True)
     assert torch.allclose(compiled(x), q.set_kernel("reference")(x), atol=1e-5, rtol=1e-5)
+    assert calls == [1]  # the op's implementation ran it, inside the compiled graph
+
+
+def test_float64_activations_keep_the_reference():
+    torch.manual_seed(0)
+    q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(64, 16)).prepack()
+    x = torch.randn(1, 64, dtype=torch.float64)
+    assert torch.equal(q(x), q.set_kernel("reference")(x))
+
+
+def test_a_failure_at_run_time_falls_back_too(monkeypatch):
+    """Not only compile errors: a recompile limit or an unsupported Python raise other types."""
+    def fail(*args):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+
+    monkeypatch.setattr(cpu_fused, "_failure", None)
+    monkeypatch.setattr(cpu_fused, "_compiled", {})
+    monkeypatch.setattr(cpu_fused.torch, "compile", lambda *a, **k: fail)
+    words, scales, zeros = weight(16, 64, 4, 32, True)
+    with pytest.warns(RuntimeWarning, match="FailOnRecompileLimitHit: Hard failure"):
+        assert int_linear(torch.randn(1, 64), words, scales, zeros, 4, 32, 64) is not None
+    assert not cpu_fused.available()
 
 
 def test_the_op_serves_bf16_activations_without_a_packed_weight():

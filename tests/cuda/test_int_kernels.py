@@ -289,7 +289,7 @@ def test_cpu_packed_matmul_for_bf16(bits, group_size, symmetric):
     y_auto = q.set_kernel("auto")(x)
     assert torch.equal(y_auto, q.set_kernel("cpu_packed")(x))
     assert rel_err(y_auto, ref) < 1e-2  # measured 3e-3: bf16 rounding of activations and weights
-    y32 = q.set_kernel("auto")(x.float())  # fp32 activations: the reference path, on words derived per call
+    y32 = q.set_kernel("auto")(x.float())  # fp32 activations: the fused CPU matmul, on words derived per call
     assert y32.dtype == torch.float32 and rel_err(y32, x.float() @ q.dequantized_weight().T + q.bias) < 1e-6
     # widened codes keep one derived copy, the packed weight (3-bit: 3 + 4 bits per weight, not
     # 3 + 4 + 4); the reference path above widened them for the call
@@ -306,7 +306,8 @@ def test_cpu_packing_skips_formats_it_cannot_hold():
         q = RTNConfig(bits=bits, group_size=group_size).build().compress("l", nn.Linear(k, n))
         assert q.prepack(torch.bfloat16)._cpu_packed is None
         x = torch.randn(3, k, dtype=torch.bfloat16)
-        assert rel_err(q(x), q.set_kernel("reference")(x.float())) < 1e-2  # the reference on the widened words
+        # no packed weight: the fused CPU matmul on the widened words, output rounded to bf16
+        assert rel_err(q(x), q.set_kernel("reference")(x.float())) < 1e-2
 
 
 def test_tuner_keeps_the_fastest_candidate_and_skips_failures(monkeypatch):
