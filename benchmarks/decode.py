@@ -30,10 +30,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
+
+# Run as a script, this folder comes first on sys.path, and its kernels.py would shadow the
+# `kernels` package that transformers imports where it is installed
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                  vocab_size=32000, max_position_embeddings=4096)

@@ -1,0 +1,97 @@
+"""Greedy decode speed of smollm2-135m on CPU: the float model against its compressed layers
+through the fused CPU matmul (cuda/cpu_fused.py) and through the reference path, in one run.
+
+Variants (every decoder Linear; `lm_head` and embeddings stay float):
+  - float:      the model as loaded;
+  - int4-g128:  RTN 4-bit, group 128, symmetric (QuantLinear);
+  - sp24-int4:  magnitude 2:4 mask, the kept weights RTN 4-bit group 128 (SparseQuantLinear, the
+                format SparseGPT with `--bits 4` writes; a speed check, the codes are not tuned).
+Each compressed variant runs with kernel "auto" (the fused matmul for decode) and "reference".
+tokens/s of `--tokens` greedy tokens after a 16-token prompt, median of `--repeats` runs after
+one warm-up run (which compiles). One JSON line per (variant, kernel) on stdout.
+
+    python benchmarks/cpu_decode.py
+    python benchmarks/cpu_decode.py --dtype bfloat16 --variants int4-g128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Run as a script, this folder comes first on sys.path, and its kernels.py would shadow the
+# `kernels` package that transformers imports where it is installed
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+VARIANTS = ("float", "int4-g128", "sp24-int4")
+
+
+def compress_linears(model: nn.Module, variant: str) -> list[nn.Module]:
+    """Replace every decoder Linear by `variant`'s compressed module (prepacked); the new modules."""
+    from compress.quant.quantize import compute_grid, quantize
+    from compress.quant.rtn import RTNConfig
+    from compress.sparsity.masks import nm_mask
+    from compress.sparsity.sparse_quant import SparseQuantLinear
+
+    out = []
+    for parent in list(model.model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if variant == "int4-g128":
+                q = RTNConfig(bits=4, group_size=128).build().compress(name, child)
+            else:
+                w = child.weight.detach().float()
+                keep = nm_mask(w.abs(), 2, 4)
+                grid = compute_grid(w * keep, 4, 128, True)
+                q = SparseQuantLinear.from_codes(quantize(w, grid), keep, grid, "2:4", 0.5, child.bias, "float16", name)
+            setattr(parent, name, q)
+            out.append(q)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import compress
+
+    dtype = getattr(torch, args.dtype)
+    prompt = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+    def tokens_per_s(model: nn.Module) -> float:
+        runs = []
+        for _ in range(args.repeats + 1):
+            t = time.perf_counter()
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.tokens,
+                           min_new_tokens=args.tokens, do_sample=False, pad_token_id=0)
+            runs.append(args.tokens / (time.perf_counter() - t))
+        return statistics.median(runs[1:])
+
+    for variant in args.variants:
+        model = compress.load("smollm2-135m", dtype=args.dtype)
+        layers = [] if variant == "float" else compress_linears(model, variant)
+        for layer in layers:
+            layer.prepack(dtype)
+        for kernel in ("auto",) if variant == "float" else ("auto", "reference"):
+            for layer in layers:
+                layer.set_kernel(kernel)
+            print(json.dumps({"variant": variant, "kernel": kernel, "dtype": args.dtype, "cpu": cpu,
+                              "tokens_per_s": round(tokens_per_s(model), 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
