@@ -59,6 +59,9 @@ def available() -> bool:
 
 
 def failure() -> str | None:
+    """Why the path cannot run, or None where it can."""
+    if _failure is None and not available():
+        return "Dynamo is not supported on this Python or is disabled"
     return _failure
 
 
@@ -99,28 +102,20 @@ def _sp24_grouped_matmul(planes: torch.Tensor, codes: torch.Tensor, slots: torch
     return (acc.sum(-1) * scales.T.float()).sum(-1)
 
 
-def _dense_parts(parts: list[tuple], bits: int) -> torch.Tensor:
-    """The sum of `_grouped_matmul` over parts (planes, codes, scales, zeros): the whole groups and a
-    shorter last one, in one compiled call (each call costs tens of microseconds of dispatch)."""
+def _summed(grouped: Callable, parts: list[tuple], *constants: int) -> torch.Tensor:
+    """The sum of grouped(*part, *constants) over the parts of one matmul (the whole groups and a
+    shorter last one), in one compiled call: each call costs tens of microseconds of dispatch."""
     y = 0
     for part in parts:
-        y = y + _grouped_matmul(*part, bits)
-    return y
-
-
-def _sp24_parts(parts: list[tuple], bits: int, kept: int) -> torch.Tensor:
-    """The same over `_sp24_grouped_matmul`'s parts (planes, codes, slots, scales, zeros)."""
-    y = 0
-    for part in parts:
-        y = y + _sp24_grouped_matmul(*part, bits, kept)
+        y = y + grouped(*part, *constants)
     return y
 
 
 _compiled: dict[tuple, Callable] = {}
 
 
-def _run(fn: Callable, key: tuple, *args) -> torch.Tensor | None:
-    """fn(*args) compiled for the variant `key`. Each variant gets a code object of its own: Dynamo
+def _run(key: tuple, *args) -> torch.Tensor | None:
+    """_summed(*args) compiled for the variant `key`. Each variant gets a code object of its own: Dynamo
     keeps a function's compilations on its code object and stops compiling past 8 of them
     (`recompile_limit`), which a model mixing widths would reach. None where compiling failed
     (this time or before)."""
@@ -129,7 +124,7 @@ def _run(fn: Callable, key: tuple, *args) -> torch.Tensor | None:
         return None
     try:
         if key not in _compiled:
-            code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_compiled)}")
+            code = _summed.__code__.replace(co_name=f"_summed_{len(_compiled)}")
             _compiled[key] = torch.compile(types.FunctionType(code, globals()), dynamic=False, fullgraph=True)
         return _compiled[key](*args)
     except Exception as e:  # no C++ compiler (BackendCompilerFailed), a recompile limit, an unsupported Python
@@ -174,15 +169,15 @@ def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: to
         parts.append(_dynamic(planes.contiguous(), codes, scales[g0:g0 + groups],
                               None if zeros is None else zeros[g0:g0 + groups], dims=((0, 2), (0, 1), (0, 1), (0, 1))))
     key = ("dense", bits, zeros is None, m == 1, scales.dtype, *(part[1].shape[2] for part in parts))
-    y = _run(_dense_parts, key, parts, bits)
+    y = _run(key, _grouped_matmul, parts, bits)
     return None if y is None else y.to(x.dtype)
 
 
 def sp24_applies(bits: int, group_size: int, in_features: int) -> bool:
     """Whether the fused path reads this 2:4 format: 2, 4 or 8-bit kept codes in groups (a shorter
     last one included) of whole 8-column units."""
-    return bits in (2, 4, 8) and min(group_size, in_features) > 0 and min(group_size, in_features) % 8 == 0 \
-        and in_features % 8 == 0
+    span = min(group_size, in_features)
+    return bits in (2, 4, 8) and span > 0 and span % 8 == 0 and in_features % 8 == 0
 
 
 def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
@@ -208,5 +203,5 @@ def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, s
                               None if zeros is None else zeros[g0:g0 + groups],
                               dims=((0, 3), (0, 1), (0, 1), (0, 1), (0, 1))))
     key = ("sp24", bits, zeros is None, m == 1, scales.dtype, *(part[1].shape[2] for part in parts))
-    y = _run(_sp24_parts, key, parts, bits, kept)
+    y = _run(key, _sp24_grouped_matmul, parts, bits, kept)
     return None if y is None else y.to(x.dtype)

@@ -71,17 +71,21 @@ def _use_cpu_fused(x2: torch.Tensor, bits: int, group_size: int, in_features: in
                              f"activations with {bits}-bit codes in groups of {group_size} (K = {in_features}); "
                              "use kernel 'auto'")
         if not cpu_fused.available():
-            raise ValueError(f"kernel 'cpu_fused' could not be compiled ({cpu_fused.failure()}); use kernel 'auto'")
+            raise _not_compiled()
         return True
     most = cpu_fused.SP24_MAX_M if sp24 else cpu_fused.MAX_M  # (float64 activations keep the reference's precision)
     return (kernel == "auto" and x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and x2.shape[0] <= most and cpu_fused.available() and applies)
 
 
+def _not_compiled() -> ValueError:
+    return ValueError(f"kernel 'cpu_fused' could not be compiled ({cpu_fused.failure()}); use kernel 'auto'")
+
+
 def _unless_failed(y: torch.Tensor | None, kernel: str) -> torch.Tensor | None:
     """cpu_fused's result; None where compiling it failed just now (it warned), an error if forced."""
     if y is None and kernel == "cpu_fused":
-        raise ValueError(f"kernel 'cpu_fused' could not be compiled ({cpu_fused.failure()}); use kernel 'auto'")
+        raise _not_compiled()
     return y
 
 
