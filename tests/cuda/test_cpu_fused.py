@@ -1,5 +1,6 @@
-"""The fused CPU matmul (cuda/cpu_fused.py) against the reference semantics, the choice of path
-on CPU, and what happens where it cannot be compiled."""
+"""The fused CPU matmuls (cuda/cpu_fused.py: the C++ kernel for dense codes, the compiled one for
+2:4 codes) against the reference semantics, the choice of path on CPU, and what happens where
+they cannot be built."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from compress.cuda import cpu_fused
+from compress.cuda import cpu_fused, cpu_native
 from compress.cuda.layout import dequantize_sp24_words, dequantize_words, words_of
-from compress.cuda.ops import int_linear
+from compress.cuda.ops import int_linear, sp24_int_linear
 from compress.quant.packing import pack_codes
 from compress.quant.quantize import compute_grid, quantize
 from compress.quant.rtn import RTNConfig
@@ -57,19 +58,46 @@ def test_fused_matmul_matches_the_reference(bits, group_size, symmetric, m, dtyp
     assert rel_err(y, ref) < REL_TOL[dtype]
 
 
-def test_new_shapes_reuse_the_compilation():
-    """Sizes are dynamic within a variant: other N, K and M run without compiling again."""
-    words, scales, zeros = weight(24, 128, 4, 32, True)
-    cpu_fused.matmul(torch.randn(3, 128), words, scales, zeros, 4, 32, 128)
-    variants = dict(cpu_fused._compiled)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    for n, k, m in ((56, 256, 2), (8, 64, 7)):
-        words, scales, zeros = weight(n, k, 4, 32, True)
-        x = torch.randn(m, k)
-        y = cpu_fused.matmul(x, words, scales, zeros, 4, 32, k)
-        assert rel_err(y, x @ dequantize_words(words, scales, zeros, 4, 32, k, torch.float32).T) < 1e-6
-    assert cpu_fused._compiled == variants
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+def test_many_rows_and_long_rows_match_the_reference():
+    """Rows of x past 8 (the kernel takes 8 at a time), rows of K past its chunk of x, groups
+    shorter than a vector, a weight whose rows are strided (a view of wider words)."""
+    for m, n, k, bits, group_size in ((19, 33, 192, 4, 64), (3, 17, 4160, 8, 1 << 30), (2, 16, 2080, 2, 32),
+                                      (9, 24, 1152, 4, 16)):
+        words, scales, zeros = weight(n, k, bits, group_size, False)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
+        ref = x @ dequantize_words(words, scales, zeros, bits, group_size, k, torch.float32).T
+        assert rel_err(cpu_fused.matmul(x, words, scales, zeros, bits, group_size, k), ref) < 1e-6
+    wide = torch.cat([words, words], dim=1)[:, :words.shape[1]]  # rows 2 * n_words apart
+    assert torch.equal(cpu_fused.matmul(x, wide, scales, zeros, 4, 16, k), cpu_fused.matmul(x, words, scales, zeros,
+                                                                                            4, 16, k))
+
+
+def test_sizes_that_do_not_match_are_refused():
+    words, scales, zeros = weight(16, 128, 4, 32, True)
+    with pytest.raises(ValueError, match="expected 4 x 16 scales"):
+        cpu_fused.matmul(torch.randn(1, 128), words, scales[:3], zeros, 4, 32, 128)
+    with pytest.raises(ValueError, match="words \\(16, 8\\)"):
+        cpu_fused.matmul(torch.randn(1, 256), words[:, :8], scales, zeros, 4, 32, 256)
+
+
+def test_the_kernel_is_built_once_and_cached(tmp_path):
+    """A fresh process and an empty cache build it; the next process loads the cached library."""
+    script = textwrap.dedent("""
+        import torch
+        from compress.cuda import cpu_fused, cpu_native
+        words = torch.randint(-2**31, 2**31 - 1, (16, 8), dtype=torch.int32)
+        y = cpu_fused.matmul(torch.randn(1, 64), words, torch.rand(2, 16).half(), None, 4, 32, 64)
+        print(y is not None, cpu_native.failure())
+    """)
+    env = {**os.environ, "COMPRESS_CACHE": str(tmp_path)}
+    stamps = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0 and out.stdout.split() == ["True", "None"], out.stderr[-2000:]
+        built = list((tmp_path / "kernels").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"  # no temporary files left
+        stamps.append(built[0].stat().st_mtime_ns)
+    assert stamps[0] == stamps[1]
 
 
 def test_auto_runs_it_for_few_rows_of_x_on_cpu(monkeypatch):
@@ -89,15 +117,15 @@ def test_auto_runs_it_for_few_rows_of_x_on_cpu(monkeypatch):
 
 def test_formats_it_cannot_read_run_the_reference():
     torch.manual_seed(0)
-    x = torch.randn(1, 202)
-    q = RTNConfig(bits=2, group_size=64).build().compress("l", nn.Linear(202, 16)).prepack()  # a byte across groups
-    assert not cpu_fused.applies(2, 64, 202) and cpu_fused.applies(2, 64, 200)
+    x = torch.randn(1, 200)
+    q = RTNConfig(bits=2, group_size=64).build().compress("l", nn.Linear(200, 16)).prepack()  # a word across groups
+    assert not cpu_fused.applies(2, 64, 200) and cpu_fused.applies(2, 64, 208) and not cpu_fused.applies(2, 8, 64)
     assert not cpu_fused.applies(8, -1, 64) and not cpu_fused.sp24_applies(4, 0, 64)
     assert torch.equal(q(x), q.set_kernel("reference")(x))  # the reference ran
     q.set_kernel("auto")
     with pytest.raises(ValueError, match="kernel 'cpu_fused' takes CPU activations and 2, 4 or 8-bit words in "
-                                         "groups of whole bytes, not cpu activations with 2-bit codes in groups "
-                                         "of 64 \\(K = 202\\)"):
+                                         "groups of whole 32-bit words, not cpu activations with 2-bit codes in "
+                                         "groups of 64 \\(K = 200\\)"):
         q.set_kernel("cpu_fused")(x)
     # 3-bit codes are read as the 4-bit words they widen to
     q3 = RTNConfig(bits=3, group_size=64).build().compress("l", nn.Linear(256, 16)).prepack()
@@ -105,7 +133,23 @@ def test_formats_it_cannot_read_run_the_reference():
     assert rel_err(q3.set_kernel("cpu_fused")(x3), x3 @ q3.dequantized_weight().T + q3.bias) < 1e-6
 
 
-def test_a_compile_failure_turns_the_path_off_with_one_warning(monkeypatch):
+def test_a_build_failure_turns_the_path_off_with_one_warning(monkeypatch):
+    monkeypatch.setattr(cpu_native, "_library", None)  # all three restored after the test
+    monkeypatch.setattr(cpu_native, "_failure", None)
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    torch.manual_seed(0)
+    q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(64, 16)).prepack()
+    x = torch.randn(1, 64)
+    with pytest.warns(RuntimeWarning, match="fused CPU matmul could not be built \\(the C\\+\\+ compiler "
+                                            "'/nonexistent/g\\+\\+' \\(CXX\\) was not found\\)"):
+        y = q(x)
+    assert torch.equal(y, q.set_kernel("reference")(x))  # the reference ran
+    assert not cpu_fused.available() and cpu_fused.available(sp24=True)
+    with pytest.raises(ValueError, match="kernel 'cpu_fused' could not be compiled \\(the C\\+\\+ compiler"):
+        q.set_kernel("cpu_fused")(x)
+
+
+def test_a_2_4_compile_failure_turns_that_path_off_with_one_warning(monkeypatch):
     def fail(*args):
         raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("No working C++ compiler found"), None)
 
@@ -118,39 +162,46 @@ def test_a_compile_failure_turns_the_path_off_with_one_warning(monkeypatch):
 
     monkeypatch.setattr(cpu_fused, "_failure", None)  # both restored after the test
     monkeypatch.setattr(cpu_fused, "_compiled", Broken())
-    torch.manual_seed(0)
-    q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(64, 16)).prepack()
+    layer = sparse_quant_layer(64, 4, 32)
     x = torch.randn(1, 64)
-    with pytest.warns(RuntimeWarning, match="fused CPU matmul could not be compiled .*No working C.. compiler"):
-        y = q(x)
-    assert torch.equal(y, q.set_kernel("reference")(x))  # the reference ran
-    assert not cpu_fused.available()
-    with pytest.raises(ValueError, match="kernel 'cpu_fused' could not be compiled"):
-        q.set_kernel("cpu_fused")(x)
+    with pytest.warns(RuntimeWarning, match="of 2:4 weights could not be compiled .*No working C.. compiler"):
+        y = layer(x)
+    assert torch.equal(y, layer.set_kernel("reference")(x))
+    assert not cpu_fused.available(sp24=True) and cpu_fused.available()
+    with pytest.raises(ValueError, match="kernel 'cpu_fused' could not be compiled .*No working C.. compiler"):
+        layer.set_kernel("cpu_fused")(x)
 
 
 def test_without_a_cxx_compiler_the_reference_runs(tmp_path):
-    """A real failure, in a fresh process with an empty Inductor cache and no compiler to find."""
+    """Real failures, in a fresh process with empty caches and no compiler to find."""
     script = textwrap.dedent("""
         import warnings, torch, torch._inductor.config as config
         config.cpp.cxx = ("/nonexistent/g++",)
         from compress.cuda import cpu_fused
-        from compress.cuda.ops import int_linear
+        from compress.cuda.ops import int_linear, sp24_int_linear
         words = torch.randint(-2**31, 2**31 - 1, (16, 8), dtype=torch.int32)
+        positions = torch.full((16, 4), 0x44444444, dtype=torch.int32)  # kept codes in slots 0 and 1
         scales = torch.rand(2, 16).half()
         x = torch.randn(1, 64)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             y = int_linear(x, words, scales, None, 4, 32, 64)
+            y24 = sp24_int_linear(torch.randn(1, 128), words, positions, scales, None, 4, 64, 128)
         ref = int_linear(x, words, scales, None, 4, 32, 64, kernel="reference")
         ours = [str(w.message) for w in caught if str(w.message).startswith("compress:")]
-        print(torch.equal(y, ref), cpu_fused.available(), len(ours), *ours)
+        print(torch.equal(y, ref), y24.shape == (1, 16), cpu_fused.available(), cpu_fused.available(sp24=True))
+        print(*ours, sep="\\n")
     """)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "COMPRESS_CACHE": str(tmp_path),
+           "CXX": "/nonexistent/g++"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("True False 1 compress: the fused CPU matmul could not be compiled "
-                                 "(InvalidCxxCompiler: No working C++ compiler"), out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0] == "True True False False" and len(lines) == 3, out.stdout
+    assert lines[1].startswith("compress: the fused CPU matmul could not be built (the C++ compiler "
+                               "'/nonexistent/g++' (CXX) was not found)"), out.stdout
+    assert lines[2].startswith("compress: the fused CPU matmul of 2:4 weights could not be compiled "
+                               "(InvalidCxxCompiler: No working C++ compiler"), out.stdout
 
 
 def test_it_runs_inside_a_compiled_model(monkeypatch):
@@ -180,10 +231,10 @@ def test_a_failure_at_run_time_falls_back_too(monkeypatch):
     monkeypatch.setattr(cpu_fused, "_failure", None)
     monkeypatch.setattr(cpu_fused, "_compiled", {})
     monkeypatch.setattr(cpu_fused.torch, "compile", lambda *a, **k: fail)
-    words, scales, zeros = weight(16, 64, 4, 32, True)
+    words, positions, scales, zeros = sp24_weight(16, 64, 4, 32, True)
     with pytest.warns(RuntimeWarning, match="FailOnRecompileLimitHit: Hard failure"):
-        assert int_linear(torch.randn(1, 64), words, scales, zeros, 4, 32, 64) is not None
-    assert not cpu_fused.available()
+        assert sp24_int_linear(torch.randn(1, 64), words, positions, scales, zeros, 4, 32, 64) is not None
+    assert not cpu_fused.available(sp24=True)
 
 
 def test_the_op_serves_bf16_activations_without_a_packed_weight():

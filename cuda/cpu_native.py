@@ -1,0 +1,107 @@
+"""Build and load the C++ CPU kernel (csrc/cpu_int_matmul.cpp) with the machine's C++ compiler.
+
+The source ships inside the package; the first call in a fresh cache compiles it (about 2 s) into
+`<cache>/kernels/` (`COMPRESS_CACHE`, default ~/.cache/compress), named by a hash of the source,
+the flags, the compiler's version and the CPU, since `-march=native` code may not run on another
+CPU. Written under a temporary name and renamed, so a concurrent or interrupted build never leaves
+half a library behind. It is loaded with ctypes, which releases the GIL during the call.
+
+Flags are tried from the fastest down: `-march=native` and OpenMP (the kernel's threads), then
+without `-march=native`, then without OpenMP. Where none compiles (no compiler, Windows), or
+loading fails, `library()` returns None and `failure()` says why; callers run the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from ..models import cache_dir
+
+SOURCE = "cpu_int_matmul.cpp"
+_FLAGS = (["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=fast"],  # base, then the optional ones
+          ["-march=native", "-fopenmp"], ["-fopenmp"], [])
+
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def _cpu() -> str:
+    """What the compiled code depends on: the machine and, on Linux, the CPU's model and features."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))][:3]
+    except OSError:
+        info = [platform.processor()]
+    return "\n".join([platform.machine(), *info])
+
+
+def _compiler() -> str:
+    """The compiler to run: $CXX where set, else the first of c++, g++ and clang++ found."""
+    named = os.environ.get("CXX")
+    if named:
+        if shutil.which(named) is None:
+            raise RuntimeError(f"the C++ compiler {named!r} (CXX) was not found")
+        return named
+    found = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if found is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    return found
+
+
+def _build(source: bytes, cxx: str) -> Path:
+    """The compiled library's path, compiling it unless it is cached; raises RuntimeError with the
+    compiler's first error line where no set of flags compiles."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    folder = cache_dir() / "kernels"
+    folder.mkdir(parents=True, exist_ok=True)
+    error = ""
+    for extra in _FLAGS[1:]:
+        flags = _FLAGS[0] + extra
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu().encode()]))
+        target = folder / f"{Path(SOURCE).stem}-{key.hexdigest()[:16]}.so"
+        if target.is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            src, out = Path(scratch) / SOURCE, Path(scratch) / target.name
+            src.write_bytes(source)
+            done = subprocess.run([cxx, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=600)
+            if done.returncode == 0:
+                os.replace(out, target)
+                return target
+            error = error or next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip())
+    raise RuntimeError(f"{cxx} could not compile {SOURCE}: {error}")
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (built on first use), or None where it cannot be built or loaded."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    try:
+        if sys.platform == "win32":
+            raise RuntimeError("the C++ CPU kernel is built on Linux and macOS only")
+        source = resources.files(__package__).joinpath("csrc", SOURCE).read_bytes()
+        lib = ctypes.CDLL(str(_build(source, _compiler())))
+        fn = lib.int_matmul
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                       ctypes.c_void_p, ctypes.c_int]
+        _library = lib
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return _library
+
+
+def failure() -> str | None:
+    """Why the library could not be built or loaded, once that was tried; None otherwise."""
+    return _failure

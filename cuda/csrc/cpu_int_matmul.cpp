@@ -1,0 +1,161 @@
+// Few-row matmuls of 2, 4 and 8-bit integer weights on CPU, the dequantization fused in:
+//
+//   y[m, n] = sum_k ((code[n, k] - zero[g, n]) * scale[g, n]) * x[m, k],   g = k / span
+//
+// in fp32. Built and loaded by cuda/cpu_native.py (ctypes); the reference (cuda/layout.py:
+// dequantize_words, then a matmul) defines the semantics, this differs by rounding only.
+//
+// The weight stays in the kernels' words (cuda/layout.py): int32 [N, row_words], word w of a row
+// holding columns CPW * w + c (CPW = 32 / BITS codes per word) at bits c * BITS. x is transposed
+// once per call into CPW "planes" (plane c of row m: x[m, c], x[m, CPW + c], ...), so that a
+// vector of L words meets plane c's L consecutive values: a shift, a mask, a convert and two
+// multiply-adds per code, no gather. Each decoded weight carries its group's scale (code * s + b,
+// b = -zero * s), so the sums run across group boundaries in a few independent vector sums and are
+// reduced once per row and chunk of x. Up to 8 rows of x share each decoded weight.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+template <int L> struct Vec;  // L 32-bit lanes: GCC/Clang vector extensions, any instruction set
+template <> struct Vec<4> { typedef int32_t i __attribute__((vector_size(16))); typedef float f __attribute__((vector_size(16))); };
+template <> struct Vec<8> { typedef int32_t i __attribute__((vector_size(32))); typedef float f __attribute__((vector_size(32))); };
+template <> struct Vec<16> { typedef int32_t i __attribute__((vector_size(64))); typedef float f __attribute__((vector_size(64))); };
+
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (exp == 0) return (sign ? -1.f : 1.f) * float(mant) * (1.f / 16777216.f);  // zero, subnormal: mant * 2**-24
+  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
+  return bits_to_float(sign | ((exp + 112) << 23) | (mant << 13));
+}
+
+enum ScaleKind { FP32 = 0, FP16 = 1, BF16 = 2 };
+
+inline float scale_at(const void* scales, int kind, int64_t i) {
+  if (kind == FP32) return static_cast<const float*>(scales)[i];
+  const uint16_t h = static_cast<const uint16_t*>(scales)[i];
+  return kind == BF16 ? bits_to_float(uint32_t(h) << 16) : half_to_float(h);
+}
+
+struct Weight {
+  const int32_t* words;   // [N, row_words]
+  int64_t n, row_words;
+  const void* scales;     // [n_groups, N], fp32 / fp16 / bf16 (`kind`)
+  int kind;
+  const uint8_t* zeros;   // [n_groups, N] or null: the symmetric zero 2**(BITS - 1)
+  int64_t span;           // columns per group (a multiple of CPW; the last group may be shorter)
+};
+
+// y[0:MT, n0:n1] += the sums over words [w0, w1) of each row (a chunk of x that stays in cache).
+// xp: MT rows of CPW planes of `ps` floats; y: MT rows of N.
+template <int BITS, int MT, int L>
+void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
+  typedef typename Vec<L>::i vi;
+  typedef typename Vec<L>::f vf;
+  constexpr int CPW = 32 / BITS;
+  constexpr int32_t MASK = (1 << BITS) - 1;
+  constexpr int P = MT >= 4 ? 1 : 4 / MT;  // independent vector sums per row of x: hide the add latency
+  const int64_t gw = wt.span / CPW;        // words per group
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* row = wt.words + n * wt.row_words;
+    vf acc[MT][P];
+    float tail[MT];
+    for (int m = 0; m < MT; ++m) {
+      tail[m] = 0.f;
+      for (int p = 0; p < P; ++p) acc[m][p] = vf{};
+    }
+    for (int64_t g = w0 / gw; g * gw < w1; ++g) {
+      const int64_t j1 = std::min(g * gw + gw, w1);
+      const float s = scale_at(wt.scales, wt.kind, g * wt.n + n);
+      const float b = -s * (wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1)));
+      int64_t j = std::max(g * gw, w0);
+      for (; j + L <= j1; j += L) {
+        vi q;
+        std::memcpy(&q, row + j, sizeof(vi));
+        _Pragma("GCC unroll 16") for (int c = 0; c < CPW; ++c) {
+          const vf w = __builtin_convertvector((q >> (c * BITS)) & MASK, vf) * s + b;
+          _Pragma("GCC unroll 8") for (int m = 0; m < MT; ++m) {
+            vf xv;
+            std::memcpy(&xv, xp + (m * CPW + c) * ps + j, sizeof(vf));
+            acc[m][c % P] += w * xv;
+          }
+        }
+      }
+      for (; j < j1; ++j)  // a group shorter than a vector, or its end
+        for (int c = 0; c < CPW; ++c) {
+          const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
+          for (int m = 0; m < MT; ++m) tail[m] += w * xp[(m * CPW + c) * ps + j];
+        }
+    }
+    for (int m = 0; m < MT; ++m) {
+      vf t = acc[m][0];
+      for (int p = 1; p < P; ++p) t += acc[m][p];
+      float sum = tail[m];
+      for (int l = 0; l < L; ++l) sum += t[l];
+      y[m * wt.n + n] += sum;
+    }
+  }
+}
+
+template <int BITS, int L>
+void rows_of(int64_t mt, const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0,
+             int64_t w1) {
+  switch (mt) {  // the rows of x as a constant: their sums stay in registers
+    case 1: return rows<BITS, 1, L>(wt, xp, ps, y, n0, n1, w0, w1);
+    case 2: return rows<BITS, 2, L>(wt, xp, ps, y, n0, n1, w0, w1);
+    case 3: return rows<BITS, 3, L>(wt, xp, ps, y, n0, n1, w0, w1);
+    case 4: return rows<BITS, 4, L>(wt, xp, ps, y, n0, n1, w0, w1);
+    case 5: return rows<BITS, 5, L>(wt, xp, ps, y, n0, n1, w0, w1);
+    case 6: return rows<BITS, 6, L>(wt, xp, ps, y, n0, n1, w0, w1);
+    case 7: return rows<BITS, 7, L>(wt, xp, ps, y, n0, n1, w0, w1);
+    default: return rows<BITS, 8, L>(wt, xp, ps, y, n0, n1, w0, w1);
+  }
+}
+
+template <int BITS>
+void matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, float* y, int threads) {
+  constexpr int CPW = 32 / BITS;
+  const int64_t kw = k / CPW, gw = wt.span / CPW;
+  // Planes padded by 16 floats: power-of-two strides would put the planes' chunks in the same
+  // cache sets (4.7x slower at K = 4096 and 8 rows).
+  const int64_t ps = kw + 16;
+  std::vector<float> xp(m_rows * CPW * ps);  // xp[m][c][w] = x[m, CPW * w + c]
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int c = 0; c < CPW; ++c)
+      for (int64_t w = 0; w < kw; ++w) xp[(m * CPW + c) * ps + w] = x[m * k + CPW * w + c];
+  // Words per chunk: 8 rows of x's planes fill 16 KB of L1 cache.
+  const int64_t chunk = std::max<int64_t>(16, 4096 / (std::min<int64_t>(m_rows, 8) * CPW) / 16 * 16);
+  std::fill(y, y + m_rows * wt.n, 0.f);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {  // 16 rows of the weight per task
+    const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
+    for (int64_t m0 = 0; m0 < m_rows; m0 += 8) {
+      const int64_t mt = std::min<int64_t>(m_rows - m0, 8);
+      const float* xm = xp.data() + m0 * CPW * ps;
+      float* ym = y + m0 * wt.n;
+      for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
+        const int64_t w1 = std::min(w0 + chunk, kw);
+        if (gw % 16 == 0) rows_of<BITS, 16>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
+        else if (gw % 8 == 0) rows_of<BITS, 8>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
+        else rows_of<BITS, 4>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// y fp32 [m_rows, n] = x fp32 [m_rows, k] @ dequantize(words, scales, zeros).T; k and span are
+// multiples of 32 / bits (checked by the caller, cuda/cpu_fused.py: applies).
+extern "C" void int_matmul(const float* x, int64_t m_rows, int64_t k, const int32_t* words, int64_t n,
+                           int64_t row_words, const void* scales, int scale_kind, const uint8_t* zeros, int bits,
+                           int64_t span, float* y, int threads) {
+  const Weight wt{words, n, row_words, scales, scale_kind, zeros, span};
+  if (bits == 2) matmul<2>(x, m_rows, k, wt, y, threads);
+  else if (bits == 4) matmul<4>(x, m_rows, k, wt, y, threads);
+  else matmul<8>(x, m_rows, k, wt, y, threads);
+}
