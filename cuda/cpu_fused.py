@@ -41,8 +41,8 @@ from . import cpu_native
 # M = 32 (8-bit 576 x 1536: 0.81 against 0.73; 2-bit: 0.45-1.44 against 0.41-1.35).
 MAX_M = 16
 # The same for 2:4 weights, whose reference (scatter the kept codes into a dense weight, then
-# dequantize) is 3-7x slower than the dense one: at M = 32 the fused path still takes 0.3-0.8x
-# of its time (1.25 against 1.78 ms at 576 x 576, 45 against 156 ms at 4096 x 4096, 4-bit g128).
+# dequantize) is 3-7x slower than the dense one: at M = 32 the fused path still takes 0.3-0.75x
+# of its time (1.14 against 1.60 ms at 576 x 576, 37 against 115 ms at 4096 x 4096, 4-bit g128).
 SP24_MAX_M = 32
 
 _SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cpu_int_matmul.cpp: ScaleKind

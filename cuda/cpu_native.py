@@ -7,7 +7,7 @@ CPU. Written under a temporary name and renamed, so a concurrent or interrupted 
 half a library behind. It is loaded with ctypes, which releases the GIL during the call.
 
 Flags are tried from the fastest down: `-march=native` and OpenMP (the kernel's threads), then
-without `-march=native`, then without OpenMP. Where none compiles (no compiler, Windows), or
+each alone (Apple's clang has no OpenMP), then neither. Where none compiles (no compiler, Windows), or
 loading fails, `library()` returns None and `failure()` says why; callers run the reference.
 """
 
@@ -28,7 +28,7 @@ from ..models import cache_dir
 
 SOURCE = "cpu_int_matmul.cpp"
 _FLAGS = (["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=fast"],  # base, then the optional ones
-          ["-march=native", "-fopenmp"], ["-fopenmp"], [])
+          ["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], [])
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -70,7 +70,7 @@ def _build(source: bytes, cxx: str) -> Path:
         target = folder / f"{Path(SOURCE).stem}-{key.hexdigest()[:16]}.so"
         if target.is_file():
             return target
-        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as scratch:
             src, out = Path(scratch) / SOURCE, Path(scratch) / target.name
             src.write_bytes(source)
             done = subprocess.run([cxx, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=600)
