@@ -1,4 +1,4 @@
-"""Build and load the C++ CPU kernel (csrc/cpu_int_matmul.cpp) with the machine's C++ compiler.
+"""Build and load the C++ CPU kernels (csrc/cpu_int_matmul.cpp) with the machine's C++ compiler.
 
 The source ships inside the package; the first call in a fresh cache compiles it (about 2 s) into
 `<cache>/kernels/` (`COMPRESS_CACHE`, default ~/.cache/compress), named by a hash of the source,
@@ -91,11 +91,13 @@ def library() -> ctypes.CDLL | None:
             raise RuntimeError("the C++ CPU kernel is built on Linux and macOS only")
         source = resources.files(__package__).joinpath("csrc", SOURCE).read_bytes()
         lib = ctypes.CDLL(str(_build(source, _compiler())))
-        fn = lib.int_matmul
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
-                       ctypes.c_void_p, ctypes.c_int]
+        c = ctypes
+        lib.int_matmul.restype = lib.sp24_int_matmul.restype = None
+        lib.int_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64, c.c_void_p,
+                                   c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_void_p, c.c_int]
+        lib.sp24_int_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64, c.c_void_p,
+                                        c.c_int64, c.c_void_p, c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_void_p,
+                                        c.c_int]
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -65,27 +65,27 @@ def _use_cpu_fused(x2: torch.Tensor, bits: int, group_size: int, in_features: in
     applies = (cpu_fused.sp24_applies if sp24 else cpu_fused.applies)(bits, group_size, in_features)
     if kernel == "cpu_fused":
         if x2.device.type != "cpu" or not applies:
-            what = "2:4 weights of 2, 4 or 8-bit codes in groups of whole 8-column units" if sp24 else \
+            what = "2:4 weights of 2, 4 or 8-bit codes in groups of whole 32-bit code words" if sp24 else \
                 "2, 4 or 8-bit words in groups of whole 32-bit words"
             raise ValueError(f"kernel 'cpu_fused' takes CPU activations and {what}, not {x2.device.type} "
                              f"activations with {bits}-bit codes in groups of {group_size} (K = {in_features}); "
                              "use kernel 'auto'")
-        if not cpu_fused.available(sp24):
-            raise _not_compiled(sp24)
+        if not cpu_fused.available():
+            raise _not_built()
         return True
     most = cpu_fused.SP24_MAX_M if sp24 else cpu_fused.MAX_M  # (float64 activations keep the reference's precision)
     return (kernel == "auto" and x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and x2.shape[0] <= most and cpu_fused.available(sp24) and applies)
+            and x2.shape[0] <= most and cpu_fused.available() and applies)
 
 
-def _not_compiled(sp24: bool = False) -> ValueError:
-    return ValueError(f"kernel 'cpu_fused' could not be compiled ({cpu_fused.failure(sp24)}); use kernel 'auto'")
+def _not_built() -> ValueError:
+    return ValueError(f"kernel 'cpu_fused' could not be built ({cpu_fused.failure()}); use kernel 'auto'")
 
 
-def _unless_failed(y: torch.Tensor | None, kernel: str, sp24: bool = False) -> torch.Tensor | None:
-    """cpu_fused's result; None where compiling it failed just now (it warned), an error if forced."""
+def _unless_failed(y: torch.Tensor | None, kernel: str) -> torch.Tensor | None:
+    """cpu_fused's result; None where building it failed just now (it warned), an error if forced."""
     if y is None and kernel == "cpu_fused":
-        raise _not_compiled(sp24)
+        raise _not_built()
     return y
 
 
@@ -152,7 +152,7 @@ def sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tenso
         y = None
         if _use_cpu_fused(x2, bits, group_size, in_features, kernel, sp24=True):
             y = _unless_failed(cpu_fused.sp24_matmul(x2, words, positions, scales, zeros, bits, group_size,
-                                                            in_features), kernel, sp24=True)
+                                                            in_features), kernel)
         if y is None:
             y = torch.nn.functional.linear(x2, dequantize_sp24_words(words, positions, scales, zeros, bits,
                                                                      group_size, in_features, x.dtype))

@@ -76,9 +76,9 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
       for (; j + L <= j1; j += L) {
         vi q;
         std::memcpy(&q, row + j, sizeof(vi));
-        _Pragma("GCC unroll 16") for (int c = 0; c < CPW; ++c) {
+        for (int c = 0; c < CPW; ++c) {
           const vf w = __builtin_convertvector((q >> (c * BITS)) & MASK, vf) * s + b;
-          _Pragma("GCC unroll 8") for (int m = 0; m < MT; ++m) {
+          for (int m = 0; m < MT; ++m) {
             vf xv;
             std::memcpy(&xv, xp + (m * CPW + c) * ps + j, sizeof(vf));
             acc[m][c % P] += w * xv;
@@ -101,17 +101,20 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
   }
 }
 
+// Rows of x to take at once out of `left`: the largest power of two up to `most`, so that a few
+// variants serve every M (each variant costs compile time at first use).
+inline int64_t rows_at_once(int64_t left, int64_t most) {
+  while (most > left) most /= 2;
+  return most;
+}
+
 template <int BITS, int L>
 void rows_of(int64_t mt, const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0,
              int64_t w1) {
-  switch (mt) {  // the rows of x as a constant: their sums stay in registers
+  switch (mt) {  // the rows of x as a constant (1, 2, 4 or 8): their sums stay in registers
     case 1: return rows<BITS, 1, L>(wt, xp, ps, y, n0, n1, w0, w1);
     case 2: return rows<BITS, 2, L>(wt, xp, ps, y, n0, n1, w0, w1);
-    case 3: return rows<BITS, 3, L>(wt, xp, ps, y, n0, n1, w0, w1);
     case 4: return rows<BITS, 4, L>(wt, xp, ps, y, n0, n1, w0, w1);
-    case 5: return rows<BITS, 5, L>(wt, xp, ps, y, n0, n1, w0, w1);
-    case 6: return rows<BITS, 6, L>(wt, xp, ps, y, n0, n1, w0, w1);
-    case 7: return rows<BITS, 7, L>(wt, xp, ps, y, n0, n1, w0, w1);
     default: return rows<BITS, 8, L>(wt, xp, ps, y, n0, n1, w0, w1);
   }
 }
@@ -133,8 +136,8 @@ void matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, float* 
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {  // 16 rows of the weight per task
     const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
-    for (int64_t m0 = 0; m0 < m_rows; m0 += 8) {
-      const int64_t mt = std::min<int64_t>(m_rows - m0, 8);
+    for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
+      mt = rows_at_once(m_rows - m0, 8);
       const float* xm = xp.data() + m0 * CPW * ps;
       float* ym = y + m0 * wt.n;
       for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
@@ -142,6 +145,119 @@ void matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, float* 
         if (gw % 16 == 0) rows_of<BITS, 16>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
         else if (gw % 8 == 0) rows_of<BITS, 8>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
         else rows_of<BITS, 4>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
+      }
+    }
+  }
+}
+
+// 2:4 weights (cuda/layout.py): int32 words of the K / 2 kept codes (kept code t at bits
+// (t % CPW) * BITS of word t / CPW) and their slots, 2 bits each (kept code t's slot in its group
+// of 4 columns, 4 * (t / 2) .. + 3, at bits 2 * (t % 16) of position word t / 16). The slots of
+// code word w's CPW codes are element w of the positions read as 2 * CPW-bit integers (`Slots`).
+// Lanes are code words; x is transposed into 2 * CPW planes, plane (h, r) holding the column r
+// of group of 4 number h of each code word, and each code's x is picked from its group's four
+// by its slot with selects, which vectorize where a gather would not.
+template <int BITS> struct SlotsOf;
+template <> struct SlotsOf<2> { typedef uint32_t t; };
+template <> struct SlotsOf<4> { typedef uint16_t t; };
+template <> struct SlotsOf<8> { typedef uint8_t t; };
+
+template <int BITS, int MT, int L>
+void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, const float* xp, int64_t ps, float* y,
+               int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
+  typedef typename Vec<L>::i vi;
+  typedef typename Vec<L>::f vf;
+  typedef typename SlotsOf<BITS>::t slots_t;
+  constexpr int CPW = 32 / BITS;
+  constexpr int32_t MASK = (1 << BITS) - 1;
+  constexpr int P = MT >= 2 ? 1 : 2;      // independent vector sums per row of x
+  const int64_t gw = wt.span / 2 / CPW;   // code words per group
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* row = wt.words + n * wt.row_words;
+    const slots_t* slot_row = reinterpret_cast<const slots_t*>(static_cast<const uint8_t*>(positions) + n * pos_row_bytes);
+    vf acc[MT][P];
+    float tail[MT];
+    for (int m = 0; m < MT; ++m) {
+      tail[m] = 0.f;
+      for (int p = 0; p < P; ++p) acc[m][p] = vf{};
+    }
+    for (int64_t g = w0 / gw; g * gw < w1; ++g) {
+      const int64_t j1 = std::min(g * gw + gw, w1);
+      const float s = scale_at(wt.scales, wt.kind, g * wt.n + n);
+      const float b = -s * (wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1)));
+      int64_t j = std::max(g * gw, w0);
+      for (; j + L <= j1; j += L) {
+        vi q, sl;
+        std::memcpy(&q, row + j, sizeof(vi));
+        int32_t widened[L];
+        for (int l = 0; l < L; ++l) widened[l] = slot_row[j + l];
+        std::memcpy(&sl, widened, sizeof(vi));
+        for (int c = 0; c < CPW; ++c) {
+          const vf w = __builtin_convertvector((q >> (c * BITS)) & MASK, vf) * s + b;
+          const vi slot = (sl >> (2 * c)) & 3;
+          for (int m = 0; m < MT; ++m) {
+            const float* plane = xp + (m * 2 * CPW + 4 * (c / 2)) * ps + j;  // planes (c / 2, 0..3)
+            vf x0, x1, x2, x3;
+            std::memcpy(&x0, plane, sizeof(vf));
+            std::memcpy(&x1, plane + ps, sizeof(vf));
+            std::memcpy(&x2, plane + 2 * ps, sizeof(vf));
+            std::memcpy(&x3, plane + 3 * ps, sizeof(vf));
+            acc[m][c % P] += w * (slot == 0 ? x0 : slot == 1 ? x1 : slot == 2 ? x2 : x3);
+          }
+        }
+      }
+      for (; j < j1; ++j)  // a group shorter than a vector, or its end
+        for (int c = 0; c < CPW; ++c) {
+          const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
+          const int slot = (slot_row[j] >> (2 * c)) & 3;
+          for (int m = 0; m < MT; ++m) tail[m] += w * xp[(m * 2 * CPW + 4 * (c / 2) + slot) * ps + j];
+        }
+    }
+    for (int m = 0; m < MT; ++m) {
+      vf t = acc[m][0];
+      for (int p = 1; p < P; ++p) t += acc[m][p];
+      float sum = tail[m];
+      for (int l = 0; l < L; ++l) sum += t[l];
+      y[m * wt.n + n] += sum;
+    }
+  }
+}
+
+template <int BITS, int L>
+void sp24_rows_of(int64_t mt, const Weight& wt, const void* positions, int64_t pos_row_bytes, const float* xp,
+                  int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
+  switch (mt) {
+    case 1: return sp24_rows<BITS, 1, L>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
+    case 2: return sp24_rows<BITS, 2, L>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
+    default: return sp24_rows<BITS, 4, L>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
+  }
+}
+
+template <int BITS>
+void sp24_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, const void* positions,
+                 int64_t pos_row_bytes, float* y, int threads) {
+  constexpr int CPW = 32 / BITS;
+  const int64_t kw = k / 2 / CPW, gw = wt.span / 2 / CPW;  // code words per row and per group
+  const int64_t ps = kw + 16;  // padded, as for dense weights
+  std::vector<float> xp(m_rows * 2 * CPW * ps);  // xp[m][h][r][w] = x[m, 2 * CPW * w + 4 * h + r]
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int hr = 0; hr < 2 * CPW; ++hr)
+      for (int64_t w = 0; w < kw; ++w) xp[(m * 2 * CPW + hr) * ps + w] = x[m * k + 2 * CPW * w + hr];
+  // Code words per chunk: 4 rows of x's planes fill 16 KB of L1 cache.
+  const int64_t chunk = std::max<int64_t>(16, 4096 / (std::min<int64_t>(m_rows, 4) * 2 * CPW) / 16 * 16);
+  std::fill(y, y + m_rows * wt.n, 0.f);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {
+    const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
+    for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {  // up to 4 rows of x at a time: each takes 4 planes per code
+      mt = rows_at_once(m_rows - m0, 4);
+      const float* xm = xp.data() + m0 * 2 * CPW * ps;
+      float* ym = y + m0 * wt.n;
+      for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
+        const int64_t w1 = std::min(w0 + chunk, kw);
+        if (gw % 16 == 0) sp24_rows_of<BITS, 16>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+        else if (gw % 8 == 0) sp24_rows_of<BITS, 8>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+        else sp24_rows_of<BITS, 4>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
       }
     }
   }
@@ -158,4 +274,16 @@ extern "C" void int_matmul(const float* x, int64_t m_rows, int64_t k, const int3
   if (bits == 2) matmul<2>(x, m_rows, k, wt, y, threads);
   else if (bits == 4) matmul<4>(x, m_rows, k, wt, y, threads);
   else matmul<8>(x, m_rows, k, wt, y, threads);
+}
+
+// The same for 2:4 weights: words hold the K / 2 kept codes, positions int32 [n, pos_row_words]
+// their slots; k and span are multiples of 64 / bits (cuda/cpu_fused.py: sp24_applies).
+extern "C" void sp24_int_matmul(const float* x, int64_t m_rows, int64_t k, const int32_t* words, int64_t n,
+                                int64_t row_words, const int32_t* positions, int64_t pos_row_words,
+                                const void* scales, int scale_kind, const uint8_t* zeros, int bits, int64_t span,
+                                float* y, int threads) {
+  const Weight wt{words, n, row_words, scales, scale_kind, zeros, span};
+  if (bits == 2) sp24_matmul<2>(x, m_rows, k, wt, positions, pos_row_words * 4, y, threads);
+  else if (bits == 4) sp24_matmul<4>(x, m_rows, k, wt, positions, pos_row_words * 4, y, threads);
+  else sp24_matmul<8>(x, m_rows, k, wt, positions, pos_row_words * 4, y, threads);
 }
