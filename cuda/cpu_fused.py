@@ -29,13 +29,12 @@ from . import cpu_native
 # Largest M the dense kernel serves under "auto": its work grows with M (each decoded weight meets
 # 8 rows of x at a time), while the reference dequantizes once and then runs a dense matmul. On
 # this project's 2-core CPU (benchmarks/results/cpu-2026-12-04, fp32, smollm2-135m's shapes) the
-# kernel is ahead at M = 16 for every width (4-bit g64: 0.27-0.33 against 0.47-0.78 ms; 8-bit:
-# 0.16-0.41 against 0.23-0.58; 2-bit g64: 0.30-0.75 against 0.52-1.00) and behind for some at
-# M = 32 (8-bit 576 x 1536: 0.81 against 0.73; 2-bit: 0.45-1.44 against 0.41-1.35).
+# kernel takes 0.19-0.75x of the reference's time at M = 16 for every width, and at M = 32 more
+# than it for 8-bit codes on three of four shapes (576 x 576: 0.38 against 0.36 ms).
 MAX_M = 16
 # The same for 2:4 weights, whose reference (scatter the kept codes into a dense weight, then
 # dequantize) is 3-7x slower than the dense one: at M = 32 the kernel is still ahead (4-bit g128:
-# 0.82 against 1.60 ms at 576 x 576, 2.2 against 3.0 at 1536 x 576, 27 against 115 at 4096^2).
+# 1.0 against 2.3 ms at 576 x 576, 1.6 against 4.2 at 1536 x 576, 32 against 122 at 4096^2).
 SP24_MAX_M = 32
 
 _SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cpu_int_matmul.cpp: ScaleKind
