@@ -11,7 +11,9 @@ float one. Here one pass reads the codes where they are and multiplies them into
 
 in fp32, the reference's values up to the order of the sums. The kernels read the kernels' 32-bit
 words (cuda/layout.py) a vector at a time against x transposed into planes; for 2:4 weights each
-kept code's x is picked from its group of 4 by its slot with selects. A call costs a few
+kept code's x is picked from its group of 4 by its slot with selects. 2:4 weights of float values
+(SparseLinear) get the same without the codes: the reference places them into a dense weight on
+every call, 14-40x slower than a dense matmul. A call costs a few
 microseconds beyond its arithmetic: torch.compile's code for the same loops, which served here
 before, cost tens of microseconds of dispatch per call, more than a whole matmul at smollm2-135m's
 sizes. Where the kernels cannot be built (no C++ compiler), the path turns itself off with one
@@ -123,4 +125,29 @@ def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, s
     lib.sp24_int_matmul(x32.data_ptr(), x.shape[0], in_features, words.data_ptr(), words.shape[0], words.stride(0),
                         positions.data_ptr(), positions.stride(0), scales.data_ptr(), _SCALE_KINDS[scales.dtype],
                         None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(), torch.get_num_threads())
+    return y.to(x.dtype)
+
+
+def sp24_float_applies(values_dtype: torch.dtype, in_features: int) -> bool:
+    """Whether the 2:4 kernel of float values (SparseLinear) reads these: fp32, fp16 or bf16 values."""
+    return values_dtype in _SCALE_KINDS and in_features % 4 == 0 and in_features > 0
+
+
+def sp24_float_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                      in_features: int) -> torch.Tensor | None:
+    """x [M, K] @ dense_sp24_values(values, positions, ...).T -> [M, N] in x's dtype (values
+    [N, K / 2] fp32, fp16 or bf16, positions int32 [N, n_pos_words] of their slots); None when the
+    kernel could not be built."""
+    lib = _library()
+    if lib is None:
+        return None
+    if (values.dim() != 2 or values.stride(1) != 1 or values.shape[1] * 2 != in_features
+            or positions.dtype != torch.int32 or positions.stride(1) != 1 or positions.shape[0] != values.shape[0]
+            or positions.shape[1] * 16 < in_features // 2):
+        raise ValueError(f"the fused CPU matmul got 2:4 values {tuple(values.shape)} and positions "
+                         f"{tuple(positions.shape)} ({positions.dtype}) for K = {in_features}")
+    x32, y = x.float().contiguous(), torch.empty(x.shape[0], values.shape[0])
+    lib.sp24_float_matmul(x32.data_ptr(), x.shape[0], in_features, values.data_ptr(), _SCALE_KINDS[values.dtype],
+                          values.stride(0), values.shape[0], positions.data_ptr(), positions.stride(0), y.data_ptr(),
+                          torch.get_num_threads())
     return y.to(x.dtype)

@@ -92,12 +92,14 @@ def library() -> ctypes.CDLL | None:
         source = resources.files(__package__).joinpath("csrc", SOURCE).read_bytes()
         lib = ctypes.CDLL(str(_build(source, _compiler())))
         c = ctypes
-        lib.int_matmul.restype = lib.sp24_int_matmul.restype = None
+        lib.int_matmul.restype = lib.sp24_int_matmul.restype = lib.sp24_float_matmul.restype = None
         lib.int_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64, c.c_void_p,
                                    c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_void_p, c.c_int]
         lib.sp24_int_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64, c.c_void_p,
                                         c.c_int64, c.c_void_p, c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_void_p,
                                         c.c_int]
+        lib.sp24_float_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int64, c.c_int64,
+                                          c.c_void_p, c.c_int64, c.c_void_p, c.c_int]
         _library = lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

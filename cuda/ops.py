@@ -164,7 +164,7 @@ def _(x, words, positions, scales, zeros, bits, group_size, in_features, kernel=
     return x.new_empty(*x.shape[:-1], words.shape[0])
 
 
-SP24_KERNELS = ("auto", "reference", "triton")
+SP24_KERNELS = ("auto", "reference", "triton", "cpu_fused")
 
 
 def sp24_values_supported(values: torch.Tensor, in_features: int) -> bool:
@@ -172,11 +172,27 @@ def sp24_values_supported(values: torch.Tensor, in_features: int) -> bool:
     return values.dtype in (torch.float16, torch.bfloat16) and in_features % 32 == 0
 
 
+def _use_cpu_fused_sp24_values(x2: torch.Tensor, values: torch.Tensor, k: int, kernel: str) -> bool:
+    """Whether a 2:4 weight of float values runs cpu_fused: forced (an error where it cannot), or
+    "auto" on CPU for up to SP24_MAX_M rows of 32 or 16-bit activations."""
+    applies = cpu_fused.sp24_float_applies(values.dtype, k)
+    if kernel == "cpu_fused":
+        if x2.device.type != "cpu" or not applies:
+            raise ValueError(f"kernel 'cpu_fused' takes CPU activations and 2:4 weights of fp32, fp16 or bf16 "
+                             f"values, not {x2.device.type} activations with {values.dtype} values (K = {k}); "
+                             "use kernel 'auto'")
+        if not cpu_fused.available():
+            raise _not_built()
+        return True
+    return (kernel == "auto" and x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and x2.shape[0] <= cpu_fused.SP24_MAX_M and cpu_fused.available() and applies)
+
+
 @torch.library.custom_op("compress::sp24_linear", mutates_args=())
 def sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kernel: str = "auto",
                 cusparselt: torch.Tensor | None = None) -> torch.Tensor:
     if kernel not in SP24_KERNELS:
-        raise ValueError(f"2:4 weights run kernel 'auto', 'reference' or 'triton', not '{kernel}'")
+        raise ValueError(f"2:4 weights run kernel {', '.join(map(repr, SP24_KERNELS))}, not '{kernel}'")
     n, k = values.shape[0], values.shape[1] * 2
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
@@ -193,7 +209,11 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, 
 
         y = int_matmul(x2.contiguous(), weight(values, positions, None if kernel == "triton" else cusparselt))
     else:
-        y = torch.nn.functional.linear(x2, dense_sp24_values(values, positions, k, x.dtype))
+        y = None
+        if _use_cpu_fused_sp24_values(x2, values, k, kernel):
+            y = _unless_failed(cpu_fused.sp24_float_matmul(x2, values, positions, k), kernel)
+        if y is None:
+            y = torch.nn.functional.linear(x2, dense_sp24_values(values, positions, k, x.dtype))
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -263,6 +263,68 @@ void sp24_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, co
   }
 }
 
+// 2:4 weights of float values (SparseLinear): values [N, K / 2] in fp32, fp16 or bf16 (`kind`, as
+// scales), kept value t's slot as for codes above. Lanes are 16 kept values, whose slots are one
+// position word; x is transposed into 4 planes, plane r holding column r of each kept value's
+// group of 4 (x[m, 4 * (t / 2) + r]), and each value's x is picked by its slot with selects.
+inline typename Vec<16>::f values_at(const void* values, int kind, int64_t i) {
+  typename Vec<16>::f v;
+  if (kind == FP32) {
+    std::memcpy(&v, static_cast<const float*>(values) + i, sizeof(v));
+  } else if (kind == BF16) {
+    const uint16_t* h = static_cast<const uint16_t*>(values) + i;
+    int32_t widened[16];
+    for (int l = 0; l < 16; ++l) widened[l] = int32_t(h[l]) << 16;
+    std::memcpy(&v, widened, sizeof(v));
+  } else {
+    for (int l = 0; l < 16; ++l) v[l] = half_to_float(static_cast<const uint16_t*>(values)[i + l]);
+  }
+  return v;
+}
+
+template <int MT>
+void sp24_float_rows(const void* values, int kind, int64_t value_row, const int32_t* positions, int64_t pos_row,
+                     int64_t n_all, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t t0,
+                     int64_t t1) {
+  typedef typename Vec<16>::i vi;
+  typedef typename Vec<16>::f vf;
+  const vi shifts = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* pos = positions + n * pos_row;
+    vf acc[MT];
+    float tail[MT];
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = vf{};
+      tail[m] = 0.f;
+    }
+    int64_t t = t0;
+    for (; t + 16 <= t1; t += 16) {  // t0 is a multiple of 16: one position word
+      const vf v = values_at(values, kind, n * value_row + t);
+      const vi slot = ((vi{} + pos[t / 16]) >> shifts) & 3;
+      for (int m = 0; m < MT; ++m) {
+        const float* plane = xp + m * 4 * ps + t;
+        vf x0, x1, x2, x3;
+        std::memcpy(&x0, plane, sizeof(vf));
+        std::memcpy(&x1, plane + ps, sizeof(vf));
+        std::memcpy(&x2, plane + 2 * ps, sizeof(vf));
+        std::memcpy(&x3, plane + 3 * ps, sizeof(vf));
+        acc[m] += v * (slot == 0 ? x0 : slot == 1 ? x1 : slot == 2 ? x2 : x3);
+      }
+    }
+    for (; t < t1; ++t) {  // the row's last kept values, fewer than 16
+      const int64_t i = n * value_row + t;
+      const float v = kind == FP32 ? static_cast<const float*>(values)[i] : scale_at(values, kind, i);
+      const int slot = (pos[t / 16] >> (2 * (t % 16))) & 3;
+      for (int m = 0; m < MT; ++m) tail[m] += v * xp[(m * 4 + slot) * ps + t];
+    }
+    for (int m = 0; m < MT; ++m) {
+      float sum = tail[m];
+      for (int l = 0; l < 16; ++l) sum += acc[m][l];
+      y[m * n_all + n] += sum;
+    }
+  }
+}
+
 }  // namespace
 
 // y fp32 [m_rows, n] = x fp32 [m_rows, k] @ dequantize(words, scales, zeros).T; k and span are
@@ -286,4 +348,34 @@ extern "C" void sp24_int_matmul(const float* x, int64_t m_rows, int64_t k, const
   if (bits == 2) sp24_matmul<2>(x, m_rows, k, wt, positions, pos_row_words * 4, y, threads);
   else if (bits == 4) sp24_matmul<4>(x, m_rows, k, wt, positions, pos_row_words * 4, y, threads);
   else sp24_matmul<8>(x, m_rows, k, wt, positions, pos_row_words * 4, y, threads);
+}
+
+// y fp32 [m_rows, n] = x fp32 [m_rows, k] @ the 2:4 weight of float values [n, k / 2] (row stride
+// value_row) placed by their positions int32 [n, pos_row_words]; k a multiple of 4.
+extern "C" void sp24_float_matmul(const float* x, int64_t m_rows, int64_t k, const void* values, int value_kind,
+                                  int64_t value_row, int64_t n, const int32_t* positions, int64_t pos_row_words,
+                                  float* y, int threads) {
+  const int64_t kept = k / 2, ps = kept + 16;  // planes padded, as for codes
+  std::vector<float> xp(m_rows * 4 * ps);      // xp[m][r][t] = x[m, 4 * (t / 2) + r]
+  for (int64_t m = 0; m < m_rows; ++m)
+    for (int r = 0; r < 4; ++r)
+      for (int64_t t = 0; t < kept; ++t) xp[(m * 4 + r) * ps + t] = x[m * k + 4 * (t / 2) + r];
+  // Kept values per chunk: 4 rows of x's planes fill 16 KB of L1 cache (a multiple of 16).
+  const int64_t chunk = 1024 / std::min<int64_t>(m_rows, 4) / 16 * 16;
+  std::fill(y, y + m_rows * n, 0.f);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t block = 0; block < (n + 15) / 16; ++block) {
+    const int64_t n0 = block * 16, n1 = std::min(n0 + 16, n);
+    for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
+      mt = rows_at_once(m_rows - m0, 4);
+      const float* xm = xp.data() + m0 * 4 * ps;
+      float* ym = y + m0 * n;
+      for (int64_t t0 = 0; t0 < kept; t0 += chunk) {
+        const int64_t t1 = std::min(t0 + chunk, kept);
+        if (mt == 1) sp24_float_rows<1>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
+        else if (mt == 2) sp24_float_rows<2>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
+        else sp24_float_rows<4>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
+      }
+    }
+  }
 }

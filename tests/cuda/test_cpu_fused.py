@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from compress.cuda import cpu_fused, cpu_native
-from compress.cuda.layout import dequantize_sp24_words, dequantize_words, words_of
-from compress.cuda.ops import int_linear
+from compress.cuda.layout import dense_sp24_values, dequantize_sp24_words, dequantize_words, words_of
+from compress.cuda.ops import int_linear, sp24_linear
 from compress.quant.packing import pack_codes
 from compress.quant.quantize import compute_grid, quantize
 from compress.quant.rtn import RTNConfig
 from compress.sparsity.masks import nm_mask
+from compress.sparsity.layers import SparseLinear
 from compress.sparsity.sparse_quant import SparseQuantLinear
 
 # Relative error ||y - ref|| / ||ref||: fp32 measured <= 3.2e-7 (the same sums in another order);
@@ -142,14 +143,16 @@ def test_a_build_failure_turns_the_path_off_with_one_warning(monkeypatch):
     torch.manual_seed(0)
     q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(64, 16)).prepack()
     layer = sparse_quant_layer(64, 4, 32)
+    values = sparse_layer(16, 64)
     x = torch.randn(1, 64)
     with pytest.warns(RuntimeWarning, match="fused CPU matmul could not be built \\(the C\\+\\+ compiler "
                                             "'/nonexistent/g\\+\\+' \\(CXX\\) was not found\\)"):
         y = q(x)
     assert torch.equal(y, q.set_kernel("reference")(x))  # the reference ran
     assert torch.equal(layer(x), layer.set_kernel("reference")(x))  # 2:4 layers too, without a second warning
+    assert torch.equal(values(x), values.set_kernel("reference")(x))
     assert not cpu_fused.available()
-    for module in (q, layer):
+    for module in (q, layer, values):
         with pytest.raises(ValueError, match="kernel 'cpu_fused' could not be built \\(the C\\+\\+ compiler"):
             module.set_kernel("cpu_fused")(x)
 
@@ -273,3 +276,57 @@ def test_2_4_layers_run_it_for_few_rows_of_x_on_cpu(monkeypatch):
     with pytest.raises(ValueError, match="kernel 'cpu_fused' takes CPU activations and 2:4 weights of 2, 4 or "
                                          "8-bit codes in groups of whole 32-bit code words"):
         short.set_kernel("cpu_fused")(x)
+
+
+def sp24_values(n: int, k: int, dtype: torch.dtype, seed: int = 0):
+    """Kept float values and their slots' position words, as SparseLinear's kernel_layout gives them."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, 3, (n, k // 4), generator=g)
+    second = torch.maximum(torch.randint(0, 4, (n, k // 4), generator=g), first + 1)
+    slots = torch.stack([first, second], dim=-1).reshape(n, k // 2).to(torch.uint8)
+    return torch.randn(n, k // 2, generator=g).to(dtype), words_of(pack_codes(slots, 2))
+
+
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 192), (5, 33, 200), (9, 17, 2120)])  # K / 2 past and off 16, chunks
+def test_float_2_4_matmul_matches_the_reference(values_dtype, m, n, k):
+    values, positions = sp24_values(n, k, values_dtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    ref = x @ dense_sp24_values(values, positions, k, torch.float32).T
+    y = cpu_fused.sp24_float_matmul(x, values, positions, k)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert rel_err(y, ref) < 1e-6  # measured <= 2.4e-7
+    y16 = cpu_fused.sp24_float_matmul(x.bfloat16(), values, positions, k)
+    assert y16.dtype == torch.bfloat16 and rel_err(y16, ref) < 5e-3  # x rounded to bf16: measured <= 3e-3
+
+
+def test_float_2_4_sizes_that_do_not_match_are_refused():
+    values, positions = sp24_values(16, 256, torch.float32)
+    with pytest.raises(ValueError, match="2:4 values \\(16, 128\\) and positions \\(16, 2\\) \\(torch.int32\\) "
+                                         "for K = 256"):
+        cpu_fused.sp24_float_matmul(torch.randn(1, 256), values, positions[:, :2], 256)
+
+
+def sparse_layer(n: int, k: int) -> SparseLinear:
+    torch.manual_seed(0)
+    w = torch.randn(n, k)
+    return SparseLinear.from_pruned(w, nm_mask(w.abs(), 2, 4), "2:4", None, torch.randn(n), "l")
+
+
+def test_2_4_float_layers_run_it_for_few_rows_of_x_on_cpu(monkeypatch):
+    layer = sparse_layer(48, 200)
+    calls = []
+    fused = cpu_fused.sp24_float_matmul
+    monkeypatch.setattr(cpu_fused, "sp24_float_matmul", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+    for m in (1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1):
+        x = torch.randn(m, 200)
+        assert rel_err(layer(x), x @ layer.dequantized_weight().T + layer.bias) < 1e-6
+    assert calls == [1, cpu_fused.SP24_MAX_M]  # above SP24_MAX_M rows: the reference
+    layer.set_kernel("cpu_fused")(x)
+    assert calls == [1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1]
+    layer.set_kernel("reference")(x[:1])  # forced reference: not the kernel
+    double = sparse_layer(16, 64).double()  # float64 values: the reference keeps their precision
+    with pytest.raises(ValueError, match="kernel 'cpu_fused' takes CPU activations and 2:4 weights of fp32, fp16 or "
+                                         "bf16 values, not cpu activations with torch.float64 values \\(K = 64\\)"):
+        sp24_linear(torch.randn(1, 64).double(), *double.kernel_layout()[:2], "cpu_fused")
+    assert calls == [1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1]

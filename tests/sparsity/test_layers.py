@@ -23,7 +23,11 @@ def test_stores_exactly_the_pruned_weight(pattern, ratio, storage):
     assert m.storage == storage
     assert torch.equal(m.dequantized_weight(), w * keep)
     x = torch.randn(3, 64)
-    assert torch.equal(m(x), nn.functional.linear(x, w * keep, b))
+    ref = nn.functional.linear(x, w * keep, b)
+    if m.runs_sp24_op:  # "auto" on CPU: the fused kernel (cuda/cpu_fused.py), the same sums in another order
+        assert ((m(x) - ref).norm() / ref.norm()).item() < 1e-6
+        m.set_kernel("reference")
+    assert torch.equal(m(x), ref)
     assert m.sparsity() == pytest.approx(ratio, abs=1 / 1024)
 
 
