@@ -4,6 +4,8 @@ through the fused CPU matmul (cuda/cpu_fused.py) and through the reference path,
 Variants (every decoder Linear; `lm_head` and embeddings stay float):
   - float:      the model as loaded;
   - int4-g128:  RTN 4-bit, group 128, symmetric (QuantLinear);
+  - sp24:       magnitude 2:4 mask, the kept weights as they are (SparseLinear, what magnitude,
+                Wanda and SparseGPT 2:4 write);
   - sp24-int4:  magnitude 2:4 mask, the kept weights RTN 4-bit group 128 (SparseQuantLinear, the
                 format SparseGPT with `--bits 4` writes; a speed check, the codes are not tuned).
 Each compressed variant runs with kernel "auto" (the fused matmul for decode) and "reference".
@@ -31,13 +33,14 @@ from torch import nn
 # `kernels` package that transformers imports where it is installed
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-VARIANTS = ("float", "int4-g128", "sp24-int4")
+VARIANTS = ("float", "int4-g128", "sp24", "sp24-int4")
 
 
 def compress_linears(model: nn.Module, variant: str) -> list[nn.Module]:
     """Replace every decoder Linear by `variant`'s compressed module (prepacked); the new modules."""
     from compress.quant.quantize import compute_grid, quantize
     from compress.quant.rtn import RTNConfig
+    from compress.sparsity.layers import SparseLinear
     from compress.sparsity.masks import nm_mask
     from compress.sparsity.sparse_quant import SparseQuantLinear
 
@@ -46,11 +49,13 @@ def compress_linears(model: nn.Module, variant: str) -> list[nn.Module]:
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
+            w = child.weight.detach().float()
+            keep = nm_mask(w.abs(), 2, 4)
             if variant == "int4-g128":
                 q = RTNConfig(bits=4, group_size=128).build().compress(name, child)
+            elif variant == "sp24":
+                q = SparseLinear.from_pruned(child.weight.detach(), keep, "2:4", None, child.bias, name)
             else:
-                w = child.weight.detach().float()
-                keep = nm_mask(w.abs(), 2, 4)
                 grid = compute_grid(w * keep, 4, 128, True)
                 q = SparseQuantLinear.from_codes(quantize(w, grid), keep, grid, "2:4", 0.5, child.bias, "float16", name)
             setattr(parent, name, q)

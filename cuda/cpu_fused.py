@@ -70,35 +70,57 @@ def _library():
     return lib
 
 
-def _checked(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, codes: int, bits: int,
-             group_size: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """scales and zeros as the kernels read them, and the group span, once the sizes are checked:
-    the kernels trust them, and a mismatch would read past the tensors."""
-    n, span = words.shape[0], min(group_size, in_features)
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x as the kernels read it: fp32 [M, K], contiguous, on the CPU."""
+    if x.dim() != 2 or x.shape[1] != in_features or x.device.type != "cpu":
+        raise ValueError(f"the fused CPU matmul takes CPU activations [M, {in_features}], not {x.device.type} "
+                         f"activations {tuple(x.shape)}")
+    return x.float().contiguous()
+
+
+def _checked(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, codes: int,
+             bits: int, group_size: int, in_features: int,
+             fits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """x, scales and zeros as the kernels read them, and the group span, once the format (`fits`:
+    applies or sp24_applies) and the sizes are checked: the kernels trust them, and a mismatch
+    would read past the tensors. `codes`: codes a row of words holds (K, or K / 2 for 2:4)."""
+    if not fits:
+        raise ValueError(f"the fused CPU matmul does not read {bits}-bit codes in groups of {group_size} "
+                         f"(K = {in_features}); use kernel 'auto'")
+    x32, n, span = _rows(x, in_features), words.shape[0], min(group_size, in_features)
     groups = -(-in_features // span)
-    if (words.dtype != torch.int32 or words.stride(1) != 1 or words.shape[1] * 32 // bits < codes
-            or scales.shape != (groups, n) or (zeros is not None and zeros.shape != (groups, n))):
-        raise ValueError(f"the fused CPU matmul got words {tuple(words.shape)} ({words.dtype}), scales "
-                         f"{tuple(scales.shape)}, zeros {None if zeros is None else tuple(zeros.shape)} for {codes} "
-                         f"{bits}-bit codes a row of K = {in_features} in groups of {group_size}; expected "
-                         f"{groups} x {n} scales")
+    if (words.dtype != torch.int32 or words.dim() != 2 or words.stride(1) != 1 or words.shape[1] * 32 // bits < codes
+            or scales.shape != (groups, n) or (zeros is not None and (zeros.shape != (groups, n)
+                                                                     or zeros.dtype != torch.uint8))
+            or any(t.device.type != "cpu" for t in (words, scales, zeros) if t is not None)):
+        raise ValueError(f"the fused CPU matmul got words {tuple(words.shape)} ({words.dtype}, {words.device}), "
+                         f"scales {tuple(scales.shape)}, zeros {None if zeros is None else tuple(zeros.shape)} "
+                         f"({None if zeros is None else zeros.dtype}) for {codes} {bits}-bit codes a row of K = "
+                         f"{in_features} in groups of {group_size}; expected {groups} x {n} scales and uint8 zeros")
     scales = scales.contiguous() if scales.dtype in _SCALE_KINDS else scales.float().contiguous()
-    return scales, None if zeros is None else zeros.to(torch.uint8).contiguous(), span
+    return x32, scales, None if zeros is None else zeros.contiguous(), span
+
+
+def _output(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty(x.shape[0], n, dtype=torch.float32)  # fp32 whatever the default dtype
 
 
 def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
            group_size: int, in_features: int) -> torch.Tensor | None:
     """x [M, K] @ dequantize_words(words, ...).T -> [M, N] in x's dtype (words int32 [N, n_words],
-    scales [n_groups, N], zeros uint8 [n_groups, N] or None; a format `applies` takes); None when
-    the kernel could not be built (it warned once; the caller runs the reference)."""
+    scales [n_groups, N], zeros uint8 [n_groups, N] or None; a format `applies` takes, else a
+    ValueError); None when the kernel could not be built (it warned once; the caller runs the
+    reference)."""
     lib = _library()
     if lib is None:
         return None
-    scales, zeros, span = _checked(words, scales, zeros, in_features, bits, group_size, in_features)
-    x32, y = x.float().contiguous(), torch.empty(x.shape[0], words.shape[0])
-    lib.int_matmul(x32.data_ptr(), x.shape[0], in_features, words.data_ptr(), words.shape[0], words.stride(0),
-                   scales.data_ptr(), _SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(), bits,
-                   span, y.data_ptr(), torch.get_num_threads())
+    x32, scales, zeros, span = _checked(x, words, scales, zeros, in_features, bits, group_size, in_features,
+                                        applies(bits, group_size, in_features))
+    y = _output(x, words.shape[0])
+    if y.numel():
+        lib.int_matmul(x32.data_ptr(), x.shape[0], in_features, words.data_ptr(), words.shape[0], words.stride(0),
+                       scales.data_ptr(), _SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(),
+                       bits, span, y.data_ptr(), torch.get_num_threads())
     return y.to(x.dtype)
 
 
@@ -109,22 +131,31 @@ def sp24_applies(bits: int, group_size: int, in_features: int) -> bool:
     return columns > 0 and span > 0 and span % columns == 0 and in_features % columns == 0
 
 
+def _checked_positions(positions: torch.Tensor, rows: int, kept: int) -> None:
+    if (positions.dtype != torch.int32 or positions.dim() != 2 or positions.stride(1) != 1
+            or positions.shape[0] != rows or positions.shape[1] * 16 < kept or positions.device.type != "cpu"):
+        raise ValueError(f"the fused CPU matmul got positions {tuple(positions.shape)} ({positions.dtype}) for "
+                         f"{rows} rows of {kept} kept values")
+
+
 def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> torch.Tensor | None:
     """x [M, K] @ dequantize_sp24_words(words, positions, ...).T -> [M, N] in x's dtype (cuda/layout.py:
     words int32 [N, n_words] of the K / 2 kept codes, positions int32 [N, n_pos_words] of their
-    slots; a format `sp24_applies` takes); None when the kernel could not be built."""
+    slots; a format `sp24_applies` takes, else a ValueError); None when the kernel could not be
+    built."""
     lib = _library()
     if lib is None:
         return None
-    scales, zeros, span = _checked(words, scales, zeros, in_features // 2, bits, group_size, in_features)
-    if positions.dtype != torch.int32 or positions.stride(1) != 1 or positions.shape[1] * 16 < in_features // 2:
-        raise ValueError(f"the fused CPU matmul got positions {tuple(positions.shape)} ({positions.dtype}) for "
-                         f"{in_features // 2} kept codes a row")
-    x32, y = x.float().contiguous(), torch.empty(x.shape[0], words.shape[0])
-    lib.sp24_int_matmul(x32.data_ptr(), x.shape[0], in_features, words.data_ptr(), words.shape[0], words.stride(0),
-                        positions.data_ptr(), positions.stride(0), scales.data_ptr(), _SCALE_KINDS[scales.dtype],
-                        None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(), torch.get_num_threads())
+    x32, scales, zeros, span = _checked(x, words, scales, zeros, in_features // 2, bits, group_size, in_features,
+                                        sp24_applies(bits, group_size, in_features))
+    _checked_positions(positions, words.shape[0], in_features // 2)
+    y = _output(x, words.shape[0])
+    if y.numel():
+        lib.sp24_int_matmul(x32.data_ptr(), x.shape[0], in_features, words.data_ptr(), words.shape[0],
+                            words.stride(0), positions.data_ptr(), positions.stride(0), scales.data_ptr(),
+                            _SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(), bits, span,
+                            y.data_ptr(), torch.get_num_threads())
     return y.to(x.dtype)
 
 
@@ -141,13 +172,15 @@ def sp24_float_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Te
     lib = _library()
     if lib is None:
         return None
-    if (values.dim() != 2 or values.stride(1) != 1 or values.shape[1] * 2 != in_features
-            or positions.dtype != torch.int32 or positions.stride(1) != 1 or positions.shape[0] != values.shape[0]
-            or positions.shape[1] * 16 < in_features // 2):
-        raise ValueError(f"the fused CPU matmul got 2:4 values {tuple(values.shape)} and positions "
-                         f"{tuple(positions.shape)} ({positions.dtype}) for K = {in_features}")
-    x32, y = x.float().contiguous(), torch.empty(x.shape[0], values.shape[0])
-    lib.sp24_float_matmul(x32.data_ptr(), x.shape[0], in_features, values.data_ptr(), _SCALE_KINDS[values.dtype],
-                          values.stride(0), values.shape[0], positions.data_ptr(), positions.stride(0), y.data_ptr(),
-                          torch.get_num_threads())
+    if (not sp24_float_applies(values.dtype, in_features) or values.dim() != 2 or values.stride(1) != 1
+            or values.shape[1] * 2 != in_features or values.device.type != "cpu"):
+        raise ValueError(f"the fused CPU matmul got 2:4 values {tuple(values.shape)} ({values.dtype}) for K = "
+                         f"{in_features}; it reads fp32, fp16 or bf16 values [N, K / 2] on the CPU")
+    x32 = _rows(x, in_features)
+    _checked_positions(positions, values.shape[0], in_features // 2)
+    y = _output(x, values.shape[0])
+    if y.numel():
+        lib.sp24_float_matmul(x32.data_ptr(), x.shape[0], in_features, values.data_ptr(),
+                              _SCALE_KINDS[values.dtype], values.stride(0), values.shape[0], positions.data_ptr(),
+                              positions.stride(0), y.data_ptr(), torch.get_num_threads())
     return y.to(x.dtype)

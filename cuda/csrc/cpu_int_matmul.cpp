@@ -153,7 +153,8 @@ void matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, float* 
 // 2:4 weights (cuda/layout.py): int32 words of the K / 2 kept codes (kept code t at bits
 // (t % CPW) * BITS of word t / CPW) and their slots, 2 bits each (kept code t's slot in its group
 // of 4 columns, 4 * (t / 2) .. + 3, at bits 2 * (t % 16) of position word t / 16). The slots of
-// code word w's CPW codes are element w of the positions read as 2 * CPW-bit integers (`Slots`).
+// code word w's CPW codes are element w of the positions read as 2 * CPW-bit integers (`SlotsOf`,
+// little-endian).
 // Lanes are code words; x is transposed into 2 * CPW planes, plane (h, r) holding the column r
 // of group of 4 number h of each code word, and each code's x is picked from its group's four
 // by its slot with selects, which vectorize where a gather would not.
@@ -189,8 +190,10 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
       for (; j + L <= j1; j += L) {
         vi q, sl;
         std::memcpy(&q, row + j, sizeof(vi));
+        slots_t stored[L];  // read as bytes: the words are int32
+        std::memcpy(stored, slot_row + j, sizeof(stored));
         int32_t widened[L];
-        for (int l = 0; l < L; ++l) widened[l] = slot_row[j + l];
+        for (int l = 0; l < L; ++l) widened[l] = stored[l];
         std::memcpy(&sl, widened, sizeof(vi));
         for (int c = 0; c < CPW; ++c) {
           const vf w = __builtin_convertvector((q >> (c * BITS)) & MASK, vf) * s + b;
@@ -209,7 +212,9 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
       for (; j < j1; ++j)  // a group shorter than a vector, or its end
         for (int c = 0; c < CPW; ++c) {
           const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
-          const int slot = (slot_row[j] >> (2 * c)) & 3;
+          slots_t stored;
+          std::memcpy(&stored, slot_row + j, sizeof(stored));
+          const int slot = (stored >> (2 * c)) & 3;
           for (int m = 0; m < MT; ++m) tail[m] += w * xp[(m * 2 * CPW + 4 * (c / 2) + slot) * ps + j];
         }
     }
@@ -328,10 +333,11 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
 }  // namespace
 
 // y fp32 [m_rows, n] = x fp32 [m_rows, k] @ dequantize(words, scales, zeros).T; k and span are
-// multiples of 32 / bits (checked by the caller, cuda/cpu_fused.py: applies).
+// multiples of 32 / bits (cuda/cpu_fused.py: applies; it checks the sizes too).
 extern "C" void int_matmul(const float* x, int64_t m_rows, int64_t k, const int32_t* words, int64_t n,
                            int64_t row_words, const void* scales, int scale_kind, const uint8_t* zeros, int bits,
                            int64_t span, float* y, int threads) {
+  if (m_rows == 0 || n == 0) return;
   const Weight wt{words, n, row_words, scales, scale_kind, zeros, span};
   if (bits == 2) matmul<2>(x, m_rows, k, wt, y, threads);
   else if (bits == 4) matmul<4>(x, m_rows, k, wt, y, threads);
@@ -344,6 +350,7 @@ extern "C" void sp24_int_matmul(const float* x, int64_t m_rows, int64_t k, const
                                 int64_t row_words, const int32_t* positions, int64_t pos_row_words,
                                 const void* scales, int scale_kind, const uint8_t* zeros, int bits, int64_t span,
                                 float* y, int threads) {
+  if (m_rows == 0 || n == 0) return;
   const Weight wt{words, n, row_words, scales, scale_kind, zeros, span};
   if (bits == 2) sp24_matmul<2>(x, m_rows, k, wt, positions, pos_row_words * 4, y, threads);
   else if (bits == 4) sp24_matmul<4>(x, m_rows, k, wt, positions, pos_row_words * 4, y, threads);
@@ -355,6 +362,7 @@ extern "C" void sp24_int_matmul(const float* x, int64_t m_rows, int64_t k, const
 extern "C" void sp24_float_matmul(const float* x, int64_t m_rows, int64_t k, const void* values, int value_kind,
                                   int64_t value_row, int64_t n, const int32_t* positions, int64_t pos_row_words,
                                   float* y, int threads) {
+  if (m_rows == 0 || n == 0) return;
   const int64_t kept = k / 2, ps = kept + 16;  // planes padded, as for codes
   std::vector<float> xp(m_rows * 4 * ps);      // xp[m][r][t] = x[m, 4 * (t / 2) + r]
   for (int64_t m = 0; m < m_rows; ++m)

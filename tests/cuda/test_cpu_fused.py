@@ -22,6 +22,15 @@ from compress.sparsity.masks import nm_mask
 from compress.sparsity.layers import SparseLinear
 from compress.sparsity.sparse_quant import SparseQuantLinear
 
+def _compiler_found() -> bool:
+    try:
+        return bool(cpu_native._compiler())
+    except RuntimeError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _compiler_found(), reason="no C++ compiler: the fused CPU kernels cannot be built")
+
 # Relative error ||y - ref|| / ||ref||: fp32 measured <= 3.2e-7 (the same sums in another order);
 # bf16 activations: the output's rounding to bf16, measured <= 1.9e-3
 REL_TOL = {torch.float32: 1e-6, torch.bfloat16: 5e-3}
@@ -72,6 +81,50 @@ def test_many_rows_and_long_rows_match_the_reference():
                                                                                             4, 16, k))
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_every_scale_dtype_and_fp16_activations(scale_dtype):
+    words, scales, zeros = weight(24, 128, 4, 32, False)
+    sp_words, positions, sp_scales, sp_zeros = sp24_weight(24, 128, 4, 32, False)
+    scales, sp_scales = scales.to(scale_dtype), sp_scales.to(scale_dtype)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1))
+    ref = x @ dequantize_words(words, scales, zeros, 4, 32, 128, torch.float32).T
+    ref24 = x @ dequantize_sp24_words(sp_words, positions, sp_scales, sp_zeros, 4, 32, 128, torch.float32).T
+    assert rel_err(cpu_fused.matmul(x, words, scales, zeros, 4, 32, 128), ref) < 1e-6
+    assert rel_err(cpu_fused.sp24_matmul(x, sp_words, positions, sp_scales, sp_zeros, 4, 32, 128), ref24) < 1e-6
+    y = cpu_fused.matmul(x.half(), words, scales, zeros, 4, 32, 128)
+    assert y.dtype == torch.float16 and rel_err(y, ref) < 1e-3  # x and y rounded to fp16: measured 3e-4
+
+
+def test_no_rows_and_another_default_dtype():
+    words, scales, zeros = weight(16, 64, 4, 32, True)
+    assert cpu_fused.matmul(torch.randn(0, 64), words, scales, zeros, 4, 32, 64).shape == (0, 16)
+    values, positions = sp24_values(16, 64, torch.float32)
+    assert cpu_fused.sp24_float_matmul(torch.randn(0, 64), values, positions, 64).shape == (0, 16)
+    x = torch.randn(2, 64)
+    ref = x @ dequantize_words(words, scales, zeros, 4, 32, 64, torch.float32).T
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)  # the kernels still write fp32
+        assert rel_err(cpu_fused.matmul(x, words, scales, zeros, 4, 32, 64), ref) < 1e-6
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_formats_and_sizes_that_do_not_match_are_refused():
+    words, scales, zeros = weight(16, 64, 4, 32, True)
+    with pytest.raises(ValueError, match="does not read 4-bit codes in groups of 4 \\(K = 64\\)"):
+        cpu_fused.matmul(torch.randn(1, 64), words, torch.rand(16, 16).half(), None, 4, 4, 64)
+    with pytest.raises(ValueError, match="does not read 3-bit codes"):
+        cpu_fused.matmul(torch.randn(1, 64), words, scales, zeros, 3, 32, 64)
+    with pytest.raises(ValueError, match="takes CPU activations \\[M, 64\\], not cpu activations \\(1, 63\\)"):
+        cpu_fused.matmul(torch.randn(1, 63), words, scales, zeros, 4, 32, 64)
+    with pytest.raises(ValueError, match="uint8 zeros"):
+        cpu_fused.matmul(torch.randn(1, 64), words, scales, torch.zeros(2, 16), 4, 32, 64)
+    sp_words, positions, sp_scales, _ = sp24_weight(16, 64, 4, 32, True)
+    with pytest.raises(ValueError, match="positions \\(8, 2\\) \\(torch.int32\\) for 16 rows of 32 kept values"):
+        cpu_fused.sp24_matmul(torch.randn(1, 64), sp_words, positions[:8], sp_scales, None, 4, 32, 64)
+
+
 def test_sizes_that_do_not_match_are_refused():
     words, scales, zeros = weight(16, 128, 4, 32, True)
     with pytest.raises(ValueError, match="expected 4 x 16 scales"):
@@ -79,7 +132,7 @@ def test_sizes_that_do_not_match_are_refused():
     with pytest.raises(ValueError, match="words \\(16, 8\\)"):
         cpu_fused.matmul(torch.randn(1, 256), words[:, :8], scales, zeros, 4, 32, 256)
     words, positions, scales, zeros = sp24_weight(16, 256, 4, 64, True)
-    with pytest.raises(ValueError, match="positions \\(16, 4\\) \\(torch.int32\\) for 128 kept codes a row"):
+    with pytest.raises(ValueError, match="positions \\(16, 4\\) \\(torch.int32\\) for 16 rows of 128 kept values"):
         cpu_fused.sp24_matmul(torch.randn(1, 256), words, positions[:, :4], scales, zeros, 4, 64, 256)
 
 
@@ -302,8 +355,7 @@ def test_float_2_4_matmul_matches_the_reference(values_dtype, m, n, k):
 
 def test_float_2_4_sizes_that_do_not_match_are_refused():
     values, positions = sp24_values(16, 256, torch.float32)
-    with pytest.raises(ValueError, match="2:4 values \\(16, 128\\) and positions \\(16, 2\\) \\(torch.int32\\) "
-                                         "for K = 256"):
+    with pytest.raises(ValueError, match="positions \\(16, 2\\) \\(torch.int32\\) for 16 rows of 128 kept values"):
         cpu_fused.sp24_float_matmul(torch.randn(1, 256), values, positions[:, :2], 256)
 
 
