@@ -29,17 +29,21 @@ import torch
 from . import cpu_native
 
 # Largest M the dense kernel serves under "auto": its work grows with M (each decoded weight meets
-# 8 rows of x at a time), while the reference dequantizes once and then runs a dense matmul. On
-# this project's 2-core CPU (benchmarks/results/cpu-2026-12-04, fp32, smollm2-135m's shapes) the
-# kernel takes 0.19-0.75x of the reference's time at M = 16 for every width, and at M = 32 more
-# than it for 8-bit codes on three of four shapes (576 x 576: 0.38 against 0.36 ms).
+# 8 rows of x at a time), while beyond it the weight is dequantized once (cpu_dequantize.py) and
+# multiplied by PyTorch's dense matmul. On this project's 2-core CPU (fp32, 4-bit g64,
+# benchmarks/results/cpu-2026-12-04/cpu_kernels_dequant.jsonl) the two are about even at M = 16
+# on smollm2-135m's shapes (576 x 576: 0.26 against 0.24 ms) and the kernel is ahead at 4096^2
+# (7.3 against 11.5 ms); at M = 32 the dequantization wins on most shapes.
 MAX_M = 16
-# The same for 2:4 weights, whose reference (scatter the kept codes into a dense weight, then
-# dequantize) is 3-7x slower than the dense one: at M = 32 the kernel is still ahead (4-bit g128:
-# 1.0 against 2.3 ms at 576 x 576, 1.6 against 4.2 at 1536 x 576, 32 against 122 at 4096^2).
-SP24_MAX_M = 32
+# The same for 2:4 weights (codes or float values): the kernel takes up to 4 rows of x at a time,
+# each code's x picked by selects, and loses its lead sooner. Calling both directly (median of 15
+# calls), 4-bit g128 / fp32 values against the dequantization: M = 8 576 x 576 0.29 / 0.22 against 0.42 / 0.33 ms,
+# 4096^2 9.7 / 12.6 against 21.6 / 18.3; M = 16 about even (576 x 576 0.52 / 0.40 against
+# 0.44 / 0.36, 4096^2 18.5 / 24.1 against 20.8 / 18.1); M = 32 behind (0.93 / 0.70 against
+# 0.48 / 0.38 at 576 x 576).
+SP24_MAX_M = 16
 
-_SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cpu_int_matmul.cpp: ScaleKind
+SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cpu_int_matmul.cpp: ScaleKind
 
 
 def applies(bits: int, group_size: int, in_features: int) -> bool:
@@ -60,13 +64,14 @@ def failure() -> str | None:
     return cpu_native.failure()
 
 
-def _library():
-    """The kernel library, or None where it cannot be built (warned about once)."""
+def library():
+    """The kernel library (the fused matmuls and cpu_dequantize.py's functions), or None where it
+    cannot be built (warned about once)."""
     known = cpu_native.failure() is not None
     lib = cpu_native.library()
     if lib is None and not known:
-        warnings.warn(f"compress: the fused CPU matmul could not be built ({cpu_native.failure()}); quantized "
-                      "layers run the reference path (dequantize, then matmul) on CPU", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"compress: the C++ CPU kernels could not be built ({cpu_native.failure()}); quantized "
+                      "and 2:4 layers run the reference path on CPU", RuntimeWarning, stacklevel=4)
     return lib
 
 
@@ -78,27 +83,26 @@ def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.float().contiguous()
 
 
-def _checked(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, codes: int,
-             bits: int, group_size: int, in_features: int,
-             fits: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """x, scales and zeros as the kernels read them, and the group span, once the format (`fits`:
+def checked_weight(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, codes: int, bits: int,
+                   group_size: int, in_features: int, fits: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Scales and zeros as the kernels read them, and the group span, once the format (`fits`:
     applies or sp24_applies) and the sizes are checked: the kernels trust them, and a mismatch
     would read past the tensors. `codes`: codes a row of words holds (K, or K / 2 for 2:4)."""
     if not fits:
-        raise ValueError(f"the fused CPU matmul does not read {bits}-bit codes in groups of {group_size} "
+        raise ValueError(f"the C++ CPU kernels do not read {bits}-bit codes in groups of {group_size} "
                          f"(K = {in_features}); use kernel 'auto'")
-    x32, n, span = _rows(x, in_features), words.shape[0], min(group_size, in_features)
+    n, span = words.shape[0], min(group_size, in_features)
     groups = -(-in_features // span)
     if (words.dtype != torch.int32 or words.dim() != 2 or words.stride(1) != 1 or words.shape[1] * 32 // bits < codes
             or scales.shape != (groups, n) or (zeros is not None and (zeros.shape != (groups, n)
                                                                      or zeros.dtype != torch.uint8))
             or any(t.device.type != "cpu" for t in (words, scales, zeros) if t is not None)):
-        raise ValueError(f"the fused CPU matmul got words {tuple(words.shape)} ({words.dtype}, {words.device}), "
+        raise ValueError(f"the C++ CPU kernels got words {tuple(words.shape)} ({words.dtype}, {words.device}), "
                          f"scales {tuple(scales.shape)}, zeros {None if zeros is None else tuple(zeros.shape)} "
                          f"({None if zeros is None else zeros.dtype}) for {codes} {bits}-bit codes a row of K = "
                          f"{in_features} in groups of {group_size}; expected {groups} x {n} scales and uint8 zeros")
-    scales = scales.contiguous() if scales.dtype in _SCALE_KINDS else scales.float().contiguous()
-    return x32, scales, None if zeros is None else zeros.contiguous(), span
+    scales = scales.contiguous() if scales.dtype in SCALE_KINDS else scales.float().contiguous()
+    return scales, None if zeros is None else zeros.contiguous(), span
 
 
 def _output(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -111,15 +115,16 @@ def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: to
     scales [n_groups, N], zeros uint8 [n_groups, N] or None; a format `applies` takes, else a
     ValueError); None when the kernel could not be built (it warned once; the caller runs the
     reference)."""
-    lib = _library()
+    lib = library()
     if lib is None:
         return None
-    x32, scales, zeros, span = _checked(x, words, scales, zeros, in_features, bits, group_size, in_features,
-                                        applies(bits, group_size, in_features))
+    scales, zeros, span = checked_weight(words, scales, zeros, in_features, bits, group_size, in_features,
+                                         applies(bits, group_size, in_features))
+    x32 = _rows(x, in_features)
     y = _output(x, words.shape[0])
     if y.numel():
         lib.int_matmul(x32.data_ptr(), x.shape[0], in_features, words.data_ptr(), words.shape[0], words.stride(0),
-                       scales.data_ptr(), _SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(),
+                       scales.data_ptr(), SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(),
                        bits, span, y.data_ptr(), torch.get_num_threads())
     return y.to(x.dtype)
 
@@ -131,10 +136,10 @@ def sp24_applies(bits: int, group_size: int, in_features: int) -> bool:
     return columns > 0 and span > 0 and span % columns == 0 and in_features % columns == 0
 
 
-def _checked_positions(positions: torch.Tensor, rows: int, kept: int) -> None:
+def check_positions(positions: torch.Tensor, rows: int, kept: int) -> None:
     if (positions.dtype != torch.int32 or positions.dim() != 2 or positions.stride(1) != 1
             or positions.shape[0] != rows or positions.shape[1] * 16 < kept or positions.device.type != "cpu"):
-        raise ValueError(f"the fused CPU matmul got positions {tuple(positions.shape)} ({positions.dtype}) for "
+        raise ValueError(f"the C++ CPU kernels got positions {tuple(positions.shape)} ({positions.dtype}) for "
                          f"{rows} rows of {kept} kept values")
 
 
@@ -144,24 +149,25 @@ def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, s
     words int32 [N, n_words] of the K / 2 kept codes, positions int32 [N, n_pos_words] of their
     slots; a format `sp24_applies` takes, else a ValueError); None when the kernel could not be
     built."""
-    lib = _library()
+    lib = library()
     if lib is None:
         return None
-    x32, scales, zeros, span = _checked(x, words, scales, zeros, in_features // 2, bits, group_size, in_features,
-                                        sp24_applies(bits, group_size, in_features))
-    _checked_positions(positions, words.shape[0], in_features // 2)
+    scales, zeros, span = checked_weight(words, scales, zeros, in_features // 2, bits, group_size, in_features,
+                                         sp24_applies(bits, group_size, in_features))
+    check_positions(positions, words.shape[0], in_features // 2)
+    x32 = _rows(x, in_features)
     y = _output(x, words.shape[0])
     if y.numel():
         lib.sp24_int_matmul(x32.data_ptr(), x.shape[0], in_features, words.data_ptr(), words.shape[0],
                             words.stride(0), positions.data_ptr(), positions.stride(0), scales.data_ptr(),
-                            _SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(), bits, span,
+                            SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(), bits, span,
                             y.data_ptr(), torch.get_num_threads())
     return y.to(x.dtype)
 
 
 def sp24_float_applies(values_dtype: torch.dtype, in_features: int) -> bool:
     """Whether the 2:4 kernel of float values (SparseLinear) reads these: fp32, fp16 or bf16 values."""
-    return values_dtype in _SCALE_KINDS and in_features % 4 == 0 and in_features > 0
+    return values_dtype in SCALE_KINDS and in_features % 4 == 0 and in_features > 0
 
 
 def sp24_float_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -169,7 +175,7 @@ def sp24_float_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Te
     """x [M, K] @ dense_sp24_values(values, positions, ...).T -> [M, N] in x's dtype (values
     [N, K / 2] fp32, fp16 or bf16, positions int32 [N, n_pos_words] of their slots); None when the
     kernel could not be built."""
-    lib = _library()
+    lib = library()
     if lib is None:
         return None
     if (not sp24_float_applies(values.dtype, in_features) or values.dim() != 2 or values.stride(1) != 1
@@ -177,10 +183,10 @@ def sp24_float_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Te
         raise ValueError(f"the fused CPU matmul got 2:4 values {tuple(values.shape)} ({values.dtype}) for K = "
                          f"{in_features}; it reads fp32, fp16 or bf16 values [N, K / 2] on the CPU")
     x32 = _rows(x, in_features)
-    _checked_positions(positions, values.shape[0], in_features // 2)
+    check_positions(positions, values.shape[0], in_features // 2)
     y = _output(x, values.shape[0])
     if y.numel():
         lib.sp24_float_matmul(x32.data_ptr(), x.shape[0], in_features, values.data_ptr(),
-                              _SCALE_KINDS[values.dtype], values.stride(0), values.shape[0], positions.data_ptr(),
+                              SCALE_KINDS[values.dtype], values.stride(0), values.shape[0], positions.data_ptr(),
                               positions.stride(0), y.data_ptr(), torch.get_num_threads())
     return y.to(x.dtype)

@@ -1,4 +1,5 @@
-"""Build and load the C++ CPU kernels (csrc/cpu_int_matmul.cpp) with the machine's C++ compiler.
+"""Build and load the C++ CPU kernels (csrc/cpu_int_matmul.cpp: the fused matmuls and the
+dequantization) with the machine's C++ compiler.
 
 The source ships inside the package; the first call in a fresh cache compiles it (8 s on a 2-core
 machine) into
@@ -112,6 +113,13 @@ def library() -> ctypes.CDLL | None:
                                         c.c_int]
         lib.sp24_float_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int64, c.c_int64,
                                           c.c_void_p, c.c_int64, c.c_void_p, c.c_int]
+        lib.int_dequantize.restype = lib.sp24_int_dequantize.restype = lib.sp24_float_dense.restype = None
+        lib.int_dequantize.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_void_p, c.c_int,
+                                       c.c_int64, c.c_int64, c.c_void_p, c.c_int]
+        lib.sp24_int_dequantize.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_void_p,
+                                            c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_void_p, c.c_int]
+        lib.sp24_float_dense.argtypes = [c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64,
+                                         c.c_void_p, c.c_int]
         _library = lib
     except Exception as e:  # no compiler, a failed build or load: the reference serves, as documented
         _failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

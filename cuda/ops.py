@@ -23,8 +23,11 @@ activations); "cpu_fused" (dequantization fused into a C++ CPU matmul, for few r
 cuda/cpu_fused.py); "auto": on CUDA the fastest of triton's choices and, where the weight was
 prepared for it, PyTorch's tinygemm (cuda/tinygemm.py) or, for 2:4 float weights, cuSPARSELt
 (cuda/cusparselt.py); on CPU cpu_packed where a packed weight was prepared for the activation
-dtype, else cpu_fused up to cpu_fused.MAX_M rows of x (SP24_MAX_M for 2:4 weights) where it
-reads the format; else the reference.
+dtype (up to cpu_packed.MAX_M rows of x where the layer holds its words too), else cpu_fused up
+to cpu_fused.MAX_M rows of x (SP24_MAX_M for 2:4 weights) where it reads the format, and beyond
+that the weight dequantized in C++ a block of rows at a time and PyTorch's matmul
+(cuda/cpu_dequantize.py: the reference's weight exactly); else the reference. On CPU under
+"auto", dequantize_int and the gradient of x dequantize in C++ too.
 
 Kernels differ from the reference by rounding only: the Triton kernels and cpu_fused accumulate
 in fp32 (the Triton kernels with split-K in an order that varies from run to run); PyTorch's
@@ -39,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cpu_fused, cpu_packed
+from . import cpu_dequantize, cpu_fused, cpu_packed
 from .layout import dense_sp24_values, dequantize_sp24_words, dequantize_words, supported
 from .tuning import interpreting
 
@@ -78,6 +81,37 @@ def _use_cpu_fused(x2: torch.Tensor, bits: int, group_size: int, in_features: in
             and x2.shape[0] <= most and cpu_fused.available() and applies)
 
 
+def _use_cpu_dequantize(device: torch.device, kernel: str, applies: bool) -> bool:
+    """Whether "auto" dequantizes in C++ (cuda/cpu_dequantize.py) where the fused matmul did not
+    serve: CPU tensors in a format the kernels read, the kernels built. The weight is the
+    reference's bit for bit."""
+    return kernel == "auto" and device.type == "cpu" and applies and cpu_fused.available()
+
+
+def _int_weight(words, scales, zeros, bits, group_size, in_features, dtype, kernel) -> torch.Tensor:
+    """The dense weight [N, K] in `dtype`: dequantized in C++ on CPU under "auto", else the reference."""
+    w = None
+    if _use_cpu_dequantize(words.device, kernel, cpu_fused.applies(bits, group_size, in_features)):
+        w = cpu_dequantize.dequantize(words, scales, zeros, bits, group_size, in_features, dtype)
+    return dequantize_words(words, scales, zeros, bits, group_size, in_features, dtype) if w is None else w
+
+
+def _sp24_int_weight(words, positions, scales, zeros, bits, group_size, in_features, dtype, kernel) -> torch.Tensor:
+    w = None
+    if _use_cpu_dequantize(words.device, kernel, cpu_fused.sp24_applies(bits, group_size, in_features)):
+        w = cpu_dequantize.sp24_dequantize(words, positions, scales, zeros, bits, group_size, in_features, dtype)
+    if w is None:
+        w = dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, in_features, dtype)
+    return w
+
+
+def _sp24_values_weight(values, positions, in_features, dtype, kernel) -> torch.Tensor:
+    w = None
+    if _use_cpu_dequantize(values.device, kernel, cpu_fused.sp24_float_applies(values.dtype, in_features)):
+        w = cpu_dequantize.sp24_float_dense(values, positions, in_features, dtype)
+    return dense_sp24_values(values, positions, in_features, dtype) if w is None else w
+
+
 def _not_built() -> ValueError:
     return ValueError(f"kernel 'cpu_fused' could not be built ({cpu_fused.failure()}); use kernel 'auto'")
 
@@ -105,6 +139,8 @@ def int_linear_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, ze
         y = None
         if _use_cpu_fused(x2, bits, group_size, in_features, kernel):
             y = _unless_failed(cpu_fused.matmul(x2, words, scales, zeros, bits, group_size, in_features), kernel)
+        if y is None and _use_cpu_dequantize(x.device, kernel, cpu_fused.applies(bits, group_size, in_features)):
+            y = cpu_dequantize.int_linear(x2, words, scales, zeros, bits, group_size, in_features)
         if y is None:
             y = torch.nn.functional.linear(x2, dequantize_words(words, scales, zeros, bits, group_size, in_features,
                                                                 x.dtype))
@@ -123,7 +159,7 @@ def dequantize_int(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
         from .int_matmul import IntWeight, dequantize
 
         return dequantize(IntWeight(words, scales, zeros, bits, group_size, in_features), dtype)
-    return dequantize_words(words, scales, zeros, bits, group_size, in_features, dtype)
+    return _int_weight(words, scales, zeros, bits, group_size, in_features, dtype, kernel)
 
 
 @dequantize_int.register_fake
@@ -153,6 +189,8 @@ def sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tenso
         if _use_cpu_fused(x2, bits, group_size, in_features, kernel, sp24=True):
             y = _unless_failed(cpu_fused.sp24_matmul(x2, words, positions, scales, zeros, bits, group_size,
                                                             in_features), kernel)
+        if y is None and _use_cpu_dequantize(x.device, kernel, cpu_fused.sp24_applies(bits, group_size, in_features)):
+            y = cpu_dequantize.sp24_int_linear(x2, words, positions, scales, zeros, bits, group_size, in_features)
         if y is None:
             y = torch.nn.functional.linear(x2, dequantize_sp24_words(words, positions, scales, zeros, bits,
                                                                      group_size, in_features, x.dtype))
@@ -212,6 +250,8 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, 
         y = None
         if _use_cpu_fused_sp24_values(x2, values, k, kernel):
             y = _unless_failed(cpu_fused.sp24_float_matmul(x2, values, positions, k), kernel)
+        if y is None and _use_cpu_dequantize(x.device, kernel, cpu_fused.sp24_float_applies(values.dtype, k)):
+            y = cpu_dequantize.sp24_float_linear(x2, values, positions, k)
         if y is None:
             y = torch.nn.functional.linear(x2, dense_sp24_values(values, positions, k, x.dtype))
     return y.reshape(*x.shape[:-1], n)
@@ -224,7 +264,8 @@ def _(x, values, positions, kernel="auto", cusparselt=None):
 
 def _x_gradient(op, dense_weight) -> None:
     """Register the gradient of an op computing x @ W.T whose weight inputs are frozen buffers:
-    grad [..., N] @ W [N, K] for x, W from the reference `dense_weight(inputs, dtype)`; nothing
+    grad [..., N] @ W [N, K] for x, W from `dense_weight(inputs, dtype)` (the op's own kernel
+    choice: on CPU under "auto" the C++ dequantization, else the reference); nothing
     for the other inputs. (So a compressed layer passes gradients to what lies below it, as an
     adapter trained on top of it needs.)"""
 
@@ -242,9 +283,9 @@ def _x_gradient(op, dense_weight) -> None:
     op.register_autograd(backward, setup_context=setup_context)
 
 
-_x_gradient(int_linear_op, lambda a, dtype: dequantize_words(*a[1:7], dtype))
-_x_gradient(sp24_int_linear, lambda a, dtype: dequantize_sp24_words(*a[1:8], dtype))
-_x_gradient(sp24_linear, lambda a, dtype: dense_sp24_values(a[1], a[2], a[1].shape[1] * 2, dtype))
+_x_gradient(int_linear_op, lambda a, dtype: _int_weight(*a[1:7], dtype, a[7]))
+_x_gradient(sp24_int_linear, lambda a, dtype: _sp24_int_weight(*a[1:8], dtype, a[8]))
+_x_gradient(sp24_linear, lambda a, dtype: _sp24_values_weight(a[1], a[2], a[1].shape[1] * 2, dtype, a[3]))
 
 
 @dataclass(frozen=True)
@@ -274,9 +315,15 @@ def int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
     return int_linear_op(x, words, scales, zeros, bits, group_size, in_features, kernel, *(tinygemm or (None, None)))
 
 
-def cpu_packed_serves(kernel: str, cpu: CpuPacked | None, x: torch.Tensor) -> bool:
-    """Whether `int_linear` runs PyTorch's packed CPU matmul for x (then the words go unread)."""
-    return kernel in ("auto", "cpu_packed") and cpu is not None and x.device.type == "cpu" and x.dtype == cpu.dtype
+def cpu_packed_serves(kernel: str, cpu: CpuPacked | None, x: torch.Tensor, words_held: bool = True) -> bool:
+    """Whether `int_linear` runs PyTorch's packed CPU matmul for x (then the words go unread):
+    forced, or under "auto" for x of the packed weight's dtype, up to cpu_packed.MAX_M rows of x
+    where the layer holds its words (`words_held`; widened codes keep only the packed weight) and
+    the C++ dequantization that serves more rows has not failed to build."""
+    if kernel not in ("auto", "cpu_packed") or cpu is None or x.device.type != "cpu" or x.dtype != cpu.dtype:
+        return False
+    return (kernel == "cpu_packed" or not words_held or not cpu_fused.available()
+            or x.numel() // max(x.shape[-1], 1) <= cpu_packed.MAX_M)
 
 
 def cpu_packed_linear(x: torch.Tensor, cpu: CpuPacked, bits: int, group_size: int, in_features: int) -> torch.Tensor:

@@ -198,7 +198,7 @@ class QuantLinear(GridBuffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if cpu_packed_serves(self.kernel, self._cpu_packed, x):  # the words go unread: not derived
+        if cpu_packed_serves(self.kernel, self._cpu_packed, x, self._prepacked is not None):  # words unread
             y = cpu_packed_linear(x, self._cpu_packed, self.kernel_bits, self.group_size, self.in_features)
         else:
             words, scales, zeros = self._prepacked or self.kernel_layout()

@@ -330,6 +330,54 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
   }
 }
 
+// Dequantization, for calls with more rows of x than the fused matmuls serve: the weight fp32
+// [N, K] that PyTorch's dense matmul then takes. Each value is (code - zero) * scale as the
+// reference computes it (cuda/layout.py: _dequantize_codes): the difference of two small integers
+// is exact in fp32, and a single rounded product follows (nothing to fuse into a multiply-add), so
+// the bits match the reference's. Rows of the weight are split across threads.
+template <int BITS>
+void dequantize(const Weight& wt, int64_t k, float* w, int threads) {
+  constexpr int CPW = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  const int64_t kw = k / CPW, gw = wt.span / CPW;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < wt.n; ++n) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(wt.words + n * wt.row_words);
+    float* out = w + n * k;
+    for (int64_t g = 0; g * gw < kw; ++g) {
+      const float s = scale_at(wt.scales, wt.kind, g * wt.n + n);
+      const float z = wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1));
+      for (int64_t j = g * gw, j1 = std::min(g * gw + gw, kw); j < j1; ++j)
+        for (int c = 0; c < CPW; ++c) out[j * CPW + c] = (float((row[j] >> (c * BITS)) & MASK) - z) * s;
+    }
+  }
+}
+
+// The same for 2:4 codes (layout above): zeros, then each kept code's value at its column
+// 4 * (t / 2) + slot, on the group of that column (groups hold whole groups of 4).
+template <int BITS>
+void sp24_dequantize(const Weight& wt, const int32_t* positions, int64_t pos_row_words, int64_t k, float* w,
+                     int threads) {
+  constexpr int CPW = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  const int64_t kept = k / 2, group_kept = wt.span / 2;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t n = 0; n < wt.n; ++n) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(wt.words + n * wt.row_words);
+    const uint32_t* pos = reinterpret_cast<const uint32_t*>(positions + n * pos_row_words);
+    float* out = w + n * k;
+    std::fill(out, out + k, 0.f);
+    for (int64_t g = 0; g * group_kept < kept; ++g) {
+      const float s = scale_at(wt.scales, wt.kind, g * wt.n + n);
+      const float z = wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1));
+      for (int64_t t = g * group_kept, t1 = std::min(t + group_kept, kept); t < t1; ++t) {
+        const uint32_t code = (row[t / CPW] >> (t % CPW * BITS)) & MASK, slot = (pos[t / 16] >> (t % 16 * 2)) & 3;
+        out[4 * (t / 2) + slot] = (float(code) - z) * s;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // y fp32 [m_rows, n] = x fp32 [m_rows, k] @ dequantize(words, scales, zeros).T; k and span are
@@ -385,5 +433,40 @@ extern "C" void sp24_float_matmul(const float* x, int64_t m_rows, int64_t k, con
         else sp24_float_rows<4>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
       }
     }
+  }
+}
+
+// w fp32 [n, k] = dequantize(words, scales, zeros) (cuda/layout.py: dequantize_words), the
+// reference's values exactly; k and span multiples of 32 / bits (cuda/cpu_fused.py: applies).
+extern "C" void int_dequantize(const int32_t* words, int64_t n, int64_t row_words, const void* scales, int scale_kind,
+                               const uint8_t* zeros, int bits, int64_t span, int64_t k, float* w, int threads) {
+  const Weight wt{words, n, row_words, scales, scale_kind, zeros, span};
+  if (bits == 2) dequantize<2>(wt, k, w, threads);
+  else if (bits == 4) dequantize<4>(wt, k, w, threads);
+  else dequantize<8>(wt, k, w, threads);
+}
+
+// The same for 2:4 codes (cuda/layout.py: dequantize_sp24_words); span a multiple of 4.
+extern "C" void sp24_int_dequantize(const int32_t* words, int64_t n, int64_t row_words, const int32_t* positions,
+                                    int64_t pos_row_words, const void* scales, int scale_kind, const uint8_t* zeros,
+                                    int bits, int64_t span, int64_t k, float* w, int threads) {
+  const Weight wt{words, n, row_words, scales, scale_kind, zeros, span};
+  if (bits == 2) sp24_dequantize<2>(wt, positions, pos_row_words, k, w, threads);
+  else if (bits == 4) sp24_dequantize<4>(wt, positions, pos_row_words, k, w, threads);
+  else sp24_dequantize<8>(wt, positions, pos_row_words, k, w, threads);
+}
+
+// w fp32 [n, k] = the 2:4 weight of float values [n, k / 2] (row stride value_row, fp32 / fp16 /
+// bf16 as `value_kind`) placed by their positions (cuda/layout.py: dense_sp24_values), zeros elsewhere.
+extern "C" void sp24_float_dense(const void* values, int value_kind, int64_t value_row, int64_t n,
+                                 const int32_t* positions, int64_t pos_row_words, int64_t k, float* w, int threads) {
+  const int64_t kept = k / 2;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < n; ++r) {
+    const uint32_t* pos = reinterpret_cast<const uint32_t*>(positions + r * pos_row_words);
+    float* out = w + r * k;
+    std::fill(out, out + k, 0.f);
+    for (int64_t t = 0; t < kept; ++t)
+      out[4 * (t / 2) + ((pos[t / 16] >> (t % 16 * 2)) & 3)] = scale_at(values, value_kind, r * value_row + t);
   }
 }

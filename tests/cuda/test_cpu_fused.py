@@ -112,9 +112,9 @@ def test_no_rows_and_another_default_dtype():
 
 def test_formats_and_sizes_that_do_not_match_are_refused():
     words, scales, zeros = weight(16, 64, 4, 32, True)
-    with pytest.raises(ValueError, match="does not read 4-bit codes in groups of 4 \\(K = 64\\)"):
+    with pytest.raises(ValueError, match="do not read 4-bit codes in groups of 4 \\(K = 64\\)"):
         cpu_fused.matmul(torch.randn(1, 64), words, torch.rand(16, 16).half(), None, 4, 4, 64)
-    with pytest.raises(ValueError, match="does not read 3-bit codes"):
+    with pytest.raises(ValueError, match="do not read 3-bit codes"):
         cpu_fused.matmul(torch.randn(1, 64), words, scales, zeros, 3, 32, 64)
     with pytest.raises(ValueError, match="takes CPU activations \\[M, 64\\], not cpu activations \\(1, 63\\)"):
         cpu_fused.matmul(torch.randn(1, 63), words, scales, zeros, 4, 32, 64)
@@ -165,7 +165,7 @@ def test_auto_runs_it_for_few_rows_of_x_on_cpu(monkeypatch):
     for m in (1, cpu_fused.MAX_M, cpu_fused.MAX_M + 1):
         x = torch.randn(1, m, 128)
         assert rel_err(q(x), x @ q.dequantized_weight().T + q.bias) < 1e-6
-    assert calls == [1, cpu_fused.MAX_M]  # above MAX_M rows: the reference
+    assert calls == [1, cpu_fused.MAX_M]  # above MAX_M rows: dequantize (cpu_dequantize.py), then matmul
     q.set_kernel("reference")(x)
     q.set_kernel("cpu_fused")(x)  # forced: any number of rows
     assert calls == [1, cpu_fused.MAX_M, cpu_fused.MAX_M + 1]
@@ -198,7 +198,7 @@ def test_a_build_failure_turns_the_path_off_with_one_warning(monkeypatch):
     layer = sparse_quant_layer(64, 4, 32)
     values = sparse_layer(16, 64)
     x = torch.randn(1, 64)
-    with pytest.warns(RuntimeWarning, match="fused CPU matmul could not be built \\(the C\\+\\+ compiler "
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ CPU kernels could not be built \\(the C\\+\\+ compiler "
                                             "'/nonexistent/g\\+\\+' \\(CXX\\) was not found\\)"):
         y = q(x)
     assert torch.equal(y, q.set_kernel("reference")(x))  # the reference ran
@@ -232,7 +232,7 @@ def test_without_a_cxx_compiler_the_reference_runs(tmp_path):
     env = {**os.environ, "COMPRESS_CACHE": str(tmp_path), "CXX": "/nonexistent/g++"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("True True False 1 compress: the fused CPU matmul could not be built (the C++ "
+    assert out.stdout.startswith("True True False 1 compress: the C++ CPU kernels could not be built (the C++ "
                                  "compiler '/nonexistent/g++' (CXX) was not found)"), out.stdout
 
 
@@ -373,7 +373,7 @@ def test_2_4_float_layers_run_it_for_few_rows_of_x_on_cpu(monkeypatch):
     for m in (1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1):
         x = torch.randn(m, 200)
         assert rel_err(layer(x), x @ layer.dequantized_weight().T + layer.bias) < 1e-6
-    assert calls == [1, cpu_fused.SP24_MAX_M]  # above SP24_MAX_M rows: the reference
+    assert calls == [1, cpu_fused.SP24_MAX_M]  # above SP24_MAX_M rows: dequantize, then matmul
     layer.set_kernel("cpu_fused")(x)
     assert calls == [1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1]
     layer.set_kernel("reference")(x[:1])  # forced reference: not the kernel

@@ -1,0 +1,167 @@
+"""The C++ dequantization on CPU (cuda/cpu_dequantize.py) against the reference: the same weight
+bit for bit; and what "auto" runs it for (more rows of x than the fused matmuls serve, the
+gradient of x, compress::dequantize_int), blocks of rows included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from compress.cuda import cpu_dequantize, cpu_fused, cpu_native, cpu_packed
+from compress.cuda.layout import dense_sp24_values, dequantize_sp24_words, dequantize_words
+from compress.cuda.ops import dequantize_int, int_linear, sp24_int_linear, sp24_linear
+from compress.quant.rtn import RTNConfig
+from tests.cuda.test_cpu_fused import (_compiler_found, rel_err, sp24_values, sp24_weight, sparse_layer,
+                                       sparse_quant_layer, weight)
+
+pytestmark = pytest.mark.skipif(not _compiler_found(), reason="no C++ compiler: the CPU kernels cannot be built")
+
+# (bits, group size, symmetric): 80 and 128 leave a shorter last group of K = 192; 1 << 30 per channel
+FORMATS = [(4, 64, True), (4, 16, False), (2, 32, False), (8, 1 << 30, True), (4, 80, False), (2, 128, True),
+           (8, 128, False)]
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", FORMATS)
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dequantize_is_the_reference_exactly(bits, group_size, symmetric, scale_dtype):
+    words, scales, zeros = weight(40, 192, bits, group_size, symmetric)
+    scales = scales.to(scale_dtype)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = cpu_dequantize.dequantize(words, scales, zeros, bits, group_size, 192, dtype)
+        assert w.dtype == dtype and torch.equal(w, dequantize_words(words, scales, zeros, bits, group_size, 192,
+                                                                    dtype))
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 64, True), (2, 128, False), (8, 1 << 30, False),
+                                                       (4, 80, False)])
+def test_2_4_dequantize_is_the_reference_exactly(bits, group_size, symmetric):
+    k = 320 if group_size == 80 else 256  # 80: four groups of 80 columns, 40 kept codes each
+    words, positions, scales, zeros = sp24_weight(33, k, bits, group_size, symmetric)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = cpu_dequantize.sp24_dequantize(words, positions, scales, zeros, bits, group_size, k, dtype)
+        ref = dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, k, dtype)
+        assert torch.equal(w, ref) and (w != 0).sum() <= 33 * k // 2  # zero outside the kept slots
+
+
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_2_4_values_are_placed_as_the_reference_places_them(values_dtype):
+    values, positions = sp24_values(17, 200, values_dtype)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = cpu_dequantize.sp24_float_dense(values, positions, 200, dtype)
+        assert torch.equal(w, dense_sp24_values(values, positions, 200, dtype))
+
+
+def test_strided_rows_and_refused_inputs():
+    words, scales, zeros = weight(16, 128, 4, 32, False)
+    wide = torch.cat([words, words], dim=1)[:, :words.shape[1]]  # rows 2 * n_words apart
+    assert torch.equal(cpu_dequantize.dequantize(wide, scales, zeros, 4, 32, 128, torch.float32),
+                       dequantize_words(words, scales, zeros, 4, 32, 128, torch.float32))
+    with pytest.raises(ValueError, match="do not read 4-bit codes in groups of 4 \\(K = 128\\)"):
+        cpu_dequantize.dequantize(words, scales, zeros, 4, 4, 128, torch.float32)
+    with pytest.raises(ValueError, match="expected 4 x 16 scales"):
+        cpu_dequantize.dequantize(words, scales[:3], zeros, 4, 32, 128, torch.float32)
+    sp_words, positions, sp_scales, _ = sp24_weight(16, 128, 4, 64, True)
+    with pytest.raises(ValueError, match="positions \\(8, 4\\) \\(torch.int32\\) for 16 rows of 64 kept values"):
+        cpu_dequantize.sp24_dequantize(sp_words, positions[:8], sp_scales, None, 4, 64, 128, torch.float32)
+    values, positions = sp24_values(16, 64, torch.float64)
+    with pytest.raises(ValueError, match="got 2:4 values \\(16, 32\\) \\(torch.float64\\) for K = 64"):
+        cpu_dequantize.sp24_float_dense(values, positions, 64, torch.float32)
+
+
+def test_blocks_of_rows_give_the_whole_product(monkeypatch):
+    """Weights larger than a block run block by block (the last one shorter) to the same result."""
+    n, k = 200, 256
+    words, scales, zeros = weight(n, k, 4, 64, False)
+    sp_words, positions, sp_scales, sp_zeros = sp24_weight(n, k, 4, 64, False)
+    values, value_positions = sp24_values(n, k, torch.float32)
+    x = torch.randn(20, k, generator=torch.Generator().manual_seed(1))
+    refs = (x @ dequantize_words(words, scales, zeros, 4, 64, k, torch.float32).T,
+            x @ dequantize_sp24_words(sp_words, positions, sp_scales, sp_zeros, 4, 64, k, torch.float32).T,
+            x @ dense_sp24_values(values, value_positions, k, torch.float32).T)
+    blocks = []
+    place = cpu_dequantize.dequantize
+    monkeypatch.setattr(cpu_dequantize, "dequantize", lambda w, *a: blocks.append(w.shape[0]) or place(w, *a))
+    monkeypatch.setattr(cpu_dequantize, "BLOCK_FLOATS", 48 * k)  # blocks of 48 rows: 4 and one of 8
+    ys = (cpu_dequantize.int_linear(x, words, scales, zeros, 4, 64, k),
+          cpu_dequantize.sp24_int_linear(x, sp_words, positions, sp_scales, sp_zeros, 4, 64, k),
+          cpu_dequantize.sp24_float_linear(x, values, value_positions, k))
+    assert blocks == [48, 48, 48, 48, 8]
+    for y, ref in zip(ys, refs):
+        assert y.shape == (20, n) and rel_err(y, ref) < 1e-6  # the same sums, another matmul blocking
+
+
+def test_auto_dequantizes_in_cpp_above_the_fused_rows(monkeypatch):
+    torch.manual_seed(0)
+    q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(128, 48)).prepack()
+    layer = sparse_quant_layer(256, 4, 64).prepack()
+    values = sparse_layer(48, 200)
+    calls = []
+    for name in ("int_linear", "sp24_int_linear", "sp24_float_linear"):
+        run = getattr(cpu_dequantize, name)
+        monkeypatch.setattr(cpu_dequantize, name, lambda *a, run=run, name=name: calls.append(name) or run(*a))
+    for module, most in ((q, cpu_fused.MAX_M), (layer, cpu_fused.SP24_MAX_M), (values, cpu_fused.SP24_MAX_M)):
+        calls.clear()
+        for m in (most, most + 1, 3 * most):
+            x = torch.randn(m, module.in_features)
+            y = module(x)
+            assert rel_err(y, module.set_kernel("reference")(x)) < 1e-6  # measured 0: the same weight
+            module.set_kernel("auto")
+        assert len(calls) == 2  # not for the rows the fused matmul serves, nor for the forced reference
+        module.set_kernel("cpu_fused")(torch.randn(3 * most, module.in_features))
+        assert len(calls) == 2  # forced: the fused matmul at any number of rows
+
+
+def test_the_gradient_and_dequantize_int_use_it_with_the_reference_result(monkeypatch):
+    words, scales, zeros = weight(48, 192, 4, 64, False)
+    sp_words, positions, sp_scales, sp_zeros = sp24_weight(48, 192, 4, 64, False)
+    values, value_positions = sp24_values(48, 192, torch.float32)
+    used = []
+    for name in ("dequantize", "sp24_dequantize", "sp24_float_dense"):
+        run = getattr(cpu_dequantize, name)
+        monkeypatch.setattr(cpu_dequantize, name, lambda *a, run=run, name=name: used.append(name) or run(*a))
+    x = torch.randn(3, 192, requires_grad=True)
+    grad = torch.randn(3, 48)
+    for op, args in ((int_linear, (words, scales, zeros, 4, 64, 192)),
+                     (sp24_int_linear, (sp_words, positions, sp_scales, sp_zeros, 4, 64, 192)),
+                     (sp24_linear, (values, value_positions))):
+        (gx,) = torch.autograd.grad(op(x, *args), x, grad)
+        (ref,) = torch.autograd.grad(op(x, *args, kernel="reference"), x, grad)
+        assert torch.equal(gx, ref)  # the same weight, the same matmul
+    assert used == ["dequantize", "sp24_dequantize", "sp24_float_dense"]
+    w = dequantize_int(words, scales, zeros, 4, 64, 192, torch.bfloat16, "auto")
+    assert used[-1] == "dequantize" and len(used) == 4
+    assert torch.equal(w, dequantize_int(words, scales, zeros, 4, 64, 192, torch.bfloat16, "reference"))
+
+
+def test_a_build_failure_runs_the_reference_for_many_rows(monkeypatch):
+    monkeypatch.setattr(cpu_native, "_library", None)
+    monkeypatch.setattr(cpu_native, "_failure", None)
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    words, scales, zeros = weight(48, 192, 4, 64, False)
+    x = torch.randn(cpu_fused.MAX_M + 1, 192)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ CPU kernels could not be built"):
+        y = int_linear(x, words, scales, zeros, 4, 64, 192)
+    assert torch.equal(y, int_linear(x, words, scales, zeros, 4, 64, 192, kernel="reference"))
+    assert torch.equal(dequantize_int(words, scales, zeros, 4, 64, 192, torch.float32, "auto"),
+                       dequantize_words(words, scales, zeros, 4, 64, 192, torch.float32))
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, -1), (3, 64)])  # int4 and int8 packed; 3-bit widened
+def test_bf16_packed_weights_serve_up_to_their_rows_then_the_dequantization(bits, group_size, monkeypatch):
+    torch.manual_seed(0)
+    q = RTNConfig(bits=bits, group_size=group_size).build().compress("l", nn.Linear(256, 48))
+    q.prepack(torch.bfloat16)
+    assert q._cpu_packed is not None
+    calls = []
+    run = cpu_dequantize.int_linear
+    monkeypatch.setattr(cpu_dequantize, "int_linear", lambda *a: calls.append(a[0].shape[0]) or run(*a))
+    most = cpu_packed.MAX_M
+    for m in (most, most + 1):
+        x = torch.randn(1, m, 256, dtype=torch.bfloat16)
+        y = q.set_kernel("auto")(x)
+        ref = x.float() @ q.dequantized_weight().T + q.bias
+        assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 1e-2  # measured <= 3.3e-3: bf16 roundings
+        if m == most or bits == 3:  # a widened layer holds the packed weight only: it serves every M
+            assert torch.equal(y, q.set_kernel("cpu_packed")(x))
+    assert calls == ([] if bits == 3 else [most + 1])
