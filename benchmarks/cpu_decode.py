@@ -1,16 +1,20 @@
-"""Greedy decode speed of smollm2-135m on CPU: the float model against its compressed layers
-through the fused CPU matmul (cuda/cpu_fused.py) and through the reference path, in one run.
+"""Greedy decode and prefill speed of smollm2-135m on CPU: the float model against its compressed
+layers through the C++ CPU kernels ("auto": cuda/cpu_fused.py for decode, cuda/cpu_dequantize.py
+for prefill) and through the reference path, in one run.
 
 Variants (every decoder Linear; `lm_head` and embeddings stay float):
   - float:      the model as loaded;
   - int4-g128:  RTN 4-bit, group 128, symmetric (QuantLinear);
+  - int4-g64:   the same in groups of 64, which PyTorch's packed int4 CPU matmul takes (K = 576
+                is not a multiple of 128): the path bf16 activations run;
   - sp24:       magnitude 2:4 mask, the kept weights as they are (SparseLinear, what magnitude,
                 Wanda and SparseGPT 2:4 write);
   - sp24-int4:  magnitude 2:4 mask, the kept weights RTN 4-bit group 128 (SparseQuantLinear, the
                 format SparseGPT with `--bits 4` writes; a speed check, the codes are not tuned).
-Each compressed variant runs with kernel "auto" (the fused matmul for decode) and "reference".
-tokens/s of `--tokens` greedy tokens after a 16-token prompt, median of `--repeats` runs after
-one warm-up run (which compiles). One JSON line per (variant, kernel) on stdout.
+Each compressed variant runs with kernel "auto" and "reference". `tokens_per_s`: `--tokens`
+greedy tokens after a 16-token prompt; `prefill_tokens_per_s`: one forward pass over a
+`--prefill`-token prompt; each the median of `--repeats` runs after one warm-up run (which builds
+the kernels). One JSON line per (variant, kernel) on stdout.
 
     python benchmarks/cpu_decode.py
     python benchmarks/cpu_decode.py --dtype bfloat16 --variants int4-g128
@@ -33,7 +37,7 @@ from torch import nn
 # `kernels` package that transformers imports where it is installed
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-VARIANTS = ("float", "int4-g128", "sp24", "sp24-int4")
+VARIANTS = ("float", "int4-g128", "int4-g64", "sp24", "sp24-int4")
 
 
 def compress_linears(model: nn.Module, variant: str) -> list[nn.Module]:
@@ -51,8 +55,8 @@ def compress_linears(model: nn.Module, variant: str) -> list[nn.Module]:
                 continue
             w = child.weight.detach().float()
             keep = nm_mask(w.abs(), 2, 4)
-            if variant == "int4-g128":
-                q = RTNConfig(bits=4, group_size=128).build().compress(name, child)
+            if variant.startswith("int4-g"):
+                q = RTNConfig(bits=4, group_size=int(variant.removeprefix("int4-g"))).build().compress(name, child)
             elif variant == "sp24":
                 q = SparseLinear.from_pruned(child.weight.detach(), keep, "2:4", None, child.bias, name)
             else:
@@ -68,6 +72,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -86,6 +91,17 @@ def main() -> None:
             runs.append(args.tokens / (time.perf_counter() - t))
         return statistics.median(runs[1:])
 
+    long_prompt = torch.randint(100, 1000, (1, args.prefill), generator=torch.Generator().manual_seed(1))
+
+    @torch.no_grad()
+    def prefill_tokens_per_s(model: nn.Module) -> float:
+        runs = []
+        for _ in range(args.repeats + 1):
+            t = time.perf_counter()
+            model(long_prompt)
+            runs.append(args.prefill / (time.perf_counter() - t))
+        return statistics.median(runs[1:])
+
     for variant in args.variants:
         model = compress.load("smollm2-135m", dtype=args.dtype)
         layers = [] if variant == "float" else compress_linears(model, variant)
@@ -95,7 +111,8 @@ def main() -> None:
             for layer in layers:
                 layer.set_kernel(kernel)
             print(json.dumps({"variant": variant, "kernel": kernel, "dtype": args.dtype, "cpu": cpu,
-                              "tokens_per_s": round(tokens_per_s(model), 2)}), flush=True)
+                              "tokens_per_s": round(tokens_per_s(model), 2),
+                              "prefill_tokens_per_s": round(prefill_tokens_per_s(model), 1)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Integer-weight matmuls on CPU: the fused path (cuda/cpu_fused.py) against the reference and a
-dense fp32 matmul, measured in the same run.
+"""Integer-weight matmuls on CPU: the fused path (cuda/cpu_fused.py) and the C++ dequantization
+(cuda/cpu_dequantize.py) against the reference and a dense matmul, measured in the same run.
 
 For each (format, N x K weight, M tokens, activation dtype): y = x[M, K] @ W.T with random codes
 and scales, each contender timed by the median of repeated calls after a warm-up (which compiles
@@ -8,10 +8,14 @@ the fused path):
   - `reference`: what a quantized layer ran before the fused path existed: dequantize_words,
                  then F.linear (cuda/layout.py);
   - `fused`:     cuda/cpu_fused.matmul;
+  - `dequant`:   what "auto" runs above cpu_fused.MAX_M rows (SP24_MAX_M for 2:4): the weight
+                 dequantized in C++ a block of rows at a time, each block's F.linear
+                 (cpu_dequantize.int_linear);
   - `packed`:    PyTorch's packed int4 CPU matmul (cuda/cpu_packed.py), bf16 only and where it
                  takes the format.
 `sp24w4g128`: a 2:4 sparse weight whose kept values are 4-bit codes (SparseQuantLinear's format):
-`reference` is dequantize_sp24_words + F.linear, `fused` cuda/cpu_fused.sp24_matmul, `dense` the
+`reference` is dequantize_sp24_words + F.linear, `fused` cuda/cpu_fused.sp24_matmul, `dequant`
+cpu_dequantize.sp24_int_linear, `dense` the
 same (half-zero) weight as a dense matmul.
 `*_speedup` is dense time / that time. One JSON line per row on stdout, the CPU and thread count
 in each. Weights small enough to stay in cache (smollm2-135m's are) favour the dense matmul over
@@ -33,7 +37,7 @@ import time
 import torch
 
 SHAPES = ["576x576", "192x576", "1536x576", "576x1536", "4096x4096"]  # N x K: smollm2-135m's layers, and 4096^2
-MS = [1, 2, 4, 8, 16, 32]
+MS = [1, 2, 4, 8, 16, 32, 64, 512]
 FORMATS = {  # name -> (bits, group_size, symmetric, 2:4)
     "w4g64": (4, 64, True, False), "w4g128-asym": (4, 128, False, False), "w8": (8, 1 << 30, True, False),
     "w2g64": (2, 64, False, False), "sp24w4g128": (4, 128, True, True),
@@ -59,7 +63,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
 
-    from compress.cuda import cpu_fused, cpu_packed
+    from compress.cuda import cpu_dequantize, cpu_fused, cpu_packed
     from compress.cuda.layout import dequantize_sp24_words, dequantize_words, words_of
     from compress.quant.packing import pack_codes
 
@@ -83,10 +87,14 @@ def main() -> None:
                                                              group_size, k, dtype)
                 fused = lambda x: cpu_fused.sp24_matmul(x, words, positions, scales, zeros, bits,  # noqa: E731
                                                         group_size, k)
+                dequant = lambda x: cpu_dequantize.sp24_int_linear(x, words, positions, scales,  # noqa: E731
+                                                                   zeros, bits, group_size, k)
                 fits = cpu_fused.sp24_applies(bits, group_size, k)
             else:
                 weight = lambda dtype: dequantize_words(words, scales, zeros, bits, group_size, k, dtype)  # noqa: E731
                 fused = lambda x: cpu_fused.matmul(x, words, scales, zeros, bits, group_size, k)  # noqa: E731
+                dequant = lambda x: cpu_dequantize.int_linear(x, words, scales, zeros, bits,  # noqa: E731
+                                                              group_size, k)
                 fits = cpu_fused.applies(bits, group_size, k)
             for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
@@ -102,9 +110,10 @@ def main() -> None:
                     row["reference_ms"] = _time_ms(lambda: torch.nn.functional.linear(x, weight(dtype)), args.repeats)
                     if fits:
                         row["fused_ms"] = _time_ms(lambda: fused(x), args.repeats)
+                        row["dequant_ms"] = _time_ms(lambda: dequant(x), args.repeats)
                     if packed is not None:
                         row["packed_ms"] = _time_ms(lambda: packed(x), args.repeats)
-                    for key in ("reference", "fused", "packed"):
+                    for key in ("reference", "fused", "dequant", "packed"):
                         if f"{key}_ms" in row:
                             row[f"{key}_speedup"] = round(row["dense_ms"] / row[f"{key}_ms"], 3)
                     print(json.dumps({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()}),
