@@ -5,7 +5,7 @@ serve: more rows of x than cpu_fused.MAX_M (prefill, evaluation), the gradient o
 There, a compressed layer dequantizes its whole weight and hands it to PyTorch's dense matmul.
 The reference (cuda/layout.py) does that in several passes of whole-weight tensors (unpack to
 uint8 codes, widen to fp32, subtract, multiply; for 2:4, scatters and a mask besides): 2-3 ns per
-weight, 40 ms for a 4096 x 4096 weight, as long as a dense fp32 matmul of ~80 rows of x. One pass
+weight, 30-45 ms for a 4096 x 4096 weight, as long as a dense fp32 matmul of ~150 rows of x. One pass
 here writes each fp32 value once from the 32-bit words, with the reference's arithmetic, so the
 weight is the reference's bit for bit and the matmul's result is unchanged. Each function returns
 None where the kernels cannot be built (cpu_fused warned once); the caller runs the reference.
@@ -76,10 +76,10 @@ def sp24_float_dense(values: torch.Tensor, positions: torch.Tensor, in_features:
 
 # Weight floats dequantized per block of rows where a call has more rows of x than the fused
 # matmuls serve: 8 MB of fp32, so that the block is still in cache when the matmul reads it and
-# a call never holds the whole fp32 weight. On this project's 2-core CPU (fp32, 4-bit g128,
-# M = 32 / 512): 4096 x 4096 16.6 / 98.7 ms in blocks of 512 rows against 34.9 / 133.7 for the
-# whole weight at once and 10.7 / 111.2 for a dense fp32 matmul; smollm2-135m's weights (at most
-# 1536 x 576) fit in one block.
+# a call never holds the whole fp32 weight. On this project's 2-core CPU, one exploratory run
+# (fp32, 4-bit g128, M = 32 / 512, 4096 x 4096): 16.6 / 98.7 ms in blocks of 512 rows against
+# 34.9 / 133.7 for the whole weight at once and 10.7 / 111.2 for a dense fp32 matmul (blocks of
+# 128 and 1024 rows were slower). smollm2-135m's weights (at most 1536 x 576) fit in one block.
 BLOCK_FLOATS = 1 << 21
 
 

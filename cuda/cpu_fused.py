@@ -33,14 +33,16 @@ from . import cpu_native
 # multiplied by PyTorch's dense matmul. On this project's 2-core CPU (fp32, 4-bit g64,
 # benchmarks/results/cpu-2026-12-04/cpu_kernels_dequant.jsonl) the two are about even at M = 16
 # on smollm2-135m's shapes (576 x 576: 0.26 against 0.24 ms) and the kernel is ahead at 4096^2
-# (7.3 against 11.5 ms); at M = 32 the dequantization wins on most shapes.
+# (7.3 against 11.5 ms). 8-bit, asymmetric 4-bit g128 and 2-bit codes still lead at M = 32 on
+# most shapes (8-bit 576 x 576: 0.33 against 0.40 ms in cpu_kernels_thresholds.jsonl), by less
+# than this shared machine varies between runs; one bound serves every width.
 MAX_M = 16
 # The same for 2:4 weights (codes or float values): the kernel takes up to 4 rows of x at a time,
-# each code's x picked by selects, and loses its lead sooner. Calling both directly (median of 15
-# calls), 4-bit g128 / fp32 values against the dequantization: M = 8 576 x 576 0.29 / 0.22 against 0.42 / 0.33 ms,
-# 4096^2 9.7 / 12.6 against 21.6 / 18.3; M = 16 about even (576 x 576 0.52 / 0.40 against
-# 0.44 / 0.36, 4096^2 18.5 / 24.1 against 20.8 / 18.1); M = 32 behind (0.93 / 0.70 against
-# 0.48 / 0.38 at 576 x 576).
+# each code's x picked by selects, and loses its lead sooner. fp32, 4-bit g128 / fp32 values
+# against the dequantization (cpu_kernels_thresholds.jsonl): M = 8 576 x 576 0.29 / 0.19 against
+# 0.76 / 0.36 ms, 4096^2 9.2 / 11.7 against 27.7 / 22.6; M = 16 ahead or even (0.55 / 0.34
+# against 0.80 / 0.39; 18.1 / 21.4 against 26.2 / 23.9); M = 32 behind on most shapes (1.08 /
+# 0.82 against 0.95 / 0.44 at 576 x 576).
 SP24_MAX_M = 16
 
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cpu_int_matmul.cpp: ScaleKind

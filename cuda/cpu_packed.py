@@ -17,10 +17,10 @@ from .tinygemm import GROUPS, scales_and_zeros
 # Largest M they serve under "auto" where the layer holds its words too: their time grows about
 # linearly with M, and beyond it the C++ dequantization plus a dense bf16 matmul
 # (cpu_dequantize.py) is faster. On this project's 2-core CPU, bf16, packed against dequantized
-# (benchmarks/results/cpu-2026-12-04/cpu_kernels_dequant.jsonl; int8 called directly): int4 g64
-# at M = 64 0.33 / 0.67 / 14.4 ms against 0.36 / 0.52 / 13.0 (576 x 576, 1536 x 576, 4096^2), at
-# M = 512 2.2 / 5.4 / 116 against 1.1 / 2.4 / 55; int8 at M = 64 0.34 / 0.77 / 18.0 against
-# 0.41 / 0.62 / 23.4, at M = 512 2.7 / 10.4 / 174 against 1.2 / 3.7 / 67.
+# (benchmarks/results/cpu-2026-12-04/, cpu_kernels_dequant.jsonl for int4, _thresholds for
+# int8): int4 g64 at M = 64 0.33 / 0.67 / 14.4 ms against 0.36 / 0.52 / 13.0 (576 x 576,
+# 1536 x 576, 4096^2), at M = 512 2.2 / 5.4 / 116 against 1.1 / 2.4 / 55; int8 at M = 64
+# 0.32 / 0.88 / 16.8 against 0.35 / 0.69 / 15.2, at M = 512 2.6 / 7.1 / 130 against 1.1 / 2.9 / 58.
 MAX_M = 64
 
 

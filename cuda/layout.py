@@ -105,7 +105,7 @@ def dequantize_sp24_words(words: torch.Tensor, positions: torch.Tensor, scales: 
     dense = torch.zeros(n, k // 4, 4, dtype=torch.uint8, device=words.device).scatter_(-1, slots, codes)
     kept = torch.zeros(n, k // 4, 4, dtype=torch.bool, device=words.device).scatter_(-1, slots, True)
     w = _dequantize_codes(dense.view(n, k), scales, zeros, bits, group_size, torch.float32)
-    return w.mul_(kept.view(n, k)).to(dtype)
+    return w.masked_fill_(~kept.view(n, k), 0.0).to(dtype)  # +0.0 (a product with 0 gave -0.0 or NaN)
 
 
 def dense_sp24_values(values: torch.Tensor, positions: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:

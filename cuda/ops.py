@@ -13,7 +13,7 @@ where PyTorch's packed CPU weight serves the call and the kernels' words need no
     compress::sp24_linear(x, values, positions, kernel, cusparselt)
         x [..., K] @ W.T for a 2:4 float weight: `values` [N, K / 2] the kept weights, `positions`
         their slots (layout.dense_sp24_values); `cusparselt` the same weight prepared for
-        cuSPARSELt (cusparselt.pack) or None; kernels "auto", "reference" or "triton"
+        cuSPARSELt (cusparselt.pack) or None; kernels "auto", "reference", "triton" or "cpu_fused"
 
 Semantics are those of layout.dequantize_words (the reference). `kernel` picks the
 implementation per call: "reference"; "triton" (our Triton kernels or dequantize + cuBLAS,

@@ -17,6 +17,12 @@ from tests.cuda.test_cpu_fused import (_compiler_found, rel_err, sp24_values, sp
 
 pytestmark = pytest.mark.skipif(not _compiler_found(), reason="no C++ compiler: the CPU kernels cannot be built")
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (torch.equal takes -0.0 for +0.0)."""
+    as_int = {4: torch.int32, 2: torch.int16}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(as_int), b.view(as_int))
+
+
 # (bits, group size, symmetric): 80 and 128 leave a shorter last group of K = 192; 1 << 30 per channel
 FORMATS = [(4, 64, True), (4, 16, False), (2, 32, False), (8, 1 << 30, True), (4, 80, False), (2, 128, True),
            (8, 128, False)]
@@ -29,8 +35,8 @@ def test_dequantize_is_the_reference_exactly(bits, group_size, symmetric, scale_
     scales = scales.to(scale_dtype)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         w = cpu_dequantize.dequantize(words, scales, zeros, bits, group_size, 192, dtype)
-        assert w.dtype == dtype and torch.equal(w, dequantize_words(words, scales, zeros, bits, group_size, 192,
-                                                                    dtype))
+        assert w.dtype == dtype and same_bits(w, dequantize_words(words, scales, zeros, bits, group_size, 192,
+                                                                      dtype))
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 64, True), (2, 128, False), (8, 1 << 30, False),
@@ -41,7 +47,7 @@ def test_2_4_dequantize_is_the_reference_exactly(bits, group_size, symmetric):
     for dtype in (torch.float32, torch.bfloat16):
         w = cpu_dequantize.sp24_dequantize(words, positions, scales, zeros, bits, group_size, k, dtype)
         ref = dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, k, dtype)
-        assert torch.equal(w, ref) and (w != 0).sum() <= 33 * k // 2  # zero outside the kept slots
+        assert same_bits(w, ref) and (w != 0).sum() <= 33 * k // 2  # zero outside the kept slots
 
 
 @pytest.mark.parametrize("values_dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -49,14 +55,25 @@ def test_2_4_values_are_placed_as_the_reference_places_them(values_dtype):
     values, positions = sp24_values(17, 200, values_dtype)
     for dtype in (torch.float32, torch.bfloat16):
         w = cpu_dequantize.sp24_float_dense(values, positions, 200, dtype)
-        assert torch.equal(w, dense_sp24_values(values, positions, 200, dtype))
+        assert same_bits(w, dense_sp24_values(values, positions, 200, dtype))
+
+
+def wider(t: torch.Tensor) -> torch.Tensor:
+    """The same rows, 2 x as far apart (a view of a wider tensor)."""
+    return torch.cat([t, t], dim=1)[:, :t.shape[1]]
 
 
 def test_strided_rows_and_refused_inputs():
     words, scales, zeros = weight(16, 128, 4, 32, False)
-    wide = torch.cat([words, words], dim=1)[:, :words.shape[1]]  # rows 2 * n_words apart
-    assert torch.equal(cpu_dequantize.dequantize(wide, scales, zeros, 4, 32, 128, torch.float32),
-                       dequantize_words(words, scales, zeros, 4, 32, 128, torch.float32))
+    assert same_bits(cpu_dequantize.dequantize(wider(words), scales, zeros, 4, 32, 128, torch.float32),
+                     dequantize_words(words, scales, zeros, 4, 32, 128, torch.float32))
+    sp_words, positions, sp_scales, sp_zeros = sp24_weight(16, 256, 4, 64, False)
+    assert same_bits(cpu_dequantize.sp24_dequantize(wider(sp_words), wider(positions), sp_scales, sp_zeros, 4, 64,
+                                                    256, torch.float32),
+                     dequantize_sp24_words(sp_words, positions, sp_scales, sp_zeros, 4, 64, 256, torch.float32))
+    values, value_positions = sp24_values(16, 256, torch.bfloat16)
+    assert same_bits(cpu_dequantize.sp24_float_dense(wider(values), wider(value_positions), 256, torch.float32),
+                     dense_sp24_values(values, value_positions, 256, torch.float32))
     with pytest.raises(ValueError, match="do not read 4-bit codes in groups of 4 \\(K = 128\\)"):
         cpu_dequantize.dequantize(words, scales, zeros, 4, 4, 128, torch.float32)
     with pytest.raises(ValueError, match="expected 4 x 16 scales"):
@@ -131,7 +148,7 @@ def test_the_gradient_and_dequantize_int_use_it_with_the_reference_result(monkey
     assert used == ["dequantize", "sp24_dequantize", "sp24_float_dense"]
     w = dequantize_int(words, scales, zeros, 4, 64, 192, torch.bfloat16, "auto")
     assert used[-1] == "dequantize" and len(used) == 4
-    assert torch.equal(w, dequantize_int(words, scales, zeros, 4, 64, 192, torch.bfloat16, "reference"))
+    assert same_bits(w, dequantize_int(words, scales, zeros, 4, 64, 192, torch.bfloat16, "reference"))
 
 
 def test_a_build_failure_runs_the_reference_for_many_rows(monkeypatch):
@@ -164,4 +181,19 @@ def test_bf16_packed_weights_serve_up_to_their_rows_then_the_dequantization(bits
         assert y.dtype == torch.bfloat16 and rel_err(y, ref) < 1e-2  # measured <= 3.3e-3: bf16 roundings
         if m == most or bits == 3:  # a widened layer holds the packed weight only: it serves every M
             assert torch.equal(y, q.set_kernel("cpu_packed")(x))
+        else:  # the dequantization: the reference's weight, one block, the same matmul
+            assert torch.equal(y, q.set_kernel("reference")(x))
     assert calls == ([] if bits == 3 else [most + 1])
+
+
+def test_a_build_failure_keeps_packed_weights_on_their_matmul_at_every_row_count(monkeypatch):
+    monkeypatch.setattr(cpu_native, "_library", None)
+    monkeypatch.setattr(cpu_native, "_failure", None)
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    torch.manual_seed(0)
+    q = RTNConfig(bits=4, group_size=64).build().compress("l", nn.Linear(256, 48)).prepack(torch.bfloat16)
+    x = torch.randn(cpu_packed.MAX_M + 1, 256, dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ CPU kernels could not be built"):
+        y = q(x)  # the first call learns of the failure: the reference
+    assert torch.equal(y, q.set_kernel("reference")(x))
+    assert torch.equal(q.set_kernel("auto")(x), q.set_kernel("cpu_packed")(x))  # then the packed matmul
