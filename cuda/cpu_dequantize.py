@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_fused import SCALE_KINDS, applies, check_positions, checked_weight, library, sp24_applies, \
-    sp24_float_applies
+from .cpu_fused import SCALE_KINDS, applies, check_values, checked_sp24, checked_weight, library
 
 
 def _weight(n: int, k: int, dtype: torch.dtype, fill) -> torch.Tensor:
@@ -48,9 +47,7 @@ def sp24_dequantize(words: torch.Tensor, positions: torch.Tensor, scales: torch.
     lib = library()
     if lib is None:
         return None
-    scales, zeros, span = checked_weight(words, scales, zeros, in_features // 2, bits, group_size, in_features,
-                                         sp24_applies(bits, group_size, in_features))
-    check_positions(positions, words.shape[0], in_features // 2)
+    scales, zeros, span = checked_sp24(words, positions, scales, zeros, bits, group_size, in_features)
     return _weight(words.shape[0], in_features, dtype, lambda w: lib.sp24_int_dequantize(
         words.data_ptr(), words.shape[0], words.stride(0), positions.data_ptr(), positions.stride(0),
         scales.data_ptr(), SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(), bits, span,
@@ -64,11 +61,7 @@ def sp24_float_dense(values: torch.Tensor, positions: torch.Tensor, in_features:
     lib = library()
     if lib is None:
         return None
-    if (not sp24_float_applies(values.dtype, in_features) or values.dim() != 2 or values.stride(1) != 1
-            or values.shape[1] * 2 != in_features or values.device.type != "cpu"):
-        raise ValueError(f"the C++ CPU kernels got 2:4 values {tuple(values.shape)} ({values.dtype}) for K = "
-                         f"{in_features}; they read fp32, fp16 or bf16 values [N, K / 2] on the CPU")
-    check_positions(positions, values.shape[0], in_features // 2)
+    check_values(values, positions, in_features)
     return _weight(values.shape[0], in_features, dtype, lambda w: lib.sp24_float_dense(
         values.data_ptr(), SCALE_KINDS[values.dtype], values.stride(0), values.shape[0], positions.data_ptr(),
         positions.stride(0), in_features, w, torch.get_num_threads()))

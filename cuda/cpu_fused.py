@@ -145,6 +145,16 @@ def check_positions(positions: torch.Tensor, rows: int, kept: int) -> None:
                          f"{rows} rows of {kept} kept values")
 
 
+def checked_sp24(words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bits: int, group_size: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """checked_weight for 2:4 codes (the K / 2 kept codes a row, a format `sp24_applies` takes),
+    their positions checked too."""
+    checked = checked_weight(words, scales, zeros, in_features // 2, bits, group_size, in_features,
+                             sp24_applies(bits, group_size, in_features))
+    check_positions(positions, words.shape[0], in_features // 2)
+    return checked
+
+
 def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> torch.Tensor | None:
     """x [M, K] @ dequantize_sp24_words(words, positions, ...).T -> [M, N] in x's dtype (cuda/layout.py:
@@ -154,9 +164,7 @@ def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, s
     lib = library()
     if lib is None:
         return None
-    scales, zeros, span = checked_weight(words, scales, zeros, in_features // 2, bits, group_size, in_features,
-                                         sp24_applies(bits, group_size, in_features))
-    check_positions(positions, words.shape[0], in_features // 2)
+    scales, zeros, span = checked_sp24(words, positions, scales, zeros, bits, group_size, in_features)
     x32 = _rows(x, in_features)
     y = _output(x, words.shape[0])
     if y.numel():
@@ -172,6 +180,16 @@ def sp24_float_applies(values_dtype: torch.dtype, in_features: int) -> bool:
     return values_dtype in SCALE_KINDS and in_features % 4 == 0 and in_features > 0
 
 
+def check_values(values: torch.Tensor, positions: torch.Tensor, in_features: int) -> None:
+    """Refuse 2:4 values and positions the kernels cannot read: values [N, K / 2] fp32, fp16 or
+    bf16 on the CPU, rows contiguous, and positions for their N rows."""
+    if (not sp24_float_applies(values.dtype, in_features) or values.dim() != 2 or values.stride(1) != 1
+            or values.shape[1] * 2 != in_features or values.device.type != "cpu"):
+        raise ValueError(f"the C++ CPU kernels got 2:4 values {tuple(values.shape)} ({values.dtype}) for K = "
+                         f"{in_features}; they read fp32, fp16 or bf16 values [N, K / 2] on the CPU")
+    check_positions(positions, values.shape[0], in_features // 2)
+
+
 def sp24_float_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                       in_features: int) -> torch.Tensor | None:
     """x [M, K] @ dense_sp24_values(values, positions, ...).T -> [M, N] in x's dtype (values
@@ -180,12 +198,8 @@ def sp24_float_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Te
     lib = library()
     if lib is None:
         return None
-    if (not sp24_float_applies(values.dtype, in_features) or values.dim() != 2 or values.stride(1) != 1
-            or values.shape[1] * 2 != in_features or values.device.type != "cpu"):
-        raise ValueError(f"the fused CPU matmul got 2:4 values {tuple(values.shape)} ({values.dtype}) for K = "
-                         f"{in_features}; it reads fp32, fp16 or bf16 values [N, K / 2] on the CPU")
+    check_values(values, positions, in_features)
     x32 = _rows(x, in_features)
-    check_positions(positions, values.shape[0], in_features // 2)
     y = _output(x, values.shape[0])
     if y.numel():
         lib.sp24_float_matmul(x32.data_ptr(), x.shape[0], in_features, values.data_ptr(),
