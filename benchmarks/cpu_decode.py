@@ -17,7 +17,7 @@ greedy tokens after a 16-token prompt; `prefill_tokens_per_s`: one forward pass 
 the kernels). One JSON line per (variant, kernel) on stdout.
 
     python benchmarks/cpu_decode.py
-    python benchmarks/cpu_decode.py --dtype bfloat16 --variants int4-g128
+    python benchmarks/cpu_decode.py --dtype bfloat16 --variants float int4-g64
 """
 
 from __future__ import annotations
@@ -82,25 +82,24 @@ def main() -> None:
     prompt = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
-    def tokens_per_s(model: nn.Module) -> float:
+    long_prompt = torch.randint(100, 1000, (1, args.prefill), generator=torch.Generator().manual_seed(1))
+
+    def rate(run, tokens: int) -> float:
+        """Median tokens/s of `run()` over --repeats calls after a warm-up call."""
         runs = []
         for _ in range(args.repeats + 1):
             t = time.perf_counter()
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.tokens,
-                           min_new_tokens=args.tokens, do_sample=False, pad_token_id=0)
-            runs.append(args.tokens / (time.perf_counter() - t))
+            run()
+            runs.append(tokens / (time.perf_counter() - t))
         return statistics.median(runs[1:])
 
-    long_prompt = torch.randint(100, 1000, (1, args.prefill), generator=torch.Generator().manual_seed(1))
+    def tokens_per_s(model: nn.Module) -> float:
+        return rate(lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.tokens,
+                                           min_new_tokens=args.tokens, do_sample=False, pad_token_id=0), args.tokens)
 
     @torch.no_grad()
     def prefill_tokens_per_s(model: nn.Module) -> float:
-        runs = []
-        for _ in range(args.repeats + 1):
-            t = time.perf_counter()
-            model(long_prompt)
-            runs.append(args.prefill / (time.perf_counter() - t))
-        return statistics.median(runs[1:])
+        return rate(lambda: model(long_prompt), args.prefill)
 
     for variant in args.variants:
         model = compress.load("smollm2-135m", dtype=args.dtype)

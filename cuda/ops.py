@@ -100,9 +100,8 @@ def _sp24_int_weight(words, positions, scales, zeros, bits, group_size, in_featu
     w = None
     if _use_cpu_dequantize(words.device, kernel, cpu_fused.sp24_applies(bits, group_size, in_features)):
         w = cpu_dequantize.sp24_dequantize(words, positions, scales, zeros, bits, group_size, in_features, dtype)
-    if w is None:
-        w = dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, in_features, dtype)
-    return w
+    return dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, in_features, dtype) if w is None \
+        else w
 
 
 def _sp24_values_weight(values, positions, in_features, dtype, kernel) -> torch.Tensor:

@@ -116,7 +116,7 @@ def test_auto_dequantizes_in_cpp_above_the_fused_rows(monkeypatch):
     calls = []
     for name in ("int_linear", "sp24_int_linear", "sp24_float_linear"):
         run = getattr(cpu_dequantize, name)
-        monkeypatch.setattr(cpu_dequantize, name, lambda *a, run=run, name=name: calls.append(name) or run(*a))
+        monkeypatch.setattr(cpu_dequantize, name, lambda *a, run=run: calls.append(a[0].shape[0]) or run(*a))
     for module, most in ((q, cpu_fused.MAX_M), (layer, cpu_fused.SP24_MAX_M), (values, cpu_fused.SP24_MAX_M)):
         calls.clear()
         for m in (most, most + 1, 3 * most):
@@ -124,9 +124,9 @@ def test_auto_dequantizes_in_cpp_above_the_fused_rows(monkeypatch):
             y = module(x)
             assert rel_err(y, module.set_kernel("reference")(x)) < 1e-6  # measured 0: the same weight
             module.set_kernel("auto")
-        assert len(calls) == 2  # not for the rows the fused matmul serves, nor for the forced reference
+        assert calls == [most + 1, 3 * most]  # not the rows the fused matmul serves, nor the forced reference
         module.set_kernel("cpu_fused")(torch.randn(3 * most, module.in_features))
-        assert len(calls) == 2  # forced: the fused matmul at any number of rows
+        assert calls == [most + 1, 3 * most]  # forced: the fused matmul at any number of rows
 
 
 def test_the_gradient_and_dequantize_int_use_it_with_the_reference_result(monkeypatch):
