@@ -248,6 +248,37 @@ def test_it_runs_inside_a_compiled_model(monkeypatch):
     assert calls == [1]  # the op's implementation ran it, inside the compiled graph
 
 
+def test_eager_calls_skip_the_ops_dispatch_where_no_gradient_is_recorded(monkeypatch):
+    """The three layers' eager no-grad calls run the ops' implementations as plain functions (the
+    same result); a call that records x's gradient, or a compiled one, goes through the op."""
+    from compress.cuda import ops
+
+    torch.manual_seed(0)
+    weight_ = torch.randn(32, 64)
+    keep = nm_mask(weight_.abs(), 2, 4)
+    grid = compute_grid(weight_ * keep, 4, 32, True)
+    layers = {"int_linear_op": RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(64, 32)).prepack(),
+              "sp24_int_linear_op": SparseQuantLinear.from_codes(quantize(weight_, grid), keep, grid, "2:4", 0.5, None,
+                                                                 "float16", "l").prepack(),
+              "sp24_linear_op": SparseLinear.from_pruned(weight_, keep, "2:4", None, None, "l").prepack()}
+    calls = []
+    for name in layers:
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _op=op, _name=name: calls.append(_name) or _op(*a))
+    x = torch.randn(2, 64, requires_grad=True)
+    for name, layer in layers.items():
+        with torch.no_grad():
+            direct = layer(x)
+        assert calls == []
+        recorded = layer(x)
+        assert calls == [name] and recorded.grad_fn is not None and torch.equal(recorded.detach(), direct)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), direct, atol=1e-5, rtol=1e-5)
+        assert calls == [name, name], name
+        calls.clear()
+
+
 def test_float64_activations_keep_the_reference():
     torch.manual_seed(0)
     q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(64, 16)).prepack()

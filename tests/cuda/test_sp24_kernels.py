@@ -10,7 +10,7 @@ import torch
 
 from compress.cuda import int_matmul as im
 from compress.cuda.layout import dense_sp24_values, dequantize_sp24_words, words_of
-from compress.cuda.ops import sp24_int_linear, sp24_linear
+from compress.cuda.ops import sp24_int_linear, sp24_linear_op
 from compress.quant.packing import pack_codes
 from compress.quant.quantize import compute_grid, quantize
 from compress.quant.rtn import RTNConfig
@@ -160,7 +160,7 @@ def test_sp24_tensor_core_kernels(spec, dtype, kernel, m, config):
 def test_sp24_linear_op_passes_pytorch_opcheck():
     w = make_sp24_values(16, 64, torch.float16)
     x = torch.randn(3, 64, device=DEVICE, dtype=torch.float16)
-    results = torch.library.opcheck(sp24_linear, (x, w.words, w.positions, "reference", None))
+    results = torch.library.opcheck(sp24_linear_op, (x, w.words, w.positions, "reference", None))
     assert {"test_schema", "test_faketensor", "test_aot_dispatch_dynamic"} <= set(results), results
     assert set(results.values()) == {"SUCCESS"}, results
 
@@ -222,6 +222,6 @@ def test_compressed_layers_pass_gradients_to_their_inputs():
         torch.nn.functional.linear(xr, layer.dequantized_weight(), layer.bias).pow(2).sum().backward()
         assert torch.allclose(x.grad, xr.grad, atol=1e-4), type(layer).__name__
     values, positions, _ = layers[0].kernel_layout()
-    results = torch.library.opcheck(sp24_linear, (torch.randn(3, 64, requires_grad=True), values, positions,
+    results = torch.library.opcheck(sp24_linear_op, (torch.randn(3, 64, requires_grad=True), values, positions,
                                                   "reference", None))
     assert results["test_autograd_registration"] == "SUCCESS", results
