@@ -319,7 +319,7 @@ def int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
                          "N % 16 == 0, or per-channel symmetric 5-8 bits with K % 16 == 0)")
     if cpu_packed_serves(kernel, cpu, x):
         return cpu_packed_linear(x, cpu, bits, group_size, in_features)
-    op = _int_linear if _direct(x) else int_linear_op
+    op = _int_linear if _direct(x, words, scales, *(tinygemm or ())) else int_linear_op
     return op(x, words, scales, zeros, bits, group_size, in_features, kernel, *(tinygemm or (None, None)))
 
 
@@ -327,26 +327,31 @@ def sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tenso
                     zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int,
                     kernel: str = "auto") -> torch.Tensor:
     """compress::sp24_int_linear (module docstring), the op's dispatch skipped where `_direct` allows."""
-    op = _sp24_int_linear if _direct(x) else sp24_int_linear_op
+    op = _sp24_int_linear if _direct(x, words, positions, scales) else sp24_int_linear_op
     return op(x, words, positions, scales, zeros, bits, group_size, in_features, kernel)
 
 
 def sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kernel: str = "auto",
                 cusparselt: torch.Tensor | None = None) -> torch.Tensor:
     """compress::sp24_linear (module docstring), the op's dispatch skipped where `_direct` allows."""
-    op = _sp24_linear if _direct(x) else sp24_linear_op
+    op = _sp24_linear if _direct(x, values, positions, cusparselt) else sp24_linear_op
     return op(x, values, positions, kernel, cusparselt)
 
 
-def _direct(x: torch.Tensor) -> bool:
+def _direct(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     """Whether a call runs the op's implementation as a plain function: eager, on a plain CPU
-    tensor, with no gradient of x to record. The custom op's dispatch costs about 20 us a call
-    on this project's 2-core CPU, two thirds of a 64 x 64 layer's whole call and 40% of what a
-    decoded token spends in smollm2-135m's 210 compressed layers. Calls that torch.compile,
-    export or jit tracing see, tensor subclasses (fake tensors among them), other devices and
-    calls that record a gradient go through the op."""
-    return (type(x) is torch.Tensor and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled())
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+    tensor, with no gradient to record (of x or of `weights`, the op's other tensors). The
+    custom op's dispatch costs about 20 us a call on this project's 2-core CPU, two thirds of a
+    64 x 64 layer's whole call and 40% of what a decoded token spent in smollm2-135m's 210
+    compressed layers. Calls that torch.compile, export, jit tracing, make_fx, vmap or
+    functionalize see, calls under a torch function or dispatch mode (FlopCounterMode, a device
+    context), tensor subclasses (fake tensors among them), other devices and calls that record
+    a gradient go through the op: there the C++ kernels' raw pointers would bypass them."""
+    if (type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling()
+            or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *weights))
 
 
 def cpu_packed_serves(kernel: str, cpu: CpuPacked | None, x: torch.Tensor, words_held: bool = True) -> bool:

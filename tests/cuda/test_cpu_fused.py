@@ -250,7 +250,10 @@ def test_it_runs_inside_a_compiled_model(monkeypatch):
 
 def test_eager_calls_skip_the_ops_dispatch_where_no_gradient_is_recorded(monkeypatch):
     """The three layers' eager no-grad calls run the ops' implementations as plain functions (the
-    same result); a call that records x's gradient, or a compiled one, goes through the op."""
+    same result); calls that record a gradient, compiled, traced (make_fx) or vmapped ones go
+    through the op, where the C++ kernels' raw pointers cannot bypass the tracer."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     from compress.cuda import ops
 
     torch.manual_seed(0)
@@ -272,10 +275,16 @@ def test_eager_calls_skip_the_ops_dispatch_where_no_gradient_is_recorded(monkeyp
         assert calls == []
         recorded = layer(x)
         assert calls == [name] and recorded.grad_fn is not None and torch.equal(recorded.detach(), direct)
+        with torch.inference_mode():
+            assert torch.equal(layer(x.detach()), direct)
+        assert calls == [name]
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
         with torch.no_grad():
             assert torch.allclose(compiled(x), direct, atol=1e-5, rtol=1e-5)
-        assert calls == [name, name], name
+            traced = make_fx(layer)(x.detach())
+            assert f"compress.{name.removesuffix('_op')}" in str(traced.graph), traced.graph
+            assert torch.allclose(torch.vmap(layer)(x.unsqueeze(1)).squeeze(1), direct, atol=1e-5, rtol=1e-5)
+        assert calls == [name] * 4, name
         calls.clear()
 
 
