@@ -4,7 +4,7 @@ dequantization) with the machine's C++ compiler.
 The source ships inside the package; the first call in a fresh cache compiles it (8 s on a 2-core
 machine) into
 `<cache>/kernels/` (`COMPRESS_CACHE`, default ~/.cache/compress), named by a hash of the source,
-the flags, the compiler's version and the CPU, since `-march=native` code may not run on another
+the compiler's command and flags, its version and the CPU, since `-march=native` code may not run on another
 CPU. Written under a temporary name and renamed, so a concurrent or interrupted build never leaves
 half a library behind. It is loaded with ctypes, which releases the GIL during the call.
 
@@ -76,7 +76,7 @@ def _build(source: bytes, cxx: list[str]) -> Path:
     targets = []  # (flags, library) from the fastest flags down
     for extra in _FLAGS[1:]:
         flags = _FLAGS[0] + extra
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu().encode()]))
+        key = hashlib.sha256(b"\0".join([source, " ".join(cxx + flags).encode(), version.encode(), _cpu().encode()]))
         targets.append((flags, folder / f"{Path(SOURCE).stem}-{key.hexdigest()[:16]}.so"))
     cached = next((target for _, target in targets if target.is_file()), None)
     if cached is not None:  # where faster flags failed to compile, this spares compiling them again

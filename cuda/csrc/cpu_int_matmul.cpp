@@ -16,6 +16,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -26,11 +29,17 @@ template <> struct Vec<16> { typedef int32_t i __attribute__((vector_size(64)));
 
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
+// fp16 -> fp32, exact: one instruction where the CPU converts halves (F16C; it was a fifth of the
+// dense kernel's time at groups of 64 with fp16 scales), else by the bits.
 inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
   const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
   if (exp == 0) return (sign ? -1.f : 1.f) * float(mant) * (1.f / 16777216.f);  // zero, subnormal: mant * 2**-24
   if (exp == 31) return bits_to_float(sign | 0x7f800000u | (mant << 13));
   return bits_to_float(sign | ((exp + 112) << 23) | (mant << 13));
+#endif
 }
 
 enum ScaleKind { FP32 = 0, FP16 = 1, BF16 = 2 };

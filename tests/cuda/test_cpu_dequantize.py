@@ -39,6 +39,39 @@ def test_dequantize_is_the_reference_exactly(bits, group_size, symmetric, scale_
                                                                       dtype))
 
 
+FP16_SPECIALS = """
+    import torch
+    from compress.cuda import cpu_dequantize
+    from compress.cuda.layout import dequantize_words
+    from tests.cuda.test_cpu_fused import weight
+    words, scales, zeros = weight(16, 64, 4, 32, False)
+    # subnormal, zero, -0, the largest half, infinity, normal values
+    scales = torch.tensor([[2**-20, 0.0, -0.0, 65504.0, float("inf"), 0.1, -3.5, 2**-14] * 2] * 2).half()
+    w = cpu_dequantize.dequantize(words, scales, zeros, 4, 32, 64, torch.float32)
+    ref = dequantize_words(words, scales, zeros, 4, 32, 64, torch.float32)
+    print(torch.equal(w.view(torch.int32), ref.view(torch.int32)))
+"""
+
+
+@pytest.mark.parametrize("cxx_flags", ["", "-mno-f16c"])
+def test_fp16_scales_convert_exactly_with_or_without_f16c(cxx_flags, tmp_path):
+    """Half scales convert by one instruction where the CPU has F16C (x86), else by their bits (the
+    build for a CPU without it, made here with -mno-f16c): both give the reference's weight bit for
+    bit, subnormal, signed zero and infinite scales included (NaN products where they meet zero
+    codes: compared as bits)."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+    import textwrap
+
+    cxx = " ".join(shlex.quote(part) for part in cpu_native._compiler())
+    env = {**os.environ, "COMPRESS_CACHE": str(tmp_path), "CXX": f"{cxx} {cxx_flags}".strip()}
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(FP16_SPECIALS)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.split() == ["True"], (out.stdout, out.stderr[-2000:])
+
+
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, 64, True), (2, 128, False), (8, 1 << 30, False),
                                                        (4, 80, False)])
 def test_2_4_dequantize_is_the_reference_exactly(bits, group_size, symmetric):
