@@ -59,9 +59,34 @@ struct Weight {
   int64_t span;           // columns per group (a multiple of CPW; the last group may be shorter)
 };
 
+// acc[m] += the CPW codes of the L words at row[j], each decoded as code * s + b (s, b: one value,
+// or each lane its group's); xp: MT rows of CPW planes of `ps` floats.
+template <int BITS, int MT, int P, int L, class S>
+inline void add_words(const int32_t* row, int64_t j, S s, S b, const float* xp, int64_t ps,
+                      typename Vec<L>::f (&acc)[MT][P]) {
+  typedef typename Vec<L>::i vi;
+  typedef typename Vec<L>::f vf;
+  constexpr int CPW = 32 / BITS;
+  constexpr int32_t MASK = (1 << BITS) - 1;
+  vi q;
+  std::memcpy(&q, row + j, sizeof(vi));
+  for (int c = 0; c < CPW; ++c) {
+    const vf w = __builtin_convertvector((q >> (c * BITS)) & MASK, vf) * s + b;
+    for (int m = 0; m < MT; ++m) {
+      vf xv;
+      std::memcpy(&xv, xp + (m * CPW + c) * ps + j, sizeof(vf));
+      acc[m][c % P] += w * xv;
+    }
+  }
+}
+
 // y[0:MT, n0:n1] += the sums over words [w0, w1) of each row (a chunk of x that stays in cache).
-// xp: MT rows of CPW planes of `ps` floats; y: MT rows of N.
-template <int BITS, int MT, int L>
+// xp: MT rows of CPW planes of `ps` floats; y: MT rows of N. Where a group is shorter than 16
+// words (4-bit codes in groups of 64 or fewer) and 16-word vectors tile [w0, w1) (SPAN_GROUPS),
+// each vector spans 16 / gw groups, its lanes carrying their group's scale and bias: a group at
+// a time, such groups took 8-word vectors and the group loop's overhead every 8 words (1.6x the
+// time of groups of 128 at 4096 x 4096, M = 1).
+template <int BITS, int MT, int L, bool SPAN_GROUPS>
 void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
   typedef typename Vec<L>::i vi;
   typedef typename Vec<L>::f vf;
@@ -69,6 +94,9 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
   constexpr int32_t MASK = (1 << BITS) - 1;
   constexpr int P = MT >= 4 ? 1 : 4 / MT;  // independent vector sums per row of x: hide the add latency
   const int64_t gw = wt.span / CPW;        // words per group
+  auto zero_of = [&](int64_t g, int64_t n) {
+    return wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1));
+  };
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* row = wt.words + n * wt.row_words;
     vf acc[MT][P];
@@ -77,28 +105,31 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
       tail[m] = 0.f;
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
     }
-    for (int64_t g = w0 / gw; g * gw < w1; ++g) {
-      const int64_t j1 = std::min(g * gw + gw, w1);
-      const float s = scale_at(wt.scales, wt.kind, g * wt.n + n);
-      const float b = -s * (wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1)));
-      int64_t j = std::max(g * gw, w0);
-      for (; j + L <= j1; j += L) {
-        vi q;
-        std::memcpy(&q, row + j, sizeof(vi));
-        for (int c = 0; c < CPW; ++c) {
-          const vf w = __builtin_convertvector((q >> (c * BITS)) & MASK, vf) * s + b;
-          for (int m = 0; m < MT; ++m) {
-            vf xv;
-            std::memcpy(&xv, xp + (m * CPW + c) * ps + j, sizeof(vf));
-            acc[m][c % P] += w * xv;
-          }
+    if constexpr (SPAN_GROUPS) {
+      const vi group_of_lane = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} / int32_t(gw);
+      for (int64_t j = w0; j < w1; j += L) {
+        vi sv = {}, bv = {};  // the lanes' scales and biases, as bits: blended by masks
+        for (int32_t h = 0; h < L / gw; ++h) {
+          const int64_t g = j / gw + h;
+          const float s = scale_at(wt.scales, wt.kind, g * wt.n + n), b = -s * zero_of(g, n);
+          const vi lanes = group_of_lane == h;  // all ones in group h's lanes
+          sv |= lanes & (vi)(vf{} + s);
+          bv |= lanes & (vi)(vf{} + b);
         }
+        add_words<BITS, MT, P, L>(row, j, (vf)sv, (vf)bv, xp, ps, acc);
       }
-      for (; j < j1; ++j)  // a group shorter than a vector, or its end
-        for (int c = 0; c < CPW; ++c) {
-          const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
-          for (int m = 0; m < MT; ++m) tail[m] += w * xp[(m * CPW + c) * ps + j];
-        }
+    } else {
+      for (int64_t g = w0 / gw; g * gw < w1; ++g) {
+        const int64_t j1 = std::min(g * gw + gw, w1);
+        const float s = scale_at(wt.scales, wt.kind, g * wt.n + n), b = -s * zero_of(g, n);
+        int64_t j = std::max(g * gw, w0);
+        for (; j + L <= j1; j += L) add_words<BITS, MT, P, L>(row, j, s, b, xp, ps, acc);
+        for (; j < j1; ++j)  // a group shorter than a vector, or its end
+          for (int c = 0; c < CPW; ++c) {
+            const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
+            for (int m = 0; m < MT; ++m) tail[m] += w * xp[(m * CPW + c) * ps + j];
+          }
+      }
     }
     for (int m = 0; m < MT; ++m) {
       vf t = acc[m][0];
@@ -117,14 +148,14 @@ inline int64_t rows_at_once(int64_t left, int64_t most) {
   return most;
 }
 
-template <int BITS, int L>
+template <int BITS, int L, bool SPAN_GROUPS = false>
 void rows_of(int64_t mt, const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0,
              int64_t w1) {
   switch (mt) {  // the rows of x as a constant (1, 2, 4 or 8): their sums stay in registers
-    case 1: return rows<BITS, 1, L>(wt, xp, ps, y, n0, n1, w0, w1);
-    case 2: return rows<BITS, 2, L>(wt, xp, ps, y, n0, n1, w0, w1);
-    case 4: return rows<BITS, 4, L>(wt, xp, ps, y, n0, n1, w0, w1);
-    default: return rows<BITS, 8, L>(wt, xp, ps, y, n0, n1, w0, w1);
+    case 1: return rows<BITS, 1, L, SPAN_GROUPS>(wt, xp, ps, y, n0, n1, w0, w1);
+    case 2: return rows<BITS, 2, L, SPAN_GROUPS>(wt, xp, ps, y, n0, n1, w0, w1);
+    case 4: return rows<BITS, 4, L, SPAN_GROUPS>(wt, xp, ps, y, n0, n1, w0, w1);
+    default: return rows<BITS, 8, L, SPAN_GROUPS>(wt, xp, ps, y, n0, n1, w0, w1);
   }
 }
 
@@ -152,6 +183,7 @@ void matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, float* 
       for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
         const int64_t w1 = std::min(w0 + chunk, kw);
         if (gw % 16 == 0) rows_of<BITS, 16>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
+        else if (16 % gw == 0 && kw % 16 == 0) rows_of<BITS, 16, true>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
         else if (gw % 8 == 0) rows_of<BITS, 8>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
         else rows_of<BITS, 4>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
       }

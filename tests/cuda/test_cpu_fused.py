@@ -67,6 +67,19 @@ def test_fused_matmul_matches_the_reference(bits, group_size, symmetric, m, dtyp
     assert rel_err(y, ref) < REL_TOL[dtype]
 
 
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (2, 64), (8, 32), (4, 16)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 3])
+def test_groups_shorter_than_a_vector_share_one(bits, group_size, symmetric, m):
+    """Rows of a multiple of 16 words in groups of 2 to 8 words: each 16-word vector spans 2 to 8
+    groups, every lane with its own group's scale and zero point."""
+    n, k = 24, 512
+    words, scales, zeros = weight(n, k, bits, group_size, symmetric, seed=3)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
+    ref = x @ dequantize_words(words, scales, zeros, bits, group_size, k, torch.float32).T
+    assert rel_err(cpu_fused.matmul(x, words, scales, zeros, bits, group_size, k), ref) < REL_TOL[torch.float32]
+
+
 def test_many_rows_and_long_rows_match_the_reference():
     """Rows of x past 8 (the kernel takes 8 at a time), rows of K past its chunk of x, groups
     shorter than a vector, a weight whose rows are strided (a view of wider words)."""
