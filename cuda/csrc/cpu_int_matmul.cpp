@@ -59,6 +59,31 @@ struct Weight {
   int64_t span;           // columns per group (a multiple of CPW; the last group may be shorter)
 };
 
+// Group g's scale of row n, and its bias -scale * zero (the decoded weight is code * scale + bias).
+template <int BITS>
+inline void group_scale(const Weight& wt, int64_t g, int64_t n, float& s, float& b) {
+  s = scale_at(wt.scales, wt.kind, g * wt.n + n);
+  b = -s * (wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1)));
+}
+
+// The same for the 16 words at j of row n where groups are gw < 16 words (gw divides 16): each
+// lane its group's, blended by masks from one broadcast per group.
+template <int BITS>
+inline void lane_scales(const Weight& wt, int64_t n, int64_t j, int64_t gw, Vec<16>::f& s, Vec<16>::f& b) {
+  typedef Vec<16>::i vi;
+  const vi group_of_lane = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} / int32_t(gw);
+  vi sv = {}, bv = {};  // as bits
+  for (int32_t h = 0; h < 16 / gw; ++h) {
+    float sg, bg;
+    group_scale<BITS>(wt, j / gw + h, n, sg, bg);
+    const vi lanes = group_of_lane == h;  // all ones in group h's lanes
+    sv |= lanes & (vi)(Vec<16>::f{} + sg);
+    bv |= lanes & (vi)(Vec<16>::f{} + bg);
+  }
+  s = (Vec<16>::f)sv;
+  b = (Vec<16>::f)bv;
+}
+
 // acc[m] += the CPW codes of the L words at row[j], each decoded as code * s + b (s, b: one value,
 // or each lane its group's); xp: MT rows of CPW planes of `ps` floats.
 template <int BITS, int MT, int P, int L, class S>
@@ -94,9 +119,6 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
   constexpr int32_t MASK = (1 << BITS) - 1;
   constexpr int P = MT >= 4 ? 1 : 4 / MT;  // independent vector sums per row of x: hide the add latency
   const int64_t gw = wt.span / CPW;        // words per group
-  auto zero_of = [&](int64_t g, int64_t n) {
-    return wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1));
-  };
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* row = wt.words + n * wt.row_words;
     vf acc[MT][P];
@@ -106,22 +128,16 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
     }
     if constexpr (SPAN_GROUPS) {
-      const vi group_of_lane = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} / int32_t(gw);
       for (int64_t j = w0; j < w1; j += L) {
-        vi sv = {}, bv = {};  // the lanes' scales and biases, as bits: blended by masks
-        for (int32_t h = 0; h < L / gw; ++h) {
-          const int64_t g = j / gw + h;
-          const float s = scale_at(wt.scales, wt.kind, g * wt.n + n), b = -s * zero_of(g, n);
-          const vi lanes = group_of_lane == h;  // all ones in group h's lanes
-          sv |= lanes & (vi)(vf{} + s);
-          bv |= lanes & (vi)(vf{} + b);
-        }
-        add_words<BITS, MT, P, L>(row, j, (vf)sv, (vf)bv, xp, ps, acc);
+        vf s, b;
+        lane_scales<BITS>(wt, n, j, gw, s, b);
+        add_words<BITS, MT, P, L>(row, j, s, b, xp, ps, acc);
       }
     } else {
       for (int64_t g = w0 / gw; g * gw < w1; ++g) {
         const int64_t j1 = std::min(g * gw + gw, w1);
-        const float s = scale_at(wt.scales, wt.kind, g * wt.n + n), b = -s * zero_of(g, n);
+        float s, b;
+        group_scale<BITS>(wt, g, n, s, b);
         int64_t j = std::max(g * gw, w0);
         for (; j + L <= j1; j += L) add_words<BITS, MT, P, L>(row, j, s, b, xp, ps, acc);
         for (; j < j1; ++j)  // a group shorter than a vector, or its end
@@ -204,10 +220,41 @@ template <> struct SlotsOf<2> { typedef uint32_t t; };
 template <> struct SlotsOf<4> { typedef uint16_t t; };
 template <> struct SlotsOf<8> { typedef uint8_t t; };
 
-template <int BITS, int MT, int L>
+// acc[m] += the CPW kept codes of the L code words at row[j], each decoded as code * s + b (one
+// value, or each lane its group's) and multiplied by the x at its slot.
+template <int BITS, int MT, int P, int L, class S>
+inline void add_sp24_words(const int32_t* row, const typename SlotsOf<BITS>::t* slot_row, int64_t j, S s, S b,
+                           const float* xp, int64_t ps, typename Vec<L>::f (&acc)[MT][P]) {
+  typedef typename Vec<L>::i vi;
+  typedef typename Vec<L>::f vf;
+  constexpr int CPW = 32 / BITS;
+  constexpr int32_t MASK = (1 << BITS) - 1;
+  vi q, sl;
+  std::memcpy(&q, row + j, sizeof(vi));
+  typename SlotsOf<BITS>::t stored[L];  // read as bytes: the words are int32
+  std::memcpy(stored, slot_row + j, sizeof(stored));
+  int32_t widened[L];
+  for (int l = 0; l < L; ++l) widened[l] = stored[l];
+  std::memcpy(&sl, widened, sizeof(vi));
+  for (int c = 0; c < CPW; ++c) {
+    const vf w = __builtin_convertvector((q >> (c * BITS)) & MASK, vf) * s + b;
+    const vi slot = (sl >> (2 * c)) & 3;
+    for (int m = 0; m < MT; ++m) {
+      const float* plane = xp + (m * 2 * CPW + 4 * (c / 2)) * ps + j;  // planes (c / 2, 0..3)
+      vf x0, x1, x2, x3;
+      std::memcpy(&x0, plane, sizeof(vf));
+      std::memcpy(&x1, plane + ps, sizeof(vf));
+      std::memcpy(&x2, plane + 2 * ps, sizeof(vf));
+      std::memcpy(&x3, plane + 3 * ps, sizeof(vf));
+      acc[m][c % P] += w * (slot == 0 ? x0 : slot == 1 ? x1 : slot == 2 ? x2 : x3);
+    }
+  }
+}
+
+// As `rows`, SPAN_GROUPS included (4-bit kept codes in groups of 128 columns: 8 code words).
+template <int BITS, int MT, int L, bool SPAN_GROUPS>
 void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, const float* xp, int64_t ps, float* y,
                int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
-  typedef typename Vec<L>::i vi;
   typedef typename Vec<L>::f vf;
   typedef typename SlotsOf<BITS>::t slots_t;
   constexpr int CPW = 32 / BITS;
@@ -223,41 +270,28 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
       tail[m] = 0.f;
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
     }
-    for (int64_t g = w0 / gw; g * gw < w1; ++g) {
-      const int64_t j1 = std::min(g * gw + gw, w1);
-      const float s = scale_at(wt.scales, wt.kind, g * wt.n + n);
-      const float b = -s * (wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1)));
-      int64_t j = std::max(g * gw, w0);
-      for (; j + L <= j1; j += L) {
-        vi q, sl;
-        std::memcpy(&q, row + j, sizeof(vi));
-        slots_t stored[L];  // read as bytes: the words are int32
-        std::memcpy(stored, slot_row + j, sizeof(stored));
-        int32_t widened[L];
-        for (int l = 0; l < L; ++l) widened[l] = stored[l];
-        std::memcpy(&sl, widened, sizeof(vi));
-        for (int c = 0; c < CPW; ++c) {
-          const vf w = __builtin_convertvector((q >> (c * BITS)) & MASK, vf) * s + b;
-          const vi slot = (sl >> (2 * c)) & 3;
-          for (int m = 0; m < MT; ++m) {
-            const float* plane = xp + (m * 2 * CPW + 4 * (c / 2)) * ps + j;  // planes (c / 2, 0..3)
-            vf x0, x1, x2, x3;
-            std::memcpy(&x0, plane, sizeof(vf));
-            std::memcpy(&x1, plane + ps, sizeof(vf));
-            std::memcpy(&x2, plane + 2 * ps, sizeof(vf));
-            std::memcpy(&x3, plane + 3 * ps, sizeof(vf));
-            acc[m][c % P] += w * (slot == 0 ? x0 : slot == 1 ? x1 : slot == 2 ? x2 : x3);
-          }
-        }
+    if constexpr (SPAN_GROUPS) {
+      for (int64_t j = w0; j < w1; j += L) {
+        vf s, b;
+        lane_scales<BITS>(wt, n, j, gw, s, b);
+        add_sp24_words<BITS, MT, P, L>(row, slot_row, j, s, b, xp, ps, acc);
       }
-      for (; j < j1; ++j)  // a group shorter than a vector, or its end
-        for (int c = 0; c < CPW; ++c) {
-          const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
-          slots_t stored;
-          std::memcpy(&stored, slot_row + j, sizeof(stored));
-          const int slot = (stored >> (2 * c)) & 3;
-          for (int m = 0; m < MT; ++m) tail[m] += w * xp[(m * 2 * CPW + 4 * (c / 2) + slot) * ps + j];
-        }
+    } else {
+      for (int64_t g = w0 / gw; g * gw < w1; ++g) {
+        const int64_t j1 = std::min(g * gw + gw, w1);
+        float s, b;
+        group_scale<BITS>(wt, g, n, s, b);
+        int64_t j = std::max(g * gw, w0);
+        for (; j + L <= j1; j += L) add_sp24_words<BITS, MT, P, L>(row, slot_row, j, s, b, xp, ps, acc);
+        for (; j < j1; ++j)  // a group shorter than a vector, or its end
+          for (int c = 0; c < CPW; ++c) {
+            const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
+            slots_t stored;
+            std::memcpy(&stored, slot_row + j, sizeof(stored));
+            const int slot = (stored >> (2 * c)) & 3;
+            for (int m = 0; m < MT; ++m) tail[m] += w * xp[(m * 2 * CPW + 4 * (c / 2) + slot) * ps + j];
+          }
+      }
     }
     for (int m = 0; m < MT; ++m) {
       vf t = acc[m][0];
@@ -269,13 +303,13 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
   }
 }
 
-template <int BITS, int L>
+template <int BITS, int L, bool SPAN_GROUPS = false>
 void sp24_rows_of(int64_t mt, const Weight& wt, const void* positions, int64_t pos_row_bytes, const float* xp,
                   int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
   switch (mt) {
-    case 1: return sp24_rows<BITS, 1, L>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
-    case 2: return sp24_rows<BITS, 2, L>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
-    default: return sp24_rows<BITS, 4, L>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
+    case 1: return sp24_rows<BITS, 1, L, SPAN_GROUPS>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
+    case 2: return sp24_rows<BITS, 2, L, SPAN_GROUPS>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
+    default: return sp24_rows<BITS, 4, L, SPAN_GROUPS>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
   }
 }
 
@@ -302,6 +336,8 @@ void sp24_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, co
       for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
         const int64_t w1 = std::min(w0 + chunk, kw);
         if (gw % 16 == 0) sp24_rows_of<BITS, 16>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+        else if (16 % gw == 0 && kw % 16 == 0)
+          sp24_rows_of<BITS, 16, true>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
         else if (gw % 8 == 0) sp24_rows_of<BITS, 8>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
         else sp24_rows_of<BITS, 4>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
       }

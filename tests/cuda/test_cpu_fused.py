@@ -80,6 +80,20 @@ def test_groups_shorter_than_a_vector_share_one(bits, group_size, symmetric, m):
     assert rel_err(cpu_fused.matmul(x, words, scales, zeros, bits, group_size, k), ref) < REL_TOL[torch.float32]
 
 
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (2, 128), (8, 64)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 3])
+def test_2_4_groups_shorter_than_a_vector_share_one(bits, group_size, symmetric, m):
+    """The same for 2:4 kept codes: groups of 4 or 8 code words (4-bit codes in groups of 128
+    columns: 64 kept codes, 8 words)."""
+    n, k = 24, 512
+    words, positions, scales, zeros = sp24_weight(n, k, bits, group_size, symmetric, seed=5)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(6))
+    ref = x @ dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, k, torch.float32).T
+    y = cpu_fused.sp24_matmul(x, words, positions, scales, zeros, bits, group_size, k)
+    assert rel_err(y, ref) < REL_TOL[torch.float32]
+
+
 def test_many_rows_and_long_rows_match_the_reference():
     """Rows of x past 8 (the kernel takes 8 at a time), rows of K past its chunk of x, groups
     shorter than a vector, a weight whose rows are strided (a view of wider words)."""
