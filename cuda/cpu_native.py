@@ -94,6 +94,30 @@ def _build(source: bytes, cxx: list[str]) -> Path:
     raise RuntimeError(f"{' '.join(cxx)} could not compile {SOURCE}: {error}")
 
 
+def load(source: bytes) -> ctypes.CDLL:
+    """`source` (the kernels' C++) built (or found in the cache) and loaded, its functions'
+    signatures declared; raises where it cannot be built or loaded. benchmarks/cpu_kernels_ab.py
+    loads two versions of the source side by side this way."""
+    lib = ctypes.CDLL(str(_build(source, _compiler())))
+    c = ctypes
+    lib.int_matmul.restype = lib.sp24_int_matmul.restype = lib.sp24_float_matmul.restype = None
+    lib.int_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64, c.c_void_p,
+                               c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_void_p, c.c_int]
+    lib.sp24_int_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64, c.c_void_p,
+                                    c.c_int64, c.c_void_p, c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_void_p,
+                                    c.c_int]
+    lib.sp24_float_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int64, c.c_int64,
+                                      c.c_void_p, c.c_int64, c.c_void_p, c.c_int]
+    lib.int_dequantize.restype = lib.sp24_int_dequantize.restype = lib.sp24_float_dense.restype = None
+    lib.int_dequantize.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_void_p, c.c_int,
+                                   c.c_int64, c.c_int64, c.c_void_p, c.c_int]
+    lib.sp24_int_dequantize.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_void_p,
+                                        c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_void_p, c.c_int]
+    lib.sp24_float_dense.argtypes = [c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64,
+                                     c.c_void_p, c.c_int]
+    return lib
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library (built on first use), or None where it cannot be built or loaded."""
     global _library, _failure
@@ -102,25 +126,7 @@ def library() -> ctypes.CDLL | None:
     try:
         if sys.platform == "win32":
             raise RuntimeError("the C++ CPU kernel is built on Linux and macOS only")
-        source = resources.files(__package__).joinpath("csrc", SOURCE).read_bytes()
-        lib = ctypes.CDLL(str(_build(source, _compiler())))
-        c = ctypes
-        lib.int_matmul.restype = lib.sp24_int_matmul.restype = lib.sp24_float_matmul.restype = None
-        lib.int_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64, c.c_void_p,
-                                   c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_void_p, c.c_int]
-        lib.sp24_int_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64, c.c_void_p,
-                                        c.c_int64, c.c_void_p, c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_void_p,
-                                        c.c_int]
-        lib.sp24_float_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int64, c.c_int64,
-                                          c.c_void_p, c.c_int64, c.c_void_p, c.c_int]
-        lib.int_dequantize.restype = lib.sp24_int_dequantize.restype = lib.sp24_float_dense.restype = None
-        lib.int_dequantize.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_void_p, c.c_int,
-                                       c.c_int64, c.c_int64, c.c_void_p, c.c_int]
-        lib.sp24_int_dequantize.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_void_p,
-                                            c.c_int, c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_void_p, c.c_int]
-        lib.sp24_float_dense.argtypes = [c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64,
-                                         c.c_void_p, c.c_int]
-        _library = lib
+        _library = load(resources.files(__package__).joinpath("csrc", SOURCE).read_bytes())
     except Exception as e:  # no compiler, a failed build or load: the reference serves, as documented
         _failure = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return _library
