@@ -65,13 +65,13 @@ def main() -> None:
                 first = torch.randint(0, 3, (n, k // 4))
                 second = torch.maximum(torch.randint(0, 4, (n, k // 4)), first + 1)
                 positions = words_of(pack_codes(torch.stack([first, second], -1).reshape(n, -1).to(torch.uint8), 2))
-                fits = cpu_fused.sp24_applies(bits, group_size, k)
+                if not cpu_fused.sp24_applies(bits, group_size, k):
+                    continue
                 scales, zeros, span = cpu_fused.checked_sp24(words, positions, scales, zeros, bits, group_size, k)
             else:
-                fits = cpu_fused.applies(bits, group_size, k)
-                scales, zeros, span = cpu_fused.checked_weight(words, scales, zeros, k, bits, group_size, k, fits)
-            if not fits:
-                continue
+                if not cpu_fused.applies(bits, group_size, k):
+                    continue
+                scales, zeros, span = cpu_fused.checked_weight(words, scales, zeros, k, bits, group_size, k, True)
             for m in args.ms:
                 x = torch.randn(m, k)
                 y = torch.empty(m, n)

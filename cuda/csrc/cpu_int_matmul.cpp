@@ -66,23 +66,33 @@ inline void group_scale(const Weight& wt, int64_t g, int64_t n, float& s, float&
   b = -s * (wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1)));
 }
 
-// The same for the 16 words at j of row n where groups are gw < 16 words (gw divides 16): each
-// lane its group's, blended by masks from one broadcast per group.
+// The same for the 16 words at j of each row where groups are gw < 16 words (gw divides 16, j a
+// multiple of 16): each lane its group's, blended by masks from one broadcast per group, the
+// values' bits copied as they are.
 template <int BITS>
-inline void lane_scales(const Weight& wt, int64_t n, int64_t j, int64_t gw, Vec<16>::f& s, Vec<16>::f& b) {
+struct LaneGroups {
   typedef Vec<16>::i vi;
-  const vi group_of_lane = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} / int32_t(gw);
-  vi sv = {}, bv = {};  // as bits
-  for (int32_t h = 0; h < 16 / gw; ++h) {
-    float sg, bg;
-    group_scale<BITS>(wt, j / gw + h, n, sg, bg);
-    const vi lanes = group_of_lane == h;  // all ones in group h's lanes
-    sv |= lanes & (vi)(Vec<16>::f{} + sg);
-    bv |= lanes & (vi)(Vec<16>::f{} + bg);
+  const Weight& wt;
+  int64_t gw;
+  vi group_of_lane;  // lane l belongs to group j / gw + l / gw
+  LaneGroups(const Weight& wt_, int64_t gw_)
+      : wt(wt_), gw(gw_), group_of_lane(vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} / int32_t(gw_)) {}
+  void scales(int64_t n, int64_t j, Vec<16>::f& s, Vec<16>::f& b) const {
+    vi sv = {}, bv = {};
+    for (int32_t h = 0; h < 16 / gw; ++h) {
+      float sg, bg;
+      group_scale<BITS>(wt, j / gw + h, n, sg, bg);
+      int32_t s_bits, b_bits;
+      std::memcpy(&s_bits, &sg, 4);
+      std::memcpy(&b_bits, &bg, 4);
+      const vi lanes = group_of_lane == h;  // all ones in group h's lanes
+      sv |= lanes & (vi{} + s_bits);
+      bv |= lanes & (vi{} + b_bits);
+    }
+    s = (Vec<16>::f)sv;
+    b = (Vec<16>::f)bv;
   }
-  s = (Vec<16>::f)sv;
-  b = (Vec<16>::f)bv;
-}
+};
 
 // acc[m] += the CPW codes of the L words at row[j], each decoded as code * s + b (s, b: one value,
 // or each lane its group's); xp: MT rows of CPW planes of `ps` floats.
@@ -106,9 +116,9 @@ inline void add_words(const int32_t* row, int64_t j, S s, S b, const float* xp, 
 }
 
 // y[0:MT, n0:n1] += the sums over words [w0, w1) of each row (a chunk of x that stays in cache).
-// xp: MT rows of CPW planes of `ps` floats; y: MT rows of N. Where a group is shorter than 16
-// words (4-bit codes in groups of 64 or fewer) and 16-word vectors tile [w0, w1) (SPAN_GROUPS),
-// each vector spans 16 / gw groups, its lanes carrying their group's scale and bias: a group at
+// xp: MT rows of CPW planes of `ps` floats; y: MT rows of N. Where groups are 1, 2, 4 or 8 words
+// (4-bit codes in groups of 8 to 64, 2-bit of 16 to 128, 8-bit of 4 to 32) and 16-word vectors
+// tile the row and [w0, w1) (SPAN_GROUPS), each vector spans 16 / gw groups, its lanes carrying their group's scale and bias: a group at
 // a time, such groups took 8-word vectors and the group loop's overhead every 8 words (1.6x the
 // time of groups of 128 at 4096 x 4096, M = 1).
 template <int BITS, int MT, int L, bool SPAN_GROUPS>
@@ -119,6 +129,7 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
   constexpr int32_t MASK = (1 << BITS) - 1;
   constexpr int P = MT >= 4 ? 1 : 4 / MT;  // independent vector sums per row of x: hide the add latency
   const int64_t gw = wt.span / CPW;        // words per group
+  const LaneGroups<BITS> lanes(wt, gw);    // SPAN_GROUPS only
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* row = wt.words + n * wt.row_words;
     vf acc[MT][P];
@@ -128,9 +139,9 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
     }
     if constexpr (SPAN_GROUPS) {
-      for (int64_t j = w0; j < w1; j += L) {
+      for (int64_t j = w0; j + L <= w1; j += L) {  // w0, w1: multiples of 16 (the caller's chunks)
         vf s, b;
-        lane_scales<BITS>(wt, n, j, gw, s, b);
+        lanes.scales(n, j, s, b);
         add_words<BITS, MT, P, L>(row, j, s, b, xp, ps, acc);
       }
     } else {
@@ -186,7 +197,7 @@ void matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, float* 
   for (int64_t m = 0; m < m_rows; ++m)
     for (int c = 0; c < CPW; ++c)
       for (int64_t w = 0; w < kw; ++w) xp[(m * CPW + c) * ps + w] = x[m * k + CPW * w + c];
-  // Words per chunk: 8 rows of x's planes fill 16 KB of L1 cache.
+  // Words per chunk: 8 rows of x's planes fill 16 KB of L1 cache; a multiple of 16 (SPAN_GROUPS).
   const int64_t chunk = std::max<int64_t>(16, 4096 / (std::min<int64_t>(m_rows, 8) * CPW) / 16 * 16);
   std::fill(y, y + m_rows * wt.n, 0.f);
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -261,6 +272,7 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
   constexpr int32_t MASK = (1 << BITS) - 1;
   constexpr int P = MT >= 2 ? 1 : 2;      // independent vector sums per row of x
   const int64_t gw = wt.span / 2 / CPW;   // code words per group
+  const LaneGroups<BITS> lanes(wt, gw);   // SPAN_GROUPS only
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* row = wt.words + n * wt.row_words;
     const slots_t* slot_row = reinterpret_cast<const slots_t*>(static_cast<const uint8_t*>(positions) + n * pos_row_bytes);
@@ -271,9 +283,9 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
     }
     if constexpr (SPAN_GROUPS) {
-      for (int64_t j = w0; j < w1; j += L) {
+      for (int64_t j = w0; j + L <= w1; j += L) {  // w0, w1: multiples of 16 (the caller's chunks)
         vf s, b;
-        lane_scales<BITS>(wt, n, j, gw, s, b);
+        lanes.scales(n, j, s, b);
         add_sp24_words<BITS, MT, P, L>(row, slot_row, j, s, b, xp, ps, acc);
       }
     } else {
@@ -323,7 +335,7 @@ void sp24_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, co
   for (int64_t m = 0; m < m_rows; ++m)
     for (int hr = 0; hr < 2 * CPW; ++hr)
       for (int64_t w = 0; w < kw; ++w) xp[(m * 2 * CPW + hr) * ps + w] = x[m * k + 2 * CPW * w + hr];
-  // Code words per chunk: 4 rows of x's planes fill 16 KB of L1 cache.
+  // Code words per chunk: 4 rows of x's planes fill 16 KB of L1 cache; a multiple of 16 (SPAN_GROUPS).
   const int64_t chunk = std::max<int64_t>(16, 4096 / (std::min<int64_t>(m_rows, 4) * 2 * CPW) / 16 * 16);
   std::fill(y, y + m_rows * wt.n, 0.f);
 #pragma omp parallel for schedule(static) num_threads(threads)

@@ -67,12 +67,12 @@ def test_fused_matmul_matches_the_reference(bits, group_size, symmetric, m, dtyp
     assert rel_err(y, ref) < REL_TOL[dtype]
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (2, 64), (8, 32), (4, 16)])
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (2, 64), (8, 32), (4, 16), (4, 8)])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 5])
 def test_groups_shorter_than_a_vector_share_one(bits, group_size, symmetric, m):
-    """Rows of a multiple of 16 words in groups of 2 to 8 words: each 16-word vector spans 2 to 8
-    groups, every lane with its own group's scale and zero point."""
+    """Rows of a multiple of 16 words in groups of 1 to 8 words: each 16-word vector spans 2 to 16
+    groups, every lane with its own group's scale and zero point (1 to 4 rows of x at a time)."""
     n, k = 24, 512
     words, scales, zeros = weight(n, k, bits, group_size, symmetric, seed=3)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
@@ -80,11 +80,11 @@ def test_groups_shorter_than_a_vector_share_one(bits, group_size, symmetric, m):
     assert rel_err(cpu_fused.matmul(x, words, scales, zeros, bits, group_size, k), ref) < REL_TOL[torch.float32]
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (2, 128), (8, 64)])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (2, 128), (8, 64), (4, 32)])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 5])
 def test_2_4_groups_shorter_than_a_vector_share_one(bits, group_size, symmetric, m):
-    """The same for 2:4 kept codes: groups of 4 or 8 code words (4-bit codes in groups of 128
+    """The same for 2:4 kept codes: groups of 2 to 8 code words (4-bit codes in groups of 128
     columns: 64 kept codes, 8 words)."""
     n, k = 24, 512
     words, positions, scales, zeros = sp24_weight(n, k, bits, group_size, symmetric, seed=5)
