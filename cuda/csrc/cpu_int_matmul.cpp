@@ -94,6 +94,31 @@ struct LaneGroups {
   }
 };
 
+// Row n's words [w0, w1) with their groups' scales and biases: add(j, s, b) for each whole vector
+// of L words at j, tail(j, s, b) for each word of a group past its last whole vector. s and b are
+// one value (a group at a time), or under SPAN_GROUPS each lane its group's.
+template <int BITS, int L, bool SPAN_GROUPS, class Add, class Tail>
+inline void walk_row(const Weight& wt, const LaneGroups<BITS>& lanes, int64_t n, int64_t w0, int64_t w1, Add add,
+                     Tail tail) {
+  if constexpr (SPAN_GROUPS) {
+    for (int64_t j = w0; j + L <= w1; j += L) {  // w0, w1: multiples of 16 (the callers' chunks)
+      typename Vec<L>::f s, b;
+      lanes.scales(n, j, s, b);
+      add(j, s, b);
+    }
+  } else {
+    const int64_t gw = lanes.gw;
+    for (int64_t g = w0 / gw; g * gw < w1; ++g) {
+      const int64_t j1 = std::min(g * gw + gw, w1);
+      float s, b;
+      group_scale<BITS>(wt, g, n, s, b);
+      int64_t j = std::max(g * gw, w0);
+      for (; j + L <= j1; j += L) add(j, s, b);
+      for (; j < j1; ++j) tail(j, s, b);  // a group shorter than a vector, or its end
+    }
+  }
+}
+
 // acc[m] += the CPW codes of the L words at row[j], each decoded as code * s + b (s, b: one value,
 // or each lane its group's); xp: MT rows of CPW planes of `ps` floats.
 template <int BITS, int MT, int P, int L, class S>
@@ -118,18 +143,16 @@ inline void add_words(const int32_t* row, int64_t j, S s, S b, const float* xp, 
 // y[0:MT, n0:n1] += the sums over words [w0, w1) of each row (a chunk of x that stays in cache).
 // xp: MT rows of CPW planes of `ps` floats; y: MT rows of N. Where groups are 1, 2, 4 or 8 words
 // (4-bit codes in groups of 8 to 64, 2-bit of 16 to 128, 8-bit of 4 to 32) and 16-word vectors
-// tile the row and [w0, w1) (SPAN_GROUPS), each vector spans 16 / gw groups, its lanes carrying their group's scale and bias: a group at
-// a time, such groups took 8-word vectors and the group loop's overhead every 8 words (1.6x the
-// time of groups of 128 at 4096 x 4096, M = 1).
+// tile the row and [w0, w1) (SPAN_GROUPS), each vector spans 16 / gw groups, its lanes carrying
+// their group's scale and bias: a group at a time, such groups took 8-word vectors and the group
+// loop's overhead every 8 words (1.6x the time of groups of 128 at 4096 x 4096, M = 1).
 template <int BITS, int MT, int L, bool SPAN_GROUPS>
 void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
-  typedef typename Vec<L>::i vi;
   typedef typename Vec<L>::f vf;
   constexpr int CPW = 32 / BITS;
   constexpr int32_t MASK = (1 << BITS) - 1;
   constexpr int P = MT >= 4 ? 1 : 4 / MT;  // independent vector sums per row of x: hide the add latency
-  const int64_t gw = wt.span / CPW;        // words per group
-  const LaneGroups<BITS> lanes(wt, gw);    // SPAN_GROUPS only
+  const LaneGroups<BITS> lanes(wt, wt.span / CPW);  // groups of span / CPW words
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* row = wt.words + n * wt.row_words;
     vf acc[MT][P];
@@ -138,26 +161,14 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
       tail[m] = 0.f;
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
     }
-    if constexpr (SPAN_GROUPS) {
-      for (int64_t j = w0; j + L <= w1; j += L) {  // w0, w1: multiples of 16 (the caller's chunks)
-        vf s, b;
-        lanes.scales(n, j, s, b);
-        add_words<BITS, MT, P, L>(row, j, s, b, xp, ps, acc);
-      }
-    } else {
-      for (int64_t g = w0 / gw; g * gw < w1; ++g) {
-        const int64_t j1 = std::min(g * gw + gw, w1);
-        float s, b;
-        group_scale<BITS>(wt, g, n, s, b);
-        int64_t j = std::max(g * gw, w0);
-        for (; j + L <= j1; j += L) add_words<BITS, MT, P, L>(row, j, s, b, xp, ps, acc);
-        for (; j < j1; ++j)  // a group shorter than a vector, or its end
+    walk_row<BITS, L, SPAN_GROUPS>(
+        wt, lanes, n, w0, w1, [&](int64_t j, auto s, auto b) { add_words<BITS, MT, P, L>(row, j, s, b, xp, ps, acc); },
+        [&](int64_t j, float s, float b) {
           for (int c = 0; c < CPW; ++c) {
             const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
             for (int m = 0; m < MT; ++m) tail[m] += w * xp[(m * CPW + c) * ps + j];
           }
-      }
-    }
+        });
     for (int m = 0; m < MT; ++m) {
       vf t = acc[m][0];
       for (int p = 1; p < P; ++p) t += acc[m][p];
@@ -271,8 +282,7 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
   constexpr int CPW = 32 / BITS;
   constexpr int32_t MASK = (1 << BITS) - 1;
   constexpr int P = MT >= 2 ? 1 : 2;      // independent vector sums per row of x
-  const int64_t gw = wt.span / 2 / CPW;   // code words per group
-  const LaneGroups<BITS> lanes(wt, gw);   // SPAN_GROUPS only
+  const LaneGroups<BITS> lanes(wt, wt.span / 2 / CPW);  // groups of span / 2 / CPW code words
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* row = wt.words + n * wt.row_words;
     const slots_t* slot_row = reinterpret_cast<const slots_t*>(static_cast<const uint8_t*>(positions) + n * pos_row_bytes);
@@ -282,29 +292,18 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
       tail[m] = 0.f;
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
     }
-    if constexpr (SPAN_GROUPS) {
-      for (int64_t j = w0; j + L <= w1; j += L) {  // w0, w1: multiples of 16 (the caller's chunks)
-        vf s, b;
-        lanes.scales(n, j, s, b);
-        add_sp24_words<BITS, MT, P, L>(row, slot_row, j, s, b, xp, ps, acc);
-      }
-    } else {
-      for (int64_t g = w0 / gw; g * gw < w1; ++g) {
-        const int64_t j1 = std::min(g * gw + gw, w1);
-        float s, b;
-        group_scale<BITS>(wt, g, n, s, b);
-        int64_t j = std::max(g * gw, w0);
-        for (; j + L <= j1; j += L) add_sp24_words<BITS, MT, P, L>(row, slot_row, j, s, b, xp, ps, acc);
-        for (; j < j1; ++j)  // a group shorter than a vector, or its end
+    walk_row<BITS, L, SPAN_GROUPS>(
+        wt, lanes, n, w0, w1,
+        [&](int64_t j, auto s, auto b) { add_sp24_words<BITS, MT, P, L>(row, slot_row, j, s, b, xp, ps, acc); },
+        [&](int64_t j, float s, float b) {
+          slots_t stored;
+          std::memcpy(&stored, slot_row + j, sizeof(stored));
           for (int c = 0; c < CPW; ++c) {
             const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
-            slots_t stored;
-            std::memcpy(&stored, slot_row + j, sizeof(stored));
             const int slot = (stored >> (2 * c)) & 3;
             for (int m = 0; m < MT; ++m) tail[m] += w * xp[(m * 2 * CPW + 4 * (c / 2) + slot) * ps + j];
           }
-      }
-    }
+        });
     for (int m = 0; m < MT; ++m) {
       vf t = acc[m][0];
       for (int p = 1; p < P; ++p) t += acc[m][p];
