@@ -76,7 +76,8 @@ def main() -> None:
                 x = torch.randn(m, k)
                 y = torch.empty(m, n)
                 common = (scales.data_ptr(), cpu_fused.SCALE_KINDS[scales.dtype],
-                          None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(), torch.get_num_threads())
+                          None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(),
+                          torch.get_num_threads())
 
                 def call(lib):
                     if sp24:

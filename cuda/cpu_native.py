@@ -4,8 +4,8 @@ dequantization) with the machine's C++ compiler.
 The source ships inside the package; the first call in a fresh cache compiles it (8 s on a 2-core
 machine) into
 `<cache>/kernels/` (`COMPRESS_CACHE`, default ~/.cache/compress), named by a hash of the source,
-the compiler's command and flags, its version and the CPU, since `-march=native` code may not run on another
-CPU. Written under a temporary name and renamed, so a concurrent or interrupted build never leaves
+the compiler's command and flags, its version and the CPU, since `-march=native` code may not run
+on another CPU. Written under a temporary name and renamed, so a concurrent or interrupted build never leaves
 half a library behind. It is loaded with ctypes, which releases the GIL during the call.
 
 Flags are tried from the fastest down: `-march=native` and OpenMP (the kernel's threads), then

@@ -125,8 +125,8 @@ def _unless_failed(y: torch.Tensor | None, kernel: str) -> torch.Tensor | None:
 
 
 def _int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                  bits: int, group_size: int, in_features: int, kernel: str,
-                  tinygemm_weight: torch.Tensor | None, tinygemm_scales: torch.Tensor | None) -> torch.Tensor:
+                bits: int, group_size: int, in_features: int, kernel: str,
+                tinygemm_weight: torch.Tensor | None, tinygemm_scales: torch.Tensor | None) -> torch.Tensor:
     x2 = x.reshape(-1, in_features)
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], words.shape[0])
@@ -174,8 +174,8 @@ SP24_INT_KERNELS = ("auto", "reference", "triton", "cpu_fused")
 
 
 def _sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
-                    zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int,
-                    kernel: str = "auto") -> torch.Tensor:
+                     zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                     kernel: str = "auto") -> torch.Tensor:
     if kernel not in SP24_INT_KERNELS:
         raise ValueError(f"2:4 weights run kernel {', '.join(map(repr, SP24_INT_KERNELS))}, not '{kernel}'")
     x2 = x.reshape(-1, in_features)
@@ -232,7 +232,7 @@ def _use_cpu_fused_sp24_values(x2: torch.Tensor, values: torch.Tensor, k: int, k
 
 
 def _sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kernel: str = "auto",
-                cusparselt: torch.Tensor | None = None) -> torch.Tensor:
+                 cusparselt: torch.Tensor | None = None) -> torch.Tensor:
     if kernel not in SP24_KERNELS:
         raise ValueError(f"2:4 weights run kernel {', '.join(map(repr, SP24_KERNELS))}, not '{kernel}'")
     n, k = values.shape[0], values.shape[1] * 2

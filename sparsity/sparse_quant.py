@@ -20,8 +20,9 @@ g128: 4.125, 25.8%). Pruned weights are exactly zero whatever the grid.
 Forward: a 2:4 layer calls compress::sp24_int_linear (cuda/ops.py; eager CPU calls run its
 implementation directly), which on CUDA runs our fused kernels (kept codes and positions
 decompressed in registers, cuda/triton_int.py) or dequantize + cuBLAS, whichever is faster for
-the shape, on CPU for a few rows of x (decode) the fused C++ matmul (cuda/cpu_fused.py) and for more the C++ dequantization before PyTorch's matmul
-(cuda/cpu_dequantize.py), and elsewhere the reference; `kernel` ("auto" | "reference" |
+the shape, on CPU for a few rows of x (decode) the fused C++ matmul (cuda/cpu_fused.py) and for
+more the C++ dequantization before PyTorch's matmul (cuda/cpu_dequantize.py), and elsewhere the
+reference; `kernel` ("auto" | "reference" |
 "triton" | "cpu_fused") picks as QuantLinear's does. The kernels read the stored bytes as int32
 words at 2, 4 and 8 bits, and codes of 3, 5, 6 and 7 bits widened to 4 or 8 (a copy, as
 QuantLinear's); `prepack` derives that layout once, on the module's device. Other layers run the

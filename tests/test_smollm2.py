@@ -105,11 +105,17 @@ def test_gptq_is_more_faithful_than_rtn(example, base, rtn, tmp_path, bits):
 
 
 @pytest.fixture(scope="module")
-def pruned_2_4(example, base, tmp_path_factory):
+def fidelity(example):
+    """The example's evaluation on its 8 fidelity windows only: KL and top-1 as the full one gives
+    them, for tests that read no perplexity (the 64 windows cost 80 s a model)."""
+    return example.eval.model_copy(update={"windows": example.eval.fidelity_windows})
+
+
+@pytest.fixture(scope="module")
+def pruned_2_4(example, base, fidelity):
     """Each pruning method at 2:4 (calibrated ones on 32 x 512 news tokens), KL and top-1 on the
-    8 fidelity windows only (the tests read no perplexity; the 64 windows cost 80 s a model)."""
+    8 fidelity windows only."""
     _, tokenizer, _, reference = base
-    fidelity = example.eval.model_copy(update={"windows": example.eval.fidelity_windows})
     out = {}
     joint = {"method": "sparsegpt", "quantize": {"bits": 4, "group_size": 128}}
     for label, step in [(m, {"method": m}) for m in ("magnitude", "wanda", "sparsegpt")] + [("joint", joint)]:
@@ -144,11 +150,10 @@ def test_2_4_with_joint_4bit_costs_little_over_2_4_alone(pruned_2_4):
 
 
 @pytest.fixture(scope="module")
-def lowrank_20(example, base):
+def lowrank_20(example, base, fidelity):
     """Each decomposition keeping 80% of the Linear weights (uniform ranks; calibrated ones on
     the example's 64 x 512 news tokens), KL and top-1 on the 8 fidelity windows only."""
     _, tokenizer, _, reference = base
-    fidelity = example.eval.model_copy(update={"windows": example.eval.fidelity_windows})
     out = {}
     for method in ("svd", "asvd", "svd_llm"):
         model = load_model(example.model)[0]

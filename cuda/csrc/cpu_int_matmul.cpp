@@ -66,9 +66,9 @@ inline void group_scale(const Weight& wt, int64_t g, int64_t n, float& s, float&
   b = -s * (wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1)));
 }
 
-// The same for the 16 words at j of each row where groups are gw < 16 words (gw divides 16, j a
-// multiple of 16): each lane its group's, blended by masks from one broadcast per group, the
-// values' bits copied as they are.
+// A weight's groups of gw words. scales(): group_scale for the 16 words at j of a row where
+// gw < 16 (gw divides 16, j a multiple of 16): each lane its group's, blended by masks from one
+// broadcast per group, the values' bits copied as they are.
 template <int BITS>
 struct LaneGroups {
   typedef Vec<16>::i vi;
@@ -98,8 +98,7 @@ struct LaneGroups {
 // of L words at j, tail(j, s, b) for each word of a group past its last whole vector. s and b are
 // one value (a group at a time), or under SPAN_GROUPS each lane its group's.
 template <int BITS, int L, bool SPAN_GROUPS, class Add, class Tail>
-inline void walk_row(const Weight& wt, const LaneGroups<BITS>& lanes, int64_t n, int64_t w0, int64_t w1, Add add,
-                     Tail tail) {
+inline void walk_row(const LaneGroups<BITS>& lanes, int64_t n, int64_t w0, int64_t w1, Add add, Tail tail) {
   if constexpr (SPAN_GROUPS) {
     for (int64_t j = w0; j + L <= w1; j += L) {  // w0, w1: multiples of 16 (the callers' chunks)
       typename Vec<L>::f s, b;
@@ -111,7 +110,7 @@ inline void walk_row(const Weight& wt, const LaneGroups<BITS>& lanes, int64_t n,
     for (int64_t g = w0 / gw; g * gw < w1; ++g) {
       const int64_t j1 = std::min(g * gw + gw, w1);
       float s, b;
-      group_scale<BITS>(wt, g, n, s, b);
+      group_scale<BITS>(lanes.wt, g, n, s, b);
       int64_t j = std::max(g * gw, w0);
       for (; j + L <= j1; j += L) add(j, s, b);
       for (; j < j1; ++j) tail(j, s, b);  // a group shorter than a vector, or its end
@@ -162,7 +161,7 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
     }
     walk_row<BITS, L, SPAN_GROUPS>(
-        wt, lanes, n, w0, w1, [&](int64_t j, auto s, auto b) { add_words<BITS, MT, P, L>(row, j, s, b, xp, ps, acc); },
+        lanes, n, w0, w1, [&](int64_t j, auto s, auto b) { add_words<BITS, MT, P, L>(row, j, s, b, xp, ps, acc); },
         [&](int64_t j, float s, float b) {
           for (int c = 0; c < CPW; ++c) {
             const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
@@ -293,7 +292,7 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
     }
     walk_row<BITS, L, SPAN_GROUPS>(
-        wt, lanes, n, w0, w1,
+        lanes, n, w0, w1,
         [&](int64_t j, auto s, auto b) { add_sp24_words<BITS, MT, P, L>(row, slot_row, j, s, b, xp, ps, acc); },
         [&](int64_t j, float s, float b) {
           slots_t stored;

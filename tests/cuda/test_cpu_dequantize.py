@@ -4,7 +4,12 @@ gradient of x, compress::dequantize_int), blocks of rows included."""
 
 from __future__ import annotations
 
+import os
 import platform
+import shlex
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -63,12 +68,6 @@ def test_fp16_scales_convert_exactly_with_or_without_f16c(cxx_flags, tmp_path):
     build for a CPU without it, made here with -mno-f16c): both give the reference's weight bit for
     bit, subnormal, signed zero and infinite scales included (NaN products where they meet zero
     codes: compared as bits)."""
-    import os
-    import shlex
-    import subprocess
-    import sys
-    import textwrap
-
     cxx = " ".join(shlex.quote(part) for part in cpu_native._compiler())
     env = {**os.environ, "COMPRESS_CACHE": str(tmp_path), "CXX": f"{cxx} {cxx_flags}".strip()}
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(FP16_SPECIALS)], capture_output=True, text=True,
