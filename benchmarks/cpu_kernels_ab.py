@@ -48,6 +48,8 @@ def main() -> None:
     from compress.quant.packing import pack_codes
 
     base = subprocess.run(["git", "show", f"{args.base}:{SOURCE}"], cwd=ROOT, capture_output=True, check=True).stdout
+    commit = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()  # what the lines name: HEAD moves
     libs = {args.base: cpu_native.load(base), "tree": cpu_native.load((ROOT / SOURCE).read_bytes())}
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     torch.manual_seed(0)
@@ -98,7 +100,7 @@ def main() -> None:
                         times[label].append((time.perf_counter() - t) / calls * 1e3)
                         outputs[label] = y.clone()
                 ms = {label: statistics.median(v) for label, v in times.items()}
-                print(json.dumps({"format": name, "shape": shape, "m": m, "cpu": cpu, "base": args.base,
+                print(json.dumps({"format": name, "shape": shape, "m": m, "cpu": cpu, "base": commit,
                                   "base_ms": round(ms[args.base], 4), "tree_ms": round(ms["tree"], 4),
                                   "ratio": round(ms["tree"] / ms[args.base], 3),
                                   "max_abs_diff": float((outputs["tree"] - outputs[args.base]).abs().max())}),

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #ifdef __F16C__
 #include <immintrin.h>
@@ -26,6 +27,17 @@ template <int L> struct Vec;  // L 32-bit lanes: GCC/Clang vector extensions, an
 template <> struct Vec<4> { typedef int32_t i __attribute__((vector_size(16))); typedef float f __attribute__((vector_size(16))); };
 template <> struct Vec<8> { typedef int32_t i __attribute__((vector_size(32))); typedef float f __attribute__((vector_size(32))); };
 template <> struct Vec<16> { typedef int32_t i __attribute__((vector_size(64))); typedef float f __attribute__((vector_size(64))); };
+
+// The sum of a vector's lanes by halves: 4 dependent adds for 16 lanes where lane by lane took
+// 16, a chain that ended every row's sums (rows of 576 codes are 5 vectors of work).
+inline float lane_sum(Vec<4>::f v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+inline float lane_sum(Vec<8>::f v) {
+  return lane_sum(Vec<4>::f(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7)));
+}
+inline float lane_sum(Vec<16>::f v) {
+  return lane_sum(Vec<8>::f(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
+}
 
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
@@ -68,18 +80,21 @@ inline void group_scale(const Weight& wt, int64_t g, int64_t n, float& s, float&
 
 // A weight's groups of gw words. scales(): group_scale for the 16 words at j of a row where
 // gw < 16 (gw divides 16, j a multiple of 16): each lane its group's, blended by masks from one
-// broadcast per group, the values' bits copied as they are.
+// broadcast per group, the values' bits copied as they are; lanes from `live` on (the row's end)
+// get 0 and 0, so that they weigh nothing whatever their codes.
 template <int BITS>
 struct LaneGroups {
   typedef Vec<16>::i vi;
   const Weight& wt;
   int64_t gw;
-  vi group_of_lane;  // lane l belongs to group j / gw + l / gw
+  vi lane, group_of_lane;  // lane l belongs to group j / gw + l / gw
   LaneGroups(const Weight& wt_, int64_t gw_)
-      : wt(wt_), gw(gw_), group_of_lane(vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} / int32_t(gw_)) {}
-  void scales(int64_t n, int64_t j, Vec<16>::f& s, Vec<16>::f& b) const {
+      : wt(wt_), gw(gw_), lane(vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}),
+        group_of_lane(lane / int32_t(gw_)) {}
+  template <class Live>  // int64_t, or the constant 16 for a whole vector (no mask)
+  void scales(int64_t n, int64_t j, Live live, Vec<16>::f& s, Vec<16>::f& b) const {
     vi sv = {}, bv = {};
-    for (int32_t h = 0; h < 16 / gw; ++h) {
+    for (int32_t h = 0; h < 16 / gw && h * gw < live; ++h) {  // groups past the row's end are not read
       float sg, bg;
       group_scale<BITS>(wt, j / gw + h, n, sg, bg);
       int32_t s_bits, b_bits;
@@ -89,21 +104,36 @@ struct LaneGroups {
       sv |= lanes & (vi{} + s_bits);
       bv |= lanes & (vi{} + b_bits);
     }
-    s = (Vec<16>::f)sv;
-    b = (Vec<16>::f)bv;
+    if constexpr (!std::is_same_v<Live, int64_t>) {
+      s = (Vec<16>::f)sv;
+      b = (Vec<16>::f)bv;
+    } else {
+      const vi alive = lane < int32_t(live);
+      s = (Vec<16>::f)(sv & alive);
+      b = (Vec<16>::f)(bv & alive);
+    }
   }
 };
 
-// Row n's words [w0, w1) with their groups' scales and biases: add(j, s, b) for each whole vector
-// of L words at j, tail(j, s, b) for each word of a group past its last whole vector. s and b are
-// one value (a group at a time), or under SPAN_GROUPS each lane its group's.
+// Row n's words [w0, w1) with their groups' scales and biases: add(j, live, s, b) for each vector
+// of L words at j (live of them in the row: L but at the row's end under SPAN_GROUPS), tail(j, s,
+// b) for each word of a group past its last whole vector. s and b are one value (a group at a
+// time), or under SPAN_GROUPS each lane its group's.
 template <int BITS, int L, bool SPAN_GROUPS, class Add, class Tail>
 inline void walk_row(const LaneGroups<BITS>& lanes, int64_t n, int64_t w0, int64_t w1, Add add, Tail tail) {
   if constexpr (SPAN_GROUPS) {
-    for (int64_t j = w0; j + L <= w1; j += L) {  // w0, w1: multiples of 16 (the callers' chunks)
-      typename Vec<L>::f s, b;
-      lanes.scales(n, j, s, b);
-      add(j, s, b);
+    // w0 is a multiple of 16 (the callers' chunks), and so is w1 but at the row's end, where the
+    // last vector has fewer live words (smollm2's rows of 576 4-bit codes: 72 words).
+    const std::integral_constant<int64_t, L> whole;
+    int64_t j = w0;
+    typename Vec<L>::f s, b;
+    for (; j + L <= w1; j += L) {
+      lanes.scales(n, j, whole, s, b);
+      add(j, whole, s, b);
+    }
+    if (j < w1) {
+      lanes.scales(n, j, w1 - j, s, b);
+      add(j, w1 - j, s, b);
     }
   } else {
     const int64_t gw = lanes.gw;
@@ -112,23 +142,39 @@ inline void walk_row(const LaneGroups<BITS>& lanes, int64_t n, int64_t w0, int64
       float s, b;
       group_scale<BITS>(lanes.wt, g, n, s, b);
       int64_t j = std::max(g * gw, w0);
-      for (; j + L <= j1; j += L) add(j, s, b);
+      for (; j + L <= j1; j += L) add(j, std::integral_constant<int64_t, L>(), s, b);
       for (; j < j1; ++j) tail(j, s, b);  // a group shorter than a vector, or its end
     }
   }
 }
 
-// acc[m] += the CPW codes of the L words at row[j], each decoded as code * s + b (s, b: one value,
-// or each lane its group's); xp: MT rows of CPW planes of `ps` floats.
-template <int BITS, int MT, int P, int L, class S>
-inline void add_words(const int32_t* row, int64_t j, S s, S b, const float* xp, int64_t ps,
+// The L words at src, of which `live` are read (all where it is the constant L); the others 0.
+template <int L, class T, class V, class Live>
+inline void load_live(V& v, const T* src, Live live) {
+  T stored[L] = {};
+  if constexpr (!std::is_same_v<Live, int64_t>) std::memcpy(stored, src, sizeof(stored));
+  else std::memcpy(stored, src, live * sizeof(T));
+  if constexpr (sizeof(T) == 4) {
+    std::memcpy(&v, stored, sizeof(v));
+  } else {
+    int32_t widened[L];
+    for (int l = 0; l < L; ++l) widened[l] = stored[l];
+    std::memcpy(&v, widened, sizeof(v));
+  }
+}
+
+// acc[m] += the CPW codes of the L words at row[j] (`live` of them read), each decoded as
+// code * s + b (s, b: one value, or each lane its group's); xp: MT rows of CPW planes of `ps`
+// floats, padded past the row so that a vector at its end reads zeros.
+template <int BITS, int MT, int P, int L, class S, class Live>
+inline void add_words(const int32_t* row, int64_t j, Live live, S s, S b, const float* xp, int64_t ps,
                       typename Vec<L>::f (&acc)[MT][P]) {
   typedef typename Vec<L>::i vi;
   typedef typename Vec<L>::f vf;
   constexpr int CPW = 32 / BITS;
   constexpr int32_t MASK = (1 << BITS) - 1;
   vi q;
-  std::memcpy(&q, row + j, sizeof(vi));
+  load_live<L>(q, row + j, live);
   for (int c = 0; c < CPW; ++c) {
     const vf w = __builtin_convertvector((q >> (c * BITS)) & MASK, vf) * s + b;
     for (int m = 0; m < MT; ++m) {
@@ -141,10 +187,11 @@ inline void add_words(const int32_t* row, int64_t j, S s, S b, const float* xp, 
 
 // y[0:MT, n0:n1] += the sums over words [w0, w1) of each row (a chunk of x that stays in cache).
 // xp: MT rows of CPW planes of `ps` floats; y: MT rows of N. Where groups are 1, 2, 4 or 8 words
-// (4-bit codes in groups of 8 to 64, 2-bit of 16 to 128, 8-bit of 4 to 32) and 16-word vectors
-// tile the row and [w0, w1) (SPAN_GROUPS), each vector spans 16 / gw groups, its lanes carrying
-// their group's scale and bias: a group at a time, such groups took 8-word vectors and the group
-// loop's overhead every 8 words (1.6x the time of groups of 128 at 4096 x 4096, M = 1).
+// (4-bit codes in groups of 8 to 64, 2-bit of 16 to 128, 8-bit of 4 to 32; SPAN_GROUPS), each
+// 16-word vector spans 16 / gw groups, its lanes carrying their group's scale and bias, the last
+// one of a row masked where the row is not a multiple of 16 words: a group at a time, such groups
+// took 8-word vectors and the group loop's overhead every 8 words (1.6x the time of groups of 128
+// at 4096 x 4096, M = 1).
 template <int BITS, int MT, int L, bool SPAN_GROUPS>
 void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
   typedef typename Vec<L>::f vf;
@@ -161,7 +208,8 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
     }
     walk_row<BITS, L, SPAN_GROUPS>(
-        lanes, n, w0, w1, [&](int64_t j, auto s, auto b) { add_words<BITS, MT, P, L>(row, j, s, b, xp, ps, acc); },
+        lanes, n, w0, w1,
+        [&](int64_t j, auto live, auto s, auto b) { add_words<BITS, MT, P, L>(row, j, live, s, b, xp, ps, acc); },
         [&](int64_t j, float s, float b) {
           for (int c = 0; c < CPW; ++c) {
             const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
@@ -171,9 +219,7 @@ void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, i
     for (int m = 0; m < MT; ++m) {
       vf t = acc[m][0];
       for (int p = 1; p < P; ++p) t += acc[m][p];
-      float sum = tail[m];
-      for (int l = 0; l < L; ++l) sum += t[l];
-      y[m * wt.n + n] += sum;
+      y[m * wt.n + n] += tail[m] + lane_sum(t);
     }
   }
 }
@@ -220,7 +266,7 @@ void matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, float* 
       for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
         const int64_t w1 = std::min(w0 + chunk, kw);
         if (gw % 16 == 0) rows_of<BITS, 16>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
-        else if (16 % gw == 0 && kw % 16 == 0) rows_of<BITS, 16, true>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
+        else if (16 % gw == 0) rows_of<BITS, 16, true>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
         else if (gw % 8 == 0) rows_of<BITS, 8>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
         else rows_of<BITS, 4>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
       }
@@ -241,22 +287,18 @@ template <> struct SlotsOf<2> { typedef uint32_t t; };
 template <> struct SlotsOf<4> { typedef uint16_t t; };
 template <> struct SlotsOf<8> { typedef uint8_t t; };
 
-// acc[m] += the CPW kept codes of the L code words at row[j], each decoded as code * s + b (one
-// value, or each lane its group's) and multiplied by the x at its slot.
-template <int BITS, int MT, int P, int L, class S>
-inline void add_sp24_words(const int32_t* row, const typename SlotsOf<BITS>::t* slot_row, int64_t j, S s, S b,
-                           const float* xp, int64_t ps, typename Vec<L>::f (&acc)[MT][P]) {
+// acc[m] += the CPW kept codes of the L code words at row[j] (`live` of them read), each decoded
+// as code * s + b (one value, or each lane its group's) and multiplied by the x at its slot.
+template <int BITS, int MT, int P, int L, class S, class Live>
+inline void add_sp24_words(const int32_t* row, const typename SlotsOf<BITS>::t* slot_row, int64_t j, Live live,
+                           S s, S b, const float* xp, int64_t ps, typename Vec<L>::f (&acc)[MT][P]) {
   typedef typename Vec<L>::i vi;
   typedef typename Vec<L>::f vf;
   constexpr int CPW = 32 / BITS;
   constexpr int32_t MASK = (1 << BITS) - 1;
   vi q, sl;
-  std::memcpy(&q, row + j, sizeof(vi));
-  typename SlotsOf<BITS>::t stored[L];  // read as bytes: the words are int32
-  std::memcpy(stored, slot_row + j, sizeof(stored));
-  int32_t widened[L];
-  for (int l = 0; l < L; ++l) widened[l] = stored[l];
-  std::memcpy(&sl, widened, sizeof(vi));
+  load_live<L>(q, row + j, live);
+  load_live<L>(sl, slot_row + j, live);  // read as 1, 2 or 4-byte integers: the words are int32
   for (int c = 0; c < CPW; ++c) {
     const vf w = __builtin_convertvector((q >> (c * BITS)) & MASK, vf) * s + b;
     const vi slot = (sl >> (2 * c)) & 3;
@@ -293,7 +335,9 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
     }
     walk_row<BITS, L, SPAN_GROUPS>(
         lanes, n, w0, w1,
-        [&](int64_t j, auto s, auto b) { add_sp24_words<BITS, MT, P, L>(row, slot_row, j, s, b, xp, ps, acc); },
+        [&](int64_t j, auto live, auto s, auto b) {
+          add_sp24_words<BITS, MT, P, L>(row, slot_row, j, live, s, b, xp, ps, acc);
+        },
         [&](int64_t j, float s, float b) {
           slots_t stored;
           std::memcpy(&stored, slot_row + j, sizeof(stored));
@@ -306,9 +350,7 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
     for (int m = 0; m < MT; ++m) {
       vf t = acc[m][0];
       for (int p = 1; p < P; ++p) t += acc[m][p];
-      float sum = tail[m];
-      for (int l = 0; l < L; ++l) sum += t[l];
-      y[m * wt.n + n] += sum;
+      y[m * wt.n + n] += tail[m] + lane_sum(t);
     }
   }
 }
@@ -346,7 +388,7 @@ void sp24_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, co
       for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
         const int64_t w1 = std::min(w0 + chunk, kw);
         if (gw % 16 == 0) sp24_rows_of<BITS, 16>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-        else if (16 % gw == 0 && kw % 16 == 0)
+        else if (16 % gw == 0)
           sp24_rows_of<BITS, 16, true>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
         else if (gw % 8 == 0) sp24_rows_of<BITS, 8>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
         else sp24_rows_of<BITS, 4>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
@@ -411,7 +453,7 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
     }
     for (int m = 0; m < MT; ++m) {
       float sum = tail[m];
-      for (int l = 0; l < 16; ++l) sum += acc[m][l];
+      sum += lane_sum(acc[m]);
       y[m * n_all + n] += sum;
     }
   }

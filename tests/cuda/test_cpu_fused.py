@@ -70,10 +70,13 @@ def test_fused_matmul_matches_the_reference(bits, group_size, symmetric, m, dtyp
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (2, 64), (8, 32), (4, 16), (4, 8)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("m", [1, 3, 5])
-def test_groups_shorter_than_a_vector_share_one(bits, group_size, symmetric, m):
-    """Rows of a multiple of 16 words in groups of 1 to 8 words: each 16-word vector spans 2 to 16
-    groups, every lane with its own group's scale and zero point (1 to 4 rows of x at a time)."""
-    n, k = 24, 512
+@pytest.mark.parametrize("k", [512, 576, 608])
+def test_groups_shorter_than_a_vector_share_one(bits, group_size, symmetric, m, k):
+    """Rows in groups of 1 to 8 words: each 16-word vector spans 2 to 16 groups, every lane with
+    its own group's scale and zero point (1 to 4 rows of x at a time). At K = 576 and 608 a row is
+    not a multiple of 16 words (4-bit: 72 and 76), and at 608 its last group is shorter: the last
+    vector has live lanes only up to the row's end."""
+    n = 24
     words, scales, zeros = weight(n, k, bits, group_size, symmetric, seed=3)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(4))
     ref = x @ dequantize_words(words, scales, zeros, bits, group_size, k, torch.float32).T
@@ -83,10 +86,11 @@ def test_groups_shorter_than_a_vector_share_one(bits, group_size, symmetric, m):
 @pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 64), (2, 128), (8, 64), (4, 32)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("m", [1, 3, 5])
-def test_2_4_groups_shorter_than_a_vector_share_one(bits, group_size, symmetric, m):
+@pytest.mark.parametrize("k", [512, 576, 608])
+def test_2_4_groups_shorter_than_a_vector_share_one(bits, group_size, symmetric, m, k):
     """The same for 2:4 kept codes: groups of 2 to 8 code words (4-bit codes in groups of 128
-    columns: 64 kept codes, 8 words)."""
-    n, k = 24, 512
+    columns: 64 kept codes, 8 words), rows of 32, 36 and 38 code words at 4 bits."""
+    n = 24
     words, positions, scales, zeros = sp24_weight(n, k, bits, group_size, symmetric, seed=5)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(6))
     ref = x @ dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, k, torch.float32).T
