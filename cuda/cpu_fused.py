@@ -79,7 +79,7 @@ def library():
 
 def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
     """x as the kernels read it: fp32 [M, K], contiguous, on the CPU."""
-    if x.dim() != 2 or x.shape[1] != in_features or x.device.type != "cpu":
+    if x.dim() != 2 or x.shape[1] != in_features or not x.is_cpu:
         raise ValueError(f"the fused CPU matmul takes CPU activations [M, {in_features}], not {x.device.type} "
                          f"activations {tuple(x.shape)}")
     return x.float().contiguous()
@@ -98,7 +98,7 @@ def checked_weight(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     if (words.dtype != torch.int32 or words.dim() != 2 or words.stride(1) != 1 or words.shape[1] * 32 // bits < codes
             or scales.shape != (groups, n) or (zeros is not None and (zeros.shape != (groups, n)
                                                                      or zeros.dtype != torch.uint8))
-            or any(t.device.type != "cpu" for t in (words, scales, zeros) if t is not None)):
+            or not words.is_cpu or not scales.is_cpu or (zeros is not None and not zeros.is_cpu)):
         raise ValueError(f"the C++ CPU kernels got words {tuple(words.shape)} ({words.dtype}, {words.device}), "
                          f"scales {tuple(scales.shape)}, zeros {None if zeros is None else tuple(zeros.shape)} "
                          f"({None if zeros is None else zeros.dtype}) for {codes} {bits}-bit codes a row of K = "
@@ -109,6 +109,12 @@ def checked_weight(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 def _output(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.empty(x.shape[0], n, dtype=torch.float32)  # fp32 whatever the default dtype
+
+
+def _as(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """y (fp32) in x's dtype; no call where it is fp32 already (a no-op `to` costs a microsecond,
+    and decoding calls each layer once a token)."""
+    return y if dtype == torch.float32 else y.to(dtype)
 
 
 def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
@@ -128,7 +134,7 @@ def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: to
         lib.int_matmul(x32.data_ptr(), x.shape[0], in_features, words.data_ptr(), words.shape[0], words.stride(0),
                        scales.data_ptr(), SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(),
                        bits, span, y.data_ptr(), torch.get_num_threads())
-    return y.to(x.dtype)
+    return _as(y, x.dtype)
 
 
 def sp24_applies(bits: int, group_size: int, in_features: int) -> bool:
@@ -140,7 +146,7 @@ def sp24_applies(bits: int, group_size: int, in_features: int) -> bool:
 
 def check_positions(positions: torch.Tensor, rows: int, kept: int) -> None:
     if (positions.dtype != torch.int32 or positions.dim() != 2 or positions.stride(1) != 1
-            or positions.shape[0] != rows or positions.shape[1] * 16 < kept or positions.device.type != "cpu"):
+            or positions.shape[0] != rows or positions.shape[1] * 16 < kept or not positions.is_cpu):
         raise ValueError(f"the C++ CPU kernels got positions {tuple(positions.shape)} ({positions.dtype}) for "
                          f"{rows} rows of {kept} kept values")
 
@@ -172,7 +178,7 @@ def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, s
                             words.stride(0), positions.data_ptr(), positions.stride(0), scales.data_ptr(),
                             SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(), bits, span,
                             y.data_ptr(), torch.get_num_threads())
-    return y.to(x.dtype)
+    return _as(y, x.dtype)
 
 
 def sp24_float_applies(values_dtype: torch.dtype, in_features: int) -> bool:
@@ -184,7 +190,7 @@ def check_values(values: torch.Tensor, positions: torch.Tensor, in_features: int
     """Refuse 2:4 values and positions the kernels cannot read: values [N, K / 2] fp32, fp16 or
     bf16 on the CPU, rows contiguous, and positions for their N rows."""
     if (not sp24_float_applies(values.dtype, in_features) or values.dim() != 2 or values.stride(1) != 1
-            or values.shape[1] * 2 != in_features or values.device.type != "cpu"):
+            or values.shape[1] * 2 != in_features or not values.is_cpu):
         raise ValueError(f"the C++ CPU kernels got 2:4 values {tuple(values.shape)} ({values.dtype}) for K = "
                          f"{in_features}; they read fp32, fp16 or bf16 values [N, K / 2] on the CPU")
     check_positions(positions, values.shape[0], in_features // 2)
@@ -205,4 +211,4 @@ def sp24_float_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Te
         lib.sp24_float_matmul(x32.data_ptr(), x.shape[0], in_features, values.data_ptr(),
                               SCALE_KINDS[values.dtype], values.stride(0), values.shape[0], positions.data_ptr(),
                               positions.stride(0), y.data_ptr(), torch.get_num_threads())
-    return y.to(x.dtype)
+    return _as(y, x.dtype)

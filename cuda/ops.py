@@ -79,7 +79,7 @@ def _use_cpu_fused(x2: torch.Tensor, bits: int, group_size: int, in_features: in
             raise _not_built()
         return True
     most = cpu_fused.SP24_MAX_M if sp24 else cpu_fused.MAX_M  # (float64 activations keep the reference's precision)
-    return (kernel == "auto" and x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return (kernel == "auto" and x2.is_cpu and x2.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and x2.shape[0] <= most and cpu_fused.available() and applies)
 
 
@@ -227,7 +227,7 @@ def _use_cpu_fused_sp24_values(x2: torch.Tensor, values: torch.Tensor, k: int, k
         if not cpu_fused.available():
             raise _not_built()
         return True
-    return (kernel == "auto" and x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return (kernel == "auto" and x2.is_cpu and x2.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and x2.shape[0] <= cpu_fused.SP24_MAX_M and cpu_fused.available() and applies)
 
 
