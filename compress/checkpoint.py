@@ -195,6 +195,12 @@ def load(path: Path, trust_remote_code: bool = False) -> nn.Module:
     result = model.load_state_dict(state, strict=False, assign=True)
     for alias, source in manifest.get("tied", {}).items():
         _share(model, alias, source)
+    for name, module in model.named_modules():  # modules that read another's tensors (quant/embedding.py)
+        if hasattr(module, "format_spec") and hasattr(module, "link"):
+            try:
+                module.link(model)
+            except (AttributeError, ValueError) as e:
+                raise CompressError(f"checkpoint {path}: {name} cannot be linked ({e}); it is corrupt") from None
     if result.unexpected_keys:
         raise CompressError(
             f"checkpoint {path} has tensors the manifest does not account for: {', '.join(result.unexpected_keys[:3])}"

@@ -46,6 +46,8 @@ def cast_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     model.to(dtype)
     for name, module in compressed:
         model.set_submodule(name, module)
+        if hasattr(module, "set_output_dtype"):  # embeddings reading a quantized head's codes
+            module.set_output_dtype(dtype)
     return model
 
 
@@ -53,7 +55,8 @@ def prepare_kernels(model: nn.Module) -> nn.Module:
     """Let every compressed module derive its kernels' weight layout on the device it now sits on,
     for the model's activation dtype (that of its input embeddings): once at load time rather
     than on every call (e.g. PyTorch's packed int4 weight for bf16, cuda/ops.py)."""
-    dtype = model.get_input_embeddings().weight.dtype
+    embeddings = model.get_input_embeddings()
+    dtype = getattr(embeddings, "output_dtype", None) or embeddings.weight.dtype  # quant/embedding.py: no weight
     for module in model.modules():
         if hasattr(module, "prepack"):
             module.prepack(dtype)

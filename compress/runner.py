@@ -60,6 +60,7 @@ class ModuleChange:
     bytes_before: int
     bytes_after: int
     rel_error: float  # ||W - W'||_F / ||W||_F of the weight the module now computes with
+    read_by: list[str] = field(default_factory=list)  # modules reading its tensors (embeddings tied to a head)
 
 
 @dataclass
@@ -258,10 +259,9 @@ def compress_streamed(pipeline: Pipeline, path: Path, tokenizer, staging: Path, 
     seconds = {s.index: state["seconds"][str(s.index)] for s in steps}  # carried over a resumed run
 
     def on_compressed(step: LayerStep, name: str, old: nn.Module, new: nn.Module) -> None:
-        change = _measure(name, old, new)
+        change = _measure(name, old, new, _untie_if_shared(model, name, new))
         state["changes"][str(step.index)].append({**asdict(change), "format": type(new).__name__,
                                                   "spec": new.format_spec()})
-        _untie_if_shared(model, name)
         model.set_submodule(name, new)
 
     def on_layer_done(i: int, next_calls) -> None:
@@ -422,8 +422,7 @@ def compress_model(model: nn.Module, tokenizer, pipeline: Pipeline, progress: Pr
     changes: dict[int, list[ModuleChange]] = {s.index: [] for s in steps}
 
     def on_compressed(step: LayerStep, name: str, old: nn.Module, new: nn.Module) -> None:
-        changes[step.index].append(_measure(name, old, new))
-        _untie_if_shared(model, name)
+        changes[step.index].append(_measure(name, old, new, _untie_if_shared(model, name, new)))
         model.set_submodule(name, new)
 
     seconds = {s.index: 0.0 for s in steps}
@@ -515,7 +514,8 @@ def _verify(where: str, changes: list[ModuleChange]) -> None:
         )
 
 
-def _measure(name: str, old: nn.Module, new: nn.Module) -> ModuleChange:
+def _measure(name: str, old: nn.Module, new: nn.Module, readers: list[str] | None = None) -> ModuleChange:
+    """`old` -> `new`; `readers`: other modules that now read `new`'s tensors (tied embeddings)."""
     w = old.weight.detach().float()
     w_new = new.dequantized_weight(torch.float32)
     rel = ((w - w_new).norm() / w.norm().clamp_min(1e-30)).item()
@@ -527,14 +527,28 @@ def _measure(name: str, old: nn.Module, new: nn.Module) -> ModuleChange:
         bytes_before=dense_weight_bytes(old),
         bytes_after=new.storage_bytes(),
         rel_error=rel,
+        read_by=readers or [],
     )
 
 
-def _untie_if_shared(model: nn.Module, name: str) -> None:
-    """A replaced module whose weight is tied to another (an output head tied to the embeddings)
-    stops sharing it: the config must no longer ask for tying, or reloading would re-tie."""
+def _untie_if_shared(model: nn.Module, name: str, new: nn.Module) -> list[str]:
+    """Module `name`, about to be replaced by `new`, may share its weight with others (an output
+    head tied to the embeddings). Those that `new` can serve from its own tensors (its
+    `tied_embedding`: embeddings reading a quantized head's codes, quant/embedding.py) are
+    replaced by such a view and stay tied; the others keep the float weight on their own. Either
+    way the config stops asking for tying, or reloading would tie the float weights again.
+    Returns the names of the modules that now read `new`'s tensors."""
     weight = model.get_submodule(name).weight
-    shared = any(p is weight for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith(name + "."))
-    if shared:
-        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            config.tie_word_embeddings = False
+    owners = [n.rpartition(".")[0] for n, p in model.named_parameters(remove_duplicate=False)
+              if p is weight and not n.startswith(name + ".") and n.endswith(".weight")]
+    if not owners:
+        return []
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    readers = []
+    for owner in owners:
+        view = new.tied_embedding(name, model.get_submodule(owner)) if hasattr(new, "tied_embedding") else None
+        if view is not None:
+            model.set_submodule(owner, view)
+            readers.append(owner)
+    return readers

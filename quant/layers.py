@@ -143,6 +143,17 @@ class QuantLinear(GridBuffers, nn.Module):
         """The dense weight [out, in] this module computes with."""
         return dequantize(self.codes(), self.grid(), dtype)
 
+    def tied_embedding(self, name: str, embedding: nn.Module) -> nn.Module | None:
+        """Embeddings that read this layer's codes (quant/embedding.py), for `embedding` whose
+        weight this layer's float weight was (a head `name` tied to the input embeddings); None
+        where they would compute something else: a bias, or embeddings other than a plain
+        nn.Embedding of this shape (max_norm renormalizes rows)."""
+        from .embedding import QuantEmbedding
+
+        plain = (type(embedding) is nn.Embedding and embedding.max_norm is None
+                 and embedding.weight.shape == (self.out_features, self.in_features))
+        return QuantEmbedding.reading(self, name, embedding.weight.dtype) if plain and self.bias is None else None
+
     # --- kernels ---------------------------------------------------------------------------------
     def set_kernel(self, kernel: str) -> QuantLinear:
         if kernel not in KERNELS:

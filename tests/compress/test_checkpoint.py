@@ -36,9 +36,11 @@ def test_reload_gives_bit_identical_logits(saved):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
 
-def test_quantized_head_unties_embeddings(tmp_path):
+def test_quantized_head_and_its_tied_embeddings_reload(tmp_path):
+    """(Embeddings tied to a quantized head read its codes: tests/quant/test_embedding.py.)"""
     model = compressed(ignore=(), bits=8, group_size=-1)
     assert type(model.lm_head).__name__ == "QuantLinear"
+    assert type(model.model.embed_tokens).__name__ == "QuantEmbedding"
     checkpoint.save(model, None, tmp_path / "o", {"steps": []}, False)
     loaded = checkpoint.load(tmp_path / "o")
     assert not loaded.config.tie_word_embeddings
