@@ -129,7 +129,9 @@ def manifest_tables(manifest: dict[str, Any]) -> list[Table]:
     for col in ("module", "format", "scheme", "shape (out x in)", "bytes", "bits/weight"):
         layers.add_column(col)
     for name, entry in manifest["modules"].items():
-        spec = entry["spec"]
-        layers.add_row(name, entry["format"], entry["scheme"], f"{spec['out_features']} x {spec['in_features']}",
-                       human_bytes(entry["bytes"]), f"{entry['bytes'] * 8 / entry['weights']:.3f}")
+        spec = entry["spec"]  # Linear formats' out x in, or embeddings' tokens x features
+        shape = (spec.get("out_features", spec.get("num_embeddings")), spec.get("in_features", spec.get("embedding_dim")))
+        bits = f"{entry['bytes'] * 8 / entry['weights']:.3f}" if entry["weights"] else "-"  # tied: another's tensors
+        layers.add_row(name, entry["format"], entry["scheme"], f"{shape[0]} x {shape[1]}", human_bytes(entry["bytes"]),
+                       bits)
     return [head, steps, layers]

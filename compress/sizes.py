@@ -49,7 +49,7 @@ def outermost_compressed(model: nn.Module) -> list[nn.Module]:
 
 
 def size_report(model: nn.Module) -> SizeReport:
-    compressed = outermost_compressed(model)
+    compressed = [m for m in outermost_compressed(model) if m.num_weights()]  # not views of another's tensors
     return SizeReport(
         tensor_bytes=unique_tensor_bytes(model),
         compressed_modules=len(compressed),

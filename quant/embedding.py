@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import _DTYPES, QuantLinear
+from .layers import QuantLinear
 from .packing import unpack_codes
 from .quantize import QuantGrid, dequantize
 
@@ -30,7 +30,7 @@ class QuantEmbedding(nn.Module):
                  device: torch.device | str | None = None) -> None:  # device: from_spec's; nothing to place
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.tied_to, self.output_dtype = tied_to, _DTYPES[dtype]
+        self.tied_to, self.output_dtype = tied_to, _float_dtype(dtype)
         self._head: tuple[QuantLinear, ...] = ()  # a tuple: not registered as a submodule
 
     @classmethod
@@ -51,12 +51,15 @@ class QuantEmbedding(nn.Module):
         self._head = (head,)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self._head:
+            raise RuntimeError(f"embeddings tied to {self.tied_to} are not linked to it; load the checkpoint with "
+                               "compress.load (or call link(model))")
         (head,) = self._head
         rows = ids.reshape(-1).to(head.qweight.device)  # [T] token ids
         codes = unpack_codes(head.qweight[rows], head.bits, self.embedding_dim)  # uint8 [T, dim]
         zeros = None
-        if head.qzeros is not None:  # packed along the head's rows: [n_groups, vocab] -> [T, n_groups]
-            zeros = unpack_codes(head.qzeros, head.bits, self.num_embeddings)[:, rows].T.float()
+        if head.qzeros is not None:  # zero points [n_groups, vocab] (unpacked once where the head prepacked them)
+            zeros = head.kernel_zeros()[:, rows].T.float()  # [T, n_groups]
         grid = QuantGrid(head.bits, head.group_size, head.scales[rows].float(), zeros)
         out = dequantize(codes, grid, self.output_dtype)  # [T, dim]
         return out.view(*ids.shape, self.embedding_dim).to(ids.device)
@@ -64,6 +67,10 @@ class QuantEmbedding(nn.Module):
     def set_output_dtype(self, dtype: torch.dtype) -> None:
         """Return `dtype` from now on (loading.cast_dense: the model's dense tensors were cast)."""
         self.output_dtype = dtype
+
+    def _apply(self, fn, recurse=True):  # model.to(dtype) / .half(): the rows follow, as a float weight would
+        self.output_dtype = fn(torch.empty(0, dtype=self.output_dtype)).dtype
+        return super()._apply(fn, recurse)
 
     # --- CompressedModule ----------------------------------------------------------------------
     def format_spec(self) -> dict[str, Any]:
@@ -85,3 +92,10 @@ class QuantEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.describe()}"
+
+
+def _float_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"embeddings return a float dtype, not '{name}'")
+    return dtype

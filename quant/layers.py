@@ -146,13 +146,19 @@ class QuantLinear(GridBuffers, nn.Module):
     def tied_embedding(self, name: str, embedding: nn.Module) -> nn.Module | None:
         """Embeddings that read this layer's codes (quant/embedding.py), for `embedding` whose
         weight this layer's float weight was (a head `name` tied to the input embeddings); None
-        where they would compute something else: a bias, or embeddings other than a plain
-        nn.Embedding of this shape (max_norm renormalizes rows)."""
+        where they would compute something else: embeddings other than a plain nn.Embedding of
+        this shape (max_norm renormalizes rows)."""
         from .embedding import QuantEmbedding
 
         plain = (type(embedding) is nn.Embedding and embedding.max_norm is None
                  and embedding.weight.shape == (self.out_features, self.in_features))
-        return QuantEmbedding.reading(self, name, embedding.weight.dtype) if plain and self.bias is None else None
+        return QuantEmbedding.reading(self, name, embedding.weight.dtype) if plain else None
+
+    def kernel_zeros(self) -> torch.Tensor | None:
+        """Zero points uint8 [n_groups, out] (None if symmetric): the prepacked ones where derived."""
+        if self._prepacked is not None:
+            return self._prepacked[2]
+        return None if self.qzeros is None else unpack_codes(self.qzeros, self.bits, self.out_features)
 
     # --- kernels ---------------------------------------------------------------------------------
     def set_kernel(self, kernel: str) -> QuantLinear:

@@ -24,7 +24,8 @@ def quantized_head(model: nn.Module, **step) -> list:
 
 
 @pytest.mark.parametrize("step,max_error", [({"bits": 8, "group_size": -1}, 0.01),  # measured 0.006
-                                            ({"bits": 4, "group_size": 16, "symmetric": False}, 0.1)])  # 0.069
+                                            ({"bits": 4, "group_size": 16, "symmetric": False}, 0.1),  # 0.069
+                                            ({"bits": 3, "group_size": 48, "symmetric": False}, 0.25)])  # 0.177
 def test_quantized_tied_head_keeps_the_embeddings_tied(step, max_error, tmp_path):
     model = tiny_model()
     floats = model.model.embed_tokens.weight.detach().clone()
@@ -62,6 +63,27 @@ def test_the_tied_matrix_is_stored_once(tiny_dir, tmp_path):
         assert torch.isfinite(model(X).logits).all()
     model.to("meta")
     assert model.model.embed_tokens(X.to("meta")).is_meta
+
+
+def test_embeddings_follow_the_model_dtype_and_refuse_to_run_unlinked(tiny_dir, tmp_path):
+    model = tiny_model()
+    quantized_head(model, bits=8, group_size=-1)
+    assert model.half().model.embed_tokens(X).dtype == torch.float16
+    unlinked = QuantEmbedding.from_spec(model.model.embed_tokens.format_spec())
+    with pytest.raises(RuntimeError, match="embeddings tied to lm_head are not linked to it"):
+        unlinked(X)
+
+
+def test_info_shows_the_tied_embeddings(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    compress.run({"model": str(tiny_dir), "steps": [{**HEAD, "bits": 8, "group_size": -1}], "eval": None,
+                  "output": str(tmp_path / "o")})
+    r = CliRunner().invoke(app, ["info", str(tmp_path / "o")], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "QuantEmbedding" in r.stdout and "lm_head's codes (tied)" in r.stdout
 
 
 def test_embeddings_the_codes_cannot_serve_keep_the_float_matrix():
