@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/compress models prepare smollm2-135m
+.venv/bin/compress models prepare smollm2-135m >&2  # stdout carries only the run's output (--json)
 .venv/bin/compress run examples/smollm2-gptq-int4.yaml --overwrite "$@"
