@@ -1,7 +1,7 @@
 """`QuantEmbedding`: input embeddings that read a quantized output head's codes (tied weights).
 
 A model whose head is tied to its input embeddings (smollm2-135m: one 49152 x 576 matrix, a
-third of the model) holds that matrix once. Quantizing the head used to untie them, the
+fifth of its weights) holds that matrix once. Quantizing the head used to untie them, the
 embeddings keeping the float matrix: a second copy on disk and in memory (113 MB beside the
 head's 28 MB in 8 bits). Here the embeddings stay tied to the head: row t of the embeddings is
 row t of the head's weight, dequantized as the head computes with it.
