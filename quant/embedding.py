@@ -59,7 +59,7 @@ class QuantEmbedding(nn.Module):
         codes = unpack_codes(head.qweight[rows], head.bits, self.embedding_dim)  # uint8 [T, dim]
         zeros = None
         if head.qzeros is not None:  # zero points [n_groups, vocab] (unpacked once where the head prepacked them)
-            zeros = head.kernel_zeros()[:, rows].T.float()  # [T, n_groups]
+            zeros = head.grid_zeros()[:, rows].T.float()  # [T, n_groups]
         grid = QuantGrid(head.bits, head.group_size, head.scales[rows].float(), zeros)
         out = dequantize(codes, grid, self.output_dtype)  # [T, dim]
         return out.view(*ids.shape, self.embedding_dim).to(ids.device)

@@ -59,10 +59,11 @@ class GridBuffers:
     def kernel_grid(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The grid as the kernels read it (cuda/layout.py): (scales [n_groups, out], zeros uint8
         [n_groups, out] or None)."""
-        zeros = None
-        if self.qzeros is not None:
-            zeros = unpack_codes(self.qzeros, self.bits, self.out_features).contiguous()
-        return self.scales.T.contiguous(), zeros
+        return self.scales.T.contiguous(), self.kernel_zeros()
+
+    def kernel_zeros(self) -> torch.Tensor | None:
+        """Zero points uint8 [n_groups, out] unpacked from the stored ones, or None if symmetric."""
+        return None if self.qzeros is None else unpack_codes(self.qzeros, self.bits, self.out_features).contiguous()
 
     @property
     def kernel_bits(self) -> int:
@@ -154,11 +155,10 @@ class QuantLinear(GridBuffers, nn.Module):
                  and embedding.weight.shape == (self.out_features, self.in_features))
         return QuantEmbedding.reading(self, name, embedding.weight.dtype) if plain else None
 
-    def kernel_zeros(self) -> torch.Tensor | None:
-        """Zero points uint8 [n_groups, out] (None if symmetric): the prepacked ones where derived."""
-        if self._prepacked is not None:
-            return self._prepacked[2]
-        return None if self.qzeros is None else unpack_codes(self.qzeros, self.bits, self.out_features)
+    def grid_zeros(self) -> torch.Tensor | None:
+        """Zero points uint8 [n_groups, out] (None if symmetric): the prepacked ones where derived,
+        else unpacked now (kernel_zeros)."""
+        return self._prepacked[2] if self._prepacked is not None else self.kernel_zeros()
 
     # --- kernels ---------------------------------------------------------------------------------
     def set_kernel(self, kernel: str) -> QuantLinear:

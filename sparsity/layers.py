@@ -11,14 +11,15 @@ kept weights in every storage.
 Forward is the reference path (decompress, then matmul), except for 2:4 layers: they call
 compress::sp24_linear (cuda/ops.py; eager CPU calls run its implementation directly), which on
 CUDA with 16-bit activations of the values' dtype (stored, or made by `prepack`) and K a
-multiple of 32 runs the fastest of our Triton kernels (kept values and their 2-bit slots read
-as stored, placed in registers), decompress + cuBLAS, and PyTorch's cuSPARSELt matmul, measured per shape (cuda/int_matmul.py); on CPU, for up to 16
-rows of x (decode), a C++ kernel that reads the kept values and their slots (cuda/cpu_fused.py),
-for more rows a C++ decompression before PyTorch's matmul (cuda/cpu_dequantize.py); elsewhere
-the reference. `prepack(dtype)` makes, once at load time, the values in the activation
-dtype and cuSPARSELt's own layout of the weight, so the checkpoint format stays as it is.
-`kernel` ("auto" | "reference" | "triton" | "cpu_fused") picks as QuantLinear's does. (`packing.to_cutlass`
-converts the N:M storage to the layout of PyTorch's CUTLASS 2:4 kernels exactly.)
+multiple of 32 runs the fastest of our Triton kernels (kept values and their 2-bit slots read as
+stored, placed in registers), decompress + cuBLAS, and PyTorch's cuSPARSELt matmul, measured per
+shape (cuda/int_matmul.py); on CPU, for up to 16 rows of x (decode), a C++ kernel that reads the
+kept values and their slots (cuda/cpu_fused.py), for more rows a C++ decompression before
+PyTorch's matmul (cuda/cpu_dequantize.py); elsewhere the reference. `prepack(dtype)` makes, once
+at load time, the values in the activation dtype and cuSPARSELt's own layout of the weight, so
+the checkpoint format stays as it is. `kernel` ("auto" | "reference" | "triton" | "cpu_fused")
+picks as QuantLinear's does. (`packing.to_cutlass` converts the N:M storage to the layout of
+PyTorch's CUTLASS 2:4 kernels exactly.)
 """
 
 from __future__ import annotations

@@ -22,11 +22,11 @@ implementation directly), which on CUDA runs our fused kernels (kept codes and p
 decompressed in registers, cuda/triton_int.py) or dequantize + cuBLAS, whichever is faster for
 the shape, on CPU for a few rows of x (decode) the fused C++ matmul (cuda/cpu_fused.py) and for
 more the C++ dequantization before PyTorch's matmul (cuda/cpu_dequantize.py), and elsewhere the
-reference; `kernel` ("auto" | "reference" |
-"triton" | "cpu_fused") picks as QuantLinear's does. The kernels read the stored bytes as int32
-words at 2, 4 and 8 bits, and codes of 3, 5, 6 and 7 bits widened to 4 or 8 (a copy, as
-QuantLinear's); `prepack` derives that layout once, on the module's device. Other layers run the
-reference: decompress the codes, dequantize, zero the pruned, matmul.
+reference; `kernel` ("auto" | "reference" | "triton" | "cpu_fused") picks as QuantLinear's does.
+The kernels read the stored bytes as int32 words at 2, 4 and 8 bits, and codes of 3, 5, 6 and 7
+bits widened to 4 or 8 (a copy, as QuantLinear's); `prepack` derives that layout once, on the
+module's device. Other layers run the reference: decompress the codes, dequantize, zero the
+pruned, matmul.
 """
 
 from __future__ import annotations
