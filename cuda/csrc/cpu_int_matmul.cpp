@@ -17,16 +17,28 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
 template <int L> struct Vec;  // L 32-bit lanes: GCC/Clang vector extensions, any instruction set
-template <> struct Vec<4> { typedef int32_t i __attribute__((vector_size(16))); typedef float f __attribute__((vector_size(16))); };
-template <> struct Vec<8> { typedef int32_t i __attribute__((vector_size(32))); typedef float f __attribute__((vector_size(32))); };
-template <> struct Vec<16> { typedef int32_t i __attribute__((vector_size(64))); typedef float f __attribute__((vector_size(64))); };
+template <> struct Vec<4> {
+  typedef int32_t i __attribute__((vector_size(16)));
+  typedef uint32_t u __attribute__((vector_size(16)));
+  typedef float f __attribute__((vector_size(16)));
+};
+template <> struct Vec<8> {
+  typedef int32_t i __attribute__((vector_size(32)));
+  typedef uint32_t u __attribute__((vector_size(32)));
+  typedef float f __attribute__((vector_size(32)));
+};
+template <> struct Vec<16> {
+  typedef int32_t i __attribute__((vector_size(64)));
+  typedef uint32_t u __attribute__((vector_size(64)));
+  typedef float f __attribute__((vector_size(64)));
+};
 
 // The sum of a vector's lanes by halves: 4 dependent adds for 16 lanes where lane by lane took
 // 16, a chain that ended every row's sums (rows of 576 codes are 5 vectors of work).
@@ -71,79 +83,133 @@ struct Weight {
   int64_t span;           // columns per group (a multiple of CPW; the last group may be shorter)
 };
 
-// Group g's scale of row n, and its bias -scale * zero (the decoded weight is code * scale + bias).
-template <int BITS>
+// Group g's scale of row n, and its bias -scale * zero: the decoded weight is code * scale + bias.
+// MANTISSA: for codes read as the float 1 + code / 2**BITS (mantissa_codes), 2**BITS * scale (exact)
+// and -scale * (zero + 2**BITS) (one rounding), so that f * s + b is the same (code - zero) * scale.
+template <int BITS, bool MANTISSA>
 inline void group_scale(const Weight& wt, int64_t g, int64_t n, float& s, float& b) {
-  s = scale_at(wt.scales, wt.kind, g * wt.n + n);
-  b = -s * (wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1)));
+  const float scale = scale_at(wt.scales, wt.kind, g * wt.n + n);
+  const float zero = wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1));
+  s = MANTISSA ? scale * float(1 << BITS) : scale;
+  b = -scale * (MANTISSA ? zero + float(1 << BITS) : zero);
 }
 
-// A weight's groups of gw words. scales(): group_scale for the 16 words at j of a row where
-// gw < 16 (gw divides 16, j a multiple of 16): each lane its group's, blended by masks from one
-// broadcast per group, the values' bits copied as they are; lanes from `live` on (the row's end)
-// get 0 and 0, so that they weigh nothing whatever their codes.
-template <int BITS>
-struct LaneGroups {
+// The grid of a block of rows [n0, n1) (at most 16) of a weight in fp32: group g's scale and bias
+// of row n0 + r at s[r * stride + g], b[...] (group_scale's values, MANTISSA its form), for every
+// group of the row. Filled once a block (by the thread that walks it): each vector of a row then
+// takes its groups' values with a load and a permute, where reading the stored fp16 scales and
+// uint8 zero points (one row of N apart) and converting them again, per vector and row of x, was
+// as much work as the codes' at groups of 64 words.
+template <int BITS, bool MANTISSA>
+struct BlockGrid {
   typedef Vec<16>::i vi;
-  const Weight& wt;
-  int64_t gw;
-  vi lane, group_of_lane;  // lane l belongs to group j / gw + l / gw
-  LaneGroups(const Weight& wt_, int64_t gw_)
-      : wt(wt_), gw(gw_), lane(vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}),
-        group_of_lane(lane / int32_t(gw_)) {}
-  template <class Live>  // int64_t, or the constant 16 for a whole vector (no mask)
-  void scales(int64_t n, int64_t j, Live live, Vec<16>::f& s, Vec<16>::f& b) const {
-    vi sv = {}, bv = {};
-    for (int32_t h = 0; h < 16 / gw && h * gw < live; ++h) {  // groups past the row's end are not read
-      float sg, bg;
-      group_scale<BITS>(wt, j / gw + h, n, sg, bg);
-      int32_t s_bits, b_bits;
-      std::memcpy(&s_bits, &sg, 4);
-      std::memcpy(&b_bits, &bg, 4);
-      const vi lanes = group_of_lane == h;  // all ones in group h's lanes
-      sv |= lanes & (vi{} + s_bits);
-      bv |= lanes & (vi{} + b_bits);
+  typedef Vec<16>::f vf;
+  int64_t gw, stride, n0;
+  int shift;          // log2(gw) where gw divides 16 (SPAN_GROUPS): a vector's first group is j >> shift
+  const float *s, *b;
+  vi lane, group_of_lane;  // lane l belongs to the vector's group l / gw
+  BlockGrid(const Weight& wt, int64_t gw_, int64_t groups, int64_t n0_, int64_t n1, std::vector<float>& buffer)
+      : gw(gw_), stride(groups + 16), n0(n0_), shift(0),
+        lane(vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}), group_of_lane(lane / int32_t(gw_)) {
+    while ((int64_t(1) << shift) < gw) ++shift;
+    // a row's last vector may read up to 16 groups past its first: padded with zeros
+    buffer.assign(2 * 16 * stride, 0.f);
+    float* sw = buffer.data();
+    float* bw = sw + 16 * stride;
+    const int64_t rows = n1 - n0;
+    for (int64_t g = 0; g < groups; ++g) {  // the block's 16 rows of a group lie side by side
+      float scale[16] = {}, zero[16] = {}, sg[16], bg[16];
+      const int64_t i = g * wt.n + n0;
+      if (rows == 16 && wt.kind == FP16) {
+        const uint16_t* h = static_cast<const uint16_t*>(wt.scales) + i;
+#if defined(__AVX512F__)
+        _mm512_storeu_ps(scale, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h))));
+#elif defined(__F16C__)
+        _mm256_storeu_ps(scale, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h))));
+        _mm256_storeu_ps(scale + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8))));
+#else
+        for (int r = 0; r < 16; ++r) scale[r] = half_to_float(h[r]);
+#endif
+      } else {
+        for (int64_t r = 0; r < rows; ++r) scale[r] = scale_at(wt.scales, wt.kind, i + r);
+      }
+      for (int64_t r = 0; r < rows; ++r) zero[r] = wt.zeros ? float(wt.zeros[i + r]) : float(1 << (BITS - 1));
+      for (int r = 0; r < 16; ++r) {  // group_scale's values, 16 rows at a time (lanes past `rows` unused)
+        sg[r] = MANTISSA ? scale[r] * float(1 << BITS) : scale[r];
+        bg[r] = -scale[r] * (MANTISSA ? zero[r] + float(1 << BITS) : zero[r]);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        sw[r * stride + g] = sg[r];
+        bw[r * stride + g] = bg[r];
+      }
     }
-    if constexpr (!std::is_same_v<Live, int64_t>) {
-      s = (Vec<16>::f)sv;
-      b = (Vec<16>::f)bv;
-    } else {
+    s = sw;
+    b = bw;
+  }
+  void scale(int64_t g, int64_t n, float& sg, float& bg) const {
+    sg = s[(n - n0) * stride + g];
+    bg = b[(n - n0) * stride + g];
+  }
+  // Each lane's group's scale and bias for the 16 words at j of row n (gw divides 16, j a multiple
+  // of 16); lanes from `live` on (the row's end) get 0 and 0, so that they weigh nothing whatever
+  // their codes.
+  template <class Live>  // int64_t, or the constant 16 for a whole vector (no mask)
+  void scales(int64_t n, int64_t j, Live live, vf& sv, vf& bv) const {
+    const int64_t i = (n - n0) * stride + (j >> shift);
+#ifdef __AVX512F__
+    sv = (vf)_mm512_permutexvar_ps((__m512i)group_of_lane, _mm512_loadu_ps(s + i));
+    bv = (vf)_mm512_permutexvar_ps((__m512i)group_of_lane, _mm512_loadu_ps(b + i));
+#else
+    sv = vf{} + s[i];
+    bv = vf{} + b[i];
+    for (int32_t h = 1; h < 16 / gw; ++h) {
+      const vi in_group = group_of_lane == h;  // all ones in group h's lanes
+      sv = (vf)(((vi)sv & ~in_group) | ((vi)(vf{} + s[i + h]) & in_group));
+      bv = (vf)(((vi)bv & ~in_group) | ((vi)(vf{} + b[i + h]) & in_group));
+    }
+#endif
+    if constexpr (std::is_same_v<Live, int64_t>) {
       const vi alive = lane < int32_t(live);
-      s = (Vec<16>::f)(sv & alive);
-      b = (Vec<16>::f)(bv & alive);
+      sv = (vf)((vi)sv & alive);
+      bv = (vf)((vi)bv & alive);
     }
   }
 };
 
 // Row n's words [w0, w1) with their groups' scales and biases: add(j, live, s, b) for each vector
-// of L words at j (live of them in the row: L but at the row's end under SPAN_GROUPS), tail(j, s,
-// b) for each word of a group past its last whole vector. s and b are one value (a group at a
-// time), or under SPAN_GROUPS each lane its group's.
-template <int BITS, int L, bool SPAN_GROUPS, class Add, class Tail>
-inline void walk_row(const LaneGroups<BITS>& lanes, int64_t n, int64_t w0, int64_t w1, Add add, Tail tail) {
+// of L words at j (live of them in the row: L but at the row's end under SPAN_GROUPS, or at a
+// group's end under PARTIAL), tail(j, s, b) for each word of a group past its last whole vector
+// (not under PARTIAL). s and b are one value (a group at a time), or under SPAN_GROUPS each lane
+// its group's.
+template <int L, bool SPAN_GROUPS, bool PARTIAL, class Grid, class Add, class Tail>
+inline void walk_row(const Grid& grid, int64_t n, int64_t w0, int64_t w1, Add add, Tail tail) {
+  const std::integral_constant<int64_t, L> whole;
   if constexpr (SPAN_GROUPS) {
     // w0 is a multiple of 16 (the callers' chunks), and so is w1 but at the row's end, where the
     // last vector has fewer live words (smollm2's rows of 576 4-bit codes: 72 words).
-    const std::integral_constant<int64_t, L> whole;
     int64_t j = w0;
     typename Vec<L>::f s, b;
     for (; j + L <= w1; j += L) {
-      lanes.scales(n, j, whole, s, b);
+      grid.scales(n, j, whole, s, b);
       add(j, whole, s, b);
     }
     if (j < w1) {
-      lanes.scales(n, j, w1 - j, s, b);
+      grid.scales(n, j, w1 - j, s, b);
       add(j, w1 - j, s, b);
     }
   } else {
-    const int64_t gw = lanes.gw;
+    const int64_t gw = grid.gw;
     for (int64_t g = w0 / gw; g * gw < w1; ++g) {
       const int64_t j1 = std::min(g * gw + gw, w1);
       float s, b;
-      group_scale<BITS>(lanes.wt, g, n, s, b);
+      grid.scale(g, n, s, b);
       int64_t j = std::max(g * gw, w0);
-      for (; j + L <= j1; j += L) add(j, std::integral_constant<int64_t, L>(), s, b);
-      for (; j < j1; ++j) tail(j, s, b);  // a group shorter than a vector, or its end
+      for (; j + L <= j1; j += L) add(j, whole, s, b);
+      if constexpr (PARTIAL) {
+        if (j < j1) add(j, j1 - j, s, b);  // a group's last words, fewer than L (K = 576 in groups of 128)
+      } else {
+        for (; j < j1; ++j) tail(j, s, b);  // a group shorter than a vector, or its end
+      }
     }
   }
 }
@@ -151,6 +217,16 @@ inline void walk_row(const LaneGroups<BITS>& lanes, int64_t n, int64_t w0, int64
 // The L words at src, of which `live` are read (all where it is the constant L); the others 0.
 template <int L, class T, class V, class Live>
 inline void load_live(V& v, const T* src, Live live) {
+  if constexpr (sizeof(T) == 4 && !std::is_same_v<Live, int64_t>) {
+    std::memcpy(&v, src, sizeof(v));  // one load: through an array on the stack, it stalled on the store
+    return;
+  }
+#ifdef __AVX512F__
+  if constexpr (sizeof(T) == 4 && L == 16) {  // one masked load, where a copy of `live` words branched
+    v = (V)_mm512_maskz_loadu_epi32(__mmask16((1u << live) - 1), src);
+    return;
+  }
+#endif
   T stored[L] = {};
   if constexpr (!std::is_same_v<Live, int64_t>) std::memcpy(stored, src, sizeof(stored));
   else std::memcpy(stored, src, live * sizeof(T));
@@ -163,57 +239,94 @@ inline void load_live(V& v, const T* src, Live live) {
   }
 }
 
-// acc[m] += the CPW codes of the L words at row[j] (`live` of them read), each decoded as
-// code * s + b (s, b: one value, or each lane its group's); xp: MT rows of CPW planes of `ps`
-// floats, padded past the row so that a vector at its end reads zeros.
+// Planes of x a row of x takes (add_words): its CPW planes, and for 2-bit codes the words' sums.
+template <int BITS> constexpr int PLANES = 32 / BITS + (BITS == 2);
+
+// Code c of each word (bits c * BITS) as the float 1 + code / 2**BITS: the code moved to the top
+// of the mantissa of 1.0 by a shift, a mask and an or (one ternary-logic instruction on AVX-512),
+// where a convert and a multiply-add by the scale took two more.
+template <int BITS, class U>
+inline U mantissa_code(U q, int c) {
+  constexpr uint32_t FIELD = ((1u << BITS) - 1) << (23 - BITS), ONE = 0x3F800000u;
+  const int shift = 23 - BITS - c * BITS;  // a constant once the callers' loops over c unroll
+  return ((shift >= 0 ? q << shift : q >> -shift) & FIELD) | ONE;
+}
+
+// acc[m] += the CPW codes of the L words at row[j] (`live` of them read) times x, each code read
+// as f = 1 + code / 2**BITS (mantissa_code) and decoded as f * s + b (s, b: group_scale's
+// MANTISSA form; one value, or each lane its group's). For 2-bit codes and one row of x, the
+// scale and bias are factored out of the word's sum instead: acc += s * sum_c f_c * x_c + b *
+// sum_c x_c, two multiply-adds a word for its 16 codes, the sums of x a plane of their own (0.6x
+// to 0.85x the time of decoding each code at 576 x 576 to 4096 x 4096; at 4 and 8 bits, or two
+// rows of x, 0.9x to 1.1x the other way, and the factored sums cancel more: rounding errors 3x as
+// large). xp: MT rows of PLANES planes of `ps` floats (x's CPW planes, then for 2-bit codes each
+// word's sum of x). Of a vector with fewer live words (a group's or the row's end), the other
+// lanes' codes and bias weigh nothing.
 template <int BITS, int MT, int P, int L, class S, class Live>
-inline void add_words(const int32_t* row, int64_t j, Live live, S s, S b, const float* xp, int64_t ps,
+inline void add_words(const int32_t* row, int64_t j, Live live, S s, S b_in, const float* xp, int64_t ps,
                       typename Vec<L>::f (&acc)[MT][P]) {
-  typedef typename Vec<L>::i vi;
+  typedef typename Vec<L>::u vu;
   typedef typename Vec<L>::f vf;
   constexpr int CPW = 32 / BITS;
-  constexpr int32_t MASK = (1 << BITS) - 1;
-  vi q;
-  load_live<L>(q, row + j, live);
+  constexpr bool FACTORED = BITS == 2 && MT == 1;
+  vu q, alive = ~vu{};
+  if constexpr (std::is_same_v<Live, int64_t>) {
+    for (int l = 0; l < L; ++l) alive[l] = l < live ? ~0u : 0u;
+  }
+  load_live<L>(q, reinterpret_cast<const uint32_t*>(row) + j, live);
+  const vf b = (vf)((vu)(vf{} + b_in) & alive);
+  vf t[FACTORED ? MT : 1][P] = {};
   for (int c = 0; c < CPW; ++c) {
-    const vf w = __builtin_convertvector((q >> (c * BITS)) & MASK, vf) * s + b;
+    vf f = (vf)mantissa_code<BITS>(q, c);
+    if constexpr (std::is_same_v<Live, int64_t>) f = (vf)((vu)f & alive);  // 1.0 where a code 0 was read
+    if constexpr (!FACTORED) f = f * s + b;  // the weights
     for (int m = 0; m < MT; ++m) {
       vf xv;
-      std::memcpy(&xv, xp + (m * CPW + c) * ps + j, sizeof(vf));
-      acc[m][c % P] += w * xv;
+      std::memcpy(&xv, xp + (m * PLANES<BITS> + c) * ps + j, sizeof(vf));
+      if constexpr (FACTORED) t[m][c % P] += f * xv;
+      else acc[m][c % P] += f * xv;
+    }
+  }
+  if constexpr (FACTORED) {
+    for (int m = 0; m < MT; ++m) {
+      vf xs;
+      std::memcpy(&xs, xp + (m * PLANES<BITS> + CPW) * ps + j, sizeof(vf));
+      acc[m][0] += b * xs;
+      for (int p = 0; p < P; ++p) acc[m][p] += t[m][p] * s;
     }
   }
 }
 
 // y[0:MT, n0:n1] += the sums over words [w0, w1) of each row (a chunk of x that stays in cache).
-// xp: MT rows of CPW planes of `ps` floats; y: MT rows of N. Where groups are 1, 2, 4 or 8 words
+// xp: MT rows of PLANES planes of `ps` floats; y: MT rows of N. Where groups are 1, 2, 4 or 8 words
 // (4-bit codes in groups of 8 to 64, 2-bit of 16 to 128, 8-bit of 4 to 32; SPAN_GROUPS), each
 // 16-word vector spans 16 / gw groups, its lanes carrying their group's scale and bias, the last
 // one of a row masked where the row is not a multiple of 16 words: a group at a time, such groups
 // took 8-word vectors and the group loop's overhead every 8 words (1.6x the time of groups of 128
 // at 4096 x 4096, M = 1).
 template <int BITS, int MT, int L, bool SPAN_GROUPS>
-void rows(const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
+__attribute__((noinline))  // inlined into the OpenMP loop, it made the build of AVX2 code 2.3x as long
+void rows(const Weight& wt, const BlockGrid<BITS, true>& grid, const float* xp, int64_t ps, float* y, int64_t n0,
+          int64_t n1, int64_t w0, int64_t w1) {
   typedef typename Vec<L>::f vf;
-  constexpr int CPW = 32 / BITS;
-  constexpr int32_t MASK = (1 << BITS) - 1;
   constexpr int P = MT >= 4 ? 1 : 4 / MT;  // independent vector sums per row of x: hide the add latency
-  const LaneGroups<BITS> lanes(wt, wt.span / CPW);  // groups of span / CPW words
+  constexpr int CPW = 32 / BITS;
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* row = wt.words + n * wt.row_words;
     vf acc[MT][P];
-    float tail[MT];
-    for (int m = 0; m < MT; ++m) {
-      tail[m] = 0.f;
+    float tail[MT] = {};
+    for (int m = 0; m < MT; ++m)
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
-    }
-    walk_row<BITS, L, SPAN_GROUPS>(
-        lanes, n, w0, w1,
+    // A group's or the row's last words fewer than a vector: masked under 16-word vectors (K = 576
+    // in groups of 128), a word at a time under the narrower ones (uncommon group sizes, whose
+    // masked variants would double the build's time where a 16-word vector takes two instructions)
+    walk_row<L, SPAN_GROUPS, L == 16>(
+        grid, n, w0, w1,
         [&](int64_t j, auto live, auto s, auto b) { add_words<BITS, MT, P, L>(row, j, live, s, b, xp, ps, acc); },
         [&](int64_t j, float s, float b) {
           for (int c = 0; c < CPW; ++c) {
-            const float w = float((row[j] >> (c * BITS)) & MASK) * s + b;
-            for (int m = 0; m < MT; ++m) tail[m] += w * xp[(m * CPW + c) * ps + j];
+            const float w = bits_to_float(mantissa_code<BITS>(uint32_t(row[j]), c)) * s + b;
+            for (int m = 0; m < MT; ++m) tail[m] += w * xp[(m * PLANES<BITS> + c) * ps + j];
           }
         });
     for (int m = 0; m < MT; ++m) {
@@ -232,13 +345,13 @@ inline int64_t rows_at_once(int64_t left, int64_t most) {
 }
 
 template <int BITS, int L, bool SPAN_GROUPS = false>
-void rows_of(int64_t mt, const Weight& wt, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0,
-             int64_t w1) {
+void rows_of(int64_t mt, const Weight& wt, const BlockGrid<BITS, true>& grid, const float* xp, int64_t ps, float* y,
+             int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
   switch (mt) {  // the rows of x as a constant (1, 2, 4 or 8): their sums stay in registers
-    case 1: return rows<BITS, 1, L, SPAN_GROUPS>(wt, xp, ps, y, n0, n1, w0, w1);
-    case 2: return rows<BITS, 2, L, SPAN_GROUPS>(wt, xp, ps, y, n0, n1, w0, w1);
-    case 4: return rows<BITS, 4, L, SPAN_GROUPS>(wt, xp, ps, y, n0, n1, w0, w1);
-    default: return rows<BITS, 8, L, SPAN_GROUPS>(wt, xp, ps, y, n0, n1, w0, w1);
+    case 1: return rows<BITS, 1, L, SPAN_GROUPS>(wt, grid, xp, ps, y, n0, n1, w0, w1);
+    case 2: return rows<BITS, 2, L, SPAN_GROUPS>(wt, grid, xp, ps, y, n0, n1, w0, w1);
+    case 4: return rows<BITS, 4, L, SPAN_GROUPS>(wt, grid, xp, ps, y, n0, n1, w0, w1);
+    default: return rows<BITS, 8, L, SPAN_GROUPS>(wt, grid, xp, ps, y, n0, n1, w0, w1);
   }
 }
 
@@ -249,26 +362,39 @@ void matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, float* 
   // Planes padded by 16 floats: power-of-two strides would put the planes' chunks in the same
   // cache sets (4.7x slower at K = 4096 and 8 rows).
   const int64_t ps = kw + 16;
-  std::vector<float> xp(m_rows * CPW * ps);  // xp[m][c][w] = x[m, CPW * w + c]
-  for (int64_t m = 0; m < m_rows; ++m)
+  // xp[m][c][w] = x[m, CPW * w + c] (c < CPW); 2-bit codes: xp[m][CPW][w] = the sum of those CPW
+  constexpr int PL = PLANES<BITS>;
+  std::vector<float> xp(m_rows * PL * ps);
+  for (int64_t m = 0; m < m_rows; ++m) {
     for (int c = 0; c < CPW; ++c)
-      for (int64_t w = 0; w < kw; ++w) xp[(m * CPW + c) * ps + w] = x[m * k + CPW * w + c];
+      for (int64_t w = 0; w < kw; ++w) xp[(m * PL + c) * ps + w] = x[m * k + CPW * w + c];
+    if constexpr (PL > CPW) {
+      float* sums = xp.data() + (m * PL + CPW) * ps;
+      for (int c = 0; c < CPW; ++c)
+        for (int64_t w = 0; w < kw; ++w) sums[w] += x[m * k + CPW * w + c];
+    }
+  }
   // Words per chunk: 8 rows of x's planes fill 16 KB of L1 cache; a multiple of 16 (SPAN_GROUPS).
-  const int64_t chunk = std::max<int64_t>(16, 4096 / (std::min<int64_t>(m_rows, 8) * CPW) / 16 * 16);
+  const int64_t chunk = std::max<int64_t>(16, 4096 / (std::min<int64_t>(m_rows, 8) * PL) / 16 * 16);
   std::fill(y, y + m_rows * wt.n, 0.f);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {  // 16 rows of the weight per task
-    const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
-    for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
-      mt = rows_at_once(m_rows - m0, 8);
-      const float* xm = xp.data() + m0 * CPW * ps;
-      float* ym = y + m0 * wt.n;
-      for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
-        const int64_t w1 = std::min(w0 + chunk, kw);
-        if (gw % 16 == 0) rows_of<BITS, 16>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
-        else if (16 % gw == 0) rows_of<BITS, 16, true>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
-        else if (gw % 8 == 0) rows_of<BITS, 8>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
-        else rows_of<BITS, 4>(mt, wt, xm, ps, ym, n0, n1, w0, w1);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> buffer;  // the thread's BlockGrid
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {  // 16 rows of the weight per task
+      const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
+      const BlockGrid<BITS, true> grid(wt, gw, (kw + gw - 1) / gw, n0, n1, buffer);
+      for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
+        mt = rows_at_once(m_rows - m0, 8);
+        const float* xm = xp.data() + m0 * PL * ps;
+        float* ym = y + m0 * wt.n;
+        for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
+          const int64_t w1 = std::min(w0 + chunk, kw);
+          if (gw % 16 == 0) rows_of<BITS, 16>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+          else if (16 % gw == 0) rows_of<BITS, 16, true>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+          else if (gw % 8 == 0) rows_of<BITS, 8>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+          else rows_of<BITS, 4>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+        }
       }
     }
   }
@@ -316,14 +442,14 @@ inline void add_sp24_words(const int32_t* row, const typename SlotsOf<BITS>::t* 
 
 // As `rows`, SPAN_GROUPS included (4-bit kept codes in groups of 128 columns: 8 code words).
 template <int BITS, int MT, int L, bool SPAN_GROUPS>
-void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, const float* xp, int64_t ps, float* y,
-               int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
+__attribute__((noinline))  // as rows
+void sp24_rows(const Weight& wt, const BlockGrid<BITS, false>& grid, const void* positions, int64_t pos_row_bytes,
+               const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
   typedef typename Vec<L>::f vf;
   typedef typename SlotsOf<BITS>::t slots_t;
   constexpr int CPW = 32 / BITS;
   constexpr int32_t MASK = (1 << BITS) - 1;
   constexpr int P = MT >= 2 ? 1 : 2;      // independent vector sums per row of x
-  const LaneGroups<BITS> lanes(wt, wt.span / 2 / CPW);  // groups of span / 2 / CPW code words
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* row = wt.words + n * wt.row_words;
     const slots_t* slot_row = reinterpret_cast<const slots_t*>(static_cast<const uint8_t*>(positions) + n * pos_row_bytes);
@@ -333,8 +459,8 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
       tail[m] = 0.f;
       for (int p = 0; p < P; ++p) acc[m][p] = vf{};
     }
-    walk_row<BITS, L, SPAN_GROUPS>(
-        lanes, n, w0, w1,
+    walk_row<L, SPAN_GROUPS, false>(
+        grid, n, w0, w1,
         [&](int64_t j, auto live, auto s, auto b) {
           add_sp24_words<BITS, MT, P, L>(row, slot_row, j, live, s, b, xp, ps, acc);
         },
@@ -356,12 +482,13 @@ void sp24_rows(const Weight& wt, const void* positions, int64_t pos_row_bytes, c
 }
 
 template <int BITS, int L, bool SPAN_GROUPS = false>
-void sp24_rows_of(int64_t mt, const Weight& wt, const void* positions, int64_t pos_row_bytes, const float* xp,
-                  int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0, int64_t w1) {
+void sp24_rows_of(int64_t mt, const Weight& wt, const BlockGrid<BITS, false>& grid, const void* positions,
+                  int64_t pos_row_bytes, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t w0,
+                  int64_t w1) {
   switch (mt) {
-    case 1: return sp24_rows<BITS, 1, L, SPAN_GROUPS>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
-    case 2: return sp24_rows<BITS, 2, L, SPAN_GROUPS>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
-    default: return sp24_rows<BITS, 4, L, SPAN_GROUPS>(wt, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
+    case 1: return sp24_rows<BITS, 1, L, SPAN_GROUPS>(wt, grid, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
+    case 2: return sp24_rows<BITS, 2, L, SPAN_GROUPS>(wt, grid, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
+    default: return sp24_rows<BITS, 4, L, SPAN_GROUPS>(wt, grid, positions, pos_row_bytes, xp, ps, y, n0, n1, w0, w1);
   }
 }
 
@@ -378,20 +505,26 @@ void sp24_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, co
   // Code words per chunk: 4 rows of x's planes fill 16 KB of L1 cache; a multiple of 16 (SPAN_GROUPS).
   const int64_t chunk = std::max<int64_t>(16, 4096 / (std::min<int64_t>(m_rows, 4) * 2 * CPW) / 16 * 16);
   std::fill(y, y + m_rows * wt.n, 0.f);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {
-    const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
-    for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {  // up to 4 rows of x at a time: each takes 4 planes per code
-      mt = rows_at_once(m_rows - m0, 4);
-      const float* xm = xp.data() + m0 * 2 * CPW * ps;
-      float* ym = y + m0 * wt.n;
-      for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
-        const int64_t w1 = std::min(w0 + chunk, kw);
-        if (gw % 16 == 0) sp24_rows_of<BITS, 16>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-        else if (16 % gw == 0)
-          sp24_rows_of<BITS, 16, true>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-        else if (gw % 8 == 0) sp24_rows_of<BITS, 8>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-        else sp24_rows_of<BITS, 4>(mt, wt, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> buffer;  // the thread's BlockGrid
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {
+      const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
+      const BlockGrid<BITS, false> grid(wt, gw, (kw + gw - 1) / gw, n0, n1, buffer);
+      for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {  // up to 4 rows of x at a time: each takes 4 planes per code
+        mt = rows_at_once(m_rows - m0, 4);
+        const float* xm = xp.data() + m0 * 2 * CPW * ps;
+        float* ym = y + m0 * wt.n;
+        for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
+          const int64_t w1 = std::min(w0 + chunk, kw);
+          if (gw % 16 == 0) sp24_rows_of<BITS, 16>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+          else if (16 % gw == 0)
+            sp24_rows_of<BITS, 16, true>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+          else if (gw % 8 == 0)
+            sp24_rows_of<BITS, 8>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+          else sp24_rows_of<BITS, 4>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+        }
       }
     }
   }

@@ -290,7 +290,7 @@ def test_cpu_packed_matmul_for_bf16(bits, group_size, symmetric):
     assert torch.equal(y_auto, q.set_kernel("cpu_packed")(x))
     assert rel_err(y_auto, ref) < 1e-2  # measured 3e-3: bf16 rounding of activations and weights
     y32 = q.set_kernel("auto")(x.float())  # fp32 activations: the fused CPU matmul, on words derived per call
-    assert y32.dtype == torch.float32 and rel_err(y32, x.float() @ q.dequantized_weight().T + q.bias) < 1e-6
+    assert y32.dtype == torch.float32 and rel_err(y32, x.float() @ q.dequantized_weight().T + q.bias) < 2e-6
     # widened codes keep one derived copy, the packed weight (3-bit: 3 + 4 bits per weight, not
     # 3 + 4 + 4); the reference path above widened them for the call
     assert (q._prepacked is None) == (bits not in (2, 4, 8))

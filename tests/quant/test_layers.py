@@ -22,7 +22,7 @@ def test_forward_is_dequantize_then_matmul(bits, symmetric):
     ref = x @ q.dequantized_weight().T + lin.bias
     assert torch.equal(q.set_kernel("reference")(x), ref)
     # "auto" on CPU: the fused matmul (cuda/cpu_fused.py), the same sums in another order
-    assert (q.set_kernel("auto")(x) - ref).norm() < 1e-6 * ref.norm()
+    assert (q.set_kernel("auto")(x) - ref).norm() < 2e-6 * ref.norm()  # tests/cuda/test_cpu_fused.py: REL_TOL
 
 
 def test_input_linear_is_not_modified():
