@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -592,25 +593,66 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
   }
 }
 
+// f(std::integral_constant<int, V>()) for V = 0 .. N - 1: a loop whose index is a constant in
+// each step (shuffle indices must be).
+template <class F, size_t... V>
+inline void for_each_constant(F f, std::index_sequence<V...>) {
+  (f(std::integral_constant<int, int(V)>()), ...);
+}
+
+// The 16 lanes of vector V of a dequantized row chunk: lane l reads word V * 16 / CPW + l / CPW of
+// the chunk's 16 words q (its code l % CPW).
+template <int CPW, int V, size_t... L>
+inline Vec<16>::u words_of_vector(Vec<16>::u q, std::index_sequence<L...>) {
+  return __builtin_shufflevector(q, q, (V * (16 / CPW) + int(L) / CPW)...);
+}
+
 // Dequantization, for calls with more rows of x than the fused matmuls serve: the weight fp32
 // [N, K] that PyTorch's dense matmul then takes. Each value is (code - zero) * scale as the
 // reference computes it (cuda/layout.py: _dequantize_codes): the difference of two small integers
 // is exact in fp32, and a single rounded product follows (nothing to fuse into a multiply-add), so
-// the bits match the reference's. Rows of the weight are split across threads.
+// the bits match the reference's. Rows of the weight are split across threads. A row is taken 16
+// words at a time, each of its CPW output vectors of 16 values a shuffle of the words, a shift by
+// each lane's code position, a mask and a convert (a code at a time, it was 7% of smollm2-135m's
+// prefill), where a vector's words share a group (groups of at least 16 / CPW words); the row's
+// last words and narrower groups a code at a time.
 template <int BITS>
 void dequantize(const Weight& wt, int64_t k, float* w, int threads) {
-  constexpr int CPW = 32 / BITS;
+  typedef Vec<16>::u vu;
+  typedef Vec<16>::f vf;
+  constexpr int CPW = 32 / BITS, WPV = 16 / CPW;  // codes a word, words an output vector
   constexpr uint32_t MASK = (1u << BITS) - 1;
   const int64_t kw = k / CPW, gw = wt.span / CPW;
+  vu shifts;
+  for (int l = 0; l < 16; ++l) shifts[l] = uint32_t(l % CPW * BITS);
+  const int64_t vector_words = gw % WPV == 0 ? kw / 16 * 16 : 0;  // the words taken 16 at a time
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < wt.n; ++n) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(wt.words + n * wt.row_words);
     float* out = w + n * k;
-    for (int64_t g = 0; g * gw < kw; ++g) {
-      const float s = scale_at(wt.scales, wt.kind, g * wt.n + n);
-      const float z = wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1));
-      for (int64_t j = g * gw, j1 = std::min(g * gw + gw, kw); j < j1; ++j)
-        for (int c = 0; c < CPW; ++c) out[j * CPW + c] = (float((row[j] >> (c * BITS)) & MASK) - z) * s;
+    float s = 0.f, z = 0.f;
+    int64_t group_end = 0;  // the words of the group whose s and z are loaded end here
+    const auto group_of = [&](int64_t j) {
+      if (j < group_end) return;
+      const int64_t g = j / gw;
+      s = scale_at(wt.scales, wt.kind, g * wt.n + n);
+      z = wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1));
+      group_end = std::min(g * gw + gw, kw);
+    };
+    for (int64_t j0 = 0; j0 < vector_words; j0 += 16) {
+      vu q;
+      std::memcpy(&q, row + j0, sizeof(q));
+      for_each_constant([&](auto v) {
+        constexpr int V = decltype(v)::value;
+        group_of(j0 + V * WPV);
+        const vu codes = (words_of_vector<CPW, V>(q, std::make_index_sequence<16>()) >> shifts) & MASK;
+        const vf values = (__builtin_convertvector(codes, vf) - z) * s;
+        std::memcpy(out + (j0 + V * WPV) * CPW, &values, sizeof(values));
+      }, std::make_index_sequence<CPW>());
+    }
+    for (int64_t j = vector_words; j < kw; ++j) {
+      group_of(j);
+      for (int c = 0; c < CPW; ++c) out[j * CPW + c] = (float((row[j] >> (c * BITS)) & MASK) - z) * s;
     }
   }
 }

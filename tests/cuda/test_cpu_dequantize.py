@@ -31,20 +31,21 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.view(as_int), b.view(as_int))
 
 
-# (bits, group size, symmetric): 80 and 128 leave a shorter last group of K = 192; 1 << 30 per channel
+# (bits, group size, symmetric): 80 and 128 leave a shorter last group of K = 192; 1 << 30 per channel;
+# groups of 8 are narrower than an output vector's words at 4 and 8 bits (a code at a time)
 FORMATS = [(4, 64, True), (4, 16, False), (2, 32, False), (8, 1 << 30, True), (4, 80, False), (2, 128, True),
-           (8, 128, False)]
+           (8, 128, False), (4, 8, True), (8, 8, False), (8, 16, True)]
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", FORMATS)
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_dequantize_is_the_reference_exactly(bits, group_size, symmetric, scale_dtype):
-    words, scales, zeros = weight(40, 192, bits, group_size, symmetric)
+@pytest.mark.parametrize("k", [192, 608])  # rows of 6 to 152 words: none, one or many 16-word chunks, and a rest
+def test_dequantize_is_the_reference_exactly(bits, group_size, symmetric, scale_dtype, k):
+    words, scales, zeros = weight(40, k, bits, group_size, symmetric)
     scales = scales.to(scale_dtype)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        w = cpu_dequantize.dequantize(words, scales, zeros, bits, group_size, 192, dtype)
-        assert w.dtype == dtype and same_bits(w, dequantize_words(words, scales, zeros, bits, group_size, 192,
-                                                                      dtype))
+        w = cpu_dequantize.dequantize(words, scales, zeros, bits, group_size, k, dtype)
+        assert w.dtype == dtype and same_bits(w, dequantize_words(words, scales, zeros, bits, group_size, k, dtype))
 
 
 FP16_SPECIALS = """

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress.cuda import cpu_fused, cpu_native
+from compress.cuda import cpu_dequantize, cpu_fused, cpu_native
 from compress.cuda.layout import dense_sp24_values, dequantize_sp24_words, dequantize_words, words_of
 from compress.cuda.ops import int_linear, sp24_linear
 from compress.quant.packing import pack_codes
@@ -116,7 +116,8 @@ def _cpu_flags() -> set[str]:
 def test_other_instruction_sets_compute_the_same(march, needs, monkeypatch):
     """The kernels as CPUs without AVX-512 run them (SSE2 only; AVX2 and F16C), built here with
     -march=...: each lane's group's scale blended in where AVX-512 permutes, a row's or a group's
-    last words copied where it masks the load, fp16 scales converted one by one or 8 at a time."""
+    last words copied where it masks the load, fp16 scales converted one by one or 8 at a time; the
+    dequantization's shuffles and variable shifts."""
     if needs not in _cpu_flags():
         pytest.skip(f"this CPU lacks {needs}")
     monkeypatch.setattr(cpu_native, "_FLAGS", (cpu_native._FLAGS[0], [f"-march={march}", "-fopenmp"],
@@ -138,6 +139,10 @@ def test_other_instruction_sets_compute_the_same(march, needs, monkeypatch):
         ref = x @ dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, k, torch.float32).T
         y = cpu_fused.sp24_matmul(x, words, positions, scales, zeros, bits, group_size, k)
         assert rel_err(y, ref) < 1e-6, (bits, group_size, k)
+    for bits, group_size in ((4, 64), (2, 32), (8, 16), (4, 8)):  # 16 words at a time, and a code at a time
+        words, scales, zeros = weight(24, 608, bits, group_size, False, seed=bits)
+        w = cpu_dequantize.dequantize(words, scales, zeros, bits, group_size, 608, torch.float32)
+        assert torch.equal(w, dequantize_words(words, scales, zeros, bits, group_size, 608, torch.float32))
 
 
 def test_many_rows_and_long_rows_match_the_reference():
@@ -213,7 +218,7 @@ def test_the_kernel_is_built_once_and_cached(tmp_path):
     """A fresh process and an empty cache build it; the next process loads the cached library."""
     script = textwrap.dedent("""
         import torch
-        from compress.cuda import cpu_fused, cpu_native
+        from compress.cuda import cpu_dequantize, cpu_fused, cpu_native
         words = torch.randint(-2**31, 2**31 - 1, (16, 8), dtype=torch.int32)
         y = cpu_fused.matmul(torch.randn(1, 64), words, torch.rand(2, 16).half(), None, 4, 32, 64)
         print(y is not None, cpu_native.failure())
