@@ -117,24 +117,43 @@ def _as(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y if dtype == torch.float32 else y.to(dtype)
 
 
+class FusedWeight:
+    """A dense weight checked for the kernel once (checked_weight), with the kernel's arguments:
+    words int32 [N, n_words], scales [n_groups, N], zeros uint8 [n_groups, N] or None, in a format
+    `applies` takes (else a ValueError). QuantLinear.prepack keeps one, so that a decoded token's
+    call skips the checks and conversions, which cost 6 us a call again (a third of the kernel's
+    own time at smollm2-135m's 192 x 576 layers)."""
+
+    def __init__(self, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                 group_size: int, in_features: int) -> None:
+        scales, zeros, span = checked_weight(words, scales, zeros, in_features, bits, group_size, in_features,
+                                             applies(bits, group_size, in_features))
+        self._tensors = (words, scales, zeros)  # alive as long as the pointers below
+        self.out_features, self.in_features = words.shape[0], in_features
+        self._args = (words.data_ptr(), words.shape[0], words.stride(0), scales.data_ptr(), SCALE_KINDS[scales.dtype],
+                      None if zeros is None else zeros.data_ptr(), bits, span)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [M, K] @ the weight.T -> [M, N] in x's dtype; None when the kernel could not be built
+        (it warned once; the caller runs the reference)."""
+        lib = library()
+        if lib is None:
+            return None
+        x32 = _rows(x, self.in_features)
+        y = _output(x, self.out_features)
+        if y.numel():
+            lib.int_matmul(x32.data_ptr(), x.shape[0], self.in_features, *self._args, y.data_ptr(),
+                           torch.get_num_threads())
+        return _as(y, x.dtype)
+
+
 def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
            group_size: int, in_features: int) -> torch.Tensor | None:
-    """x [M, K] @ dequantize_words(words, ...).T -> [M, N] in x's dtype (words int32 [N, n_words],
-    scales [n_groups, N], zeros uint8 [n_groups, N] or None; a format `applies` takes, else a
-    ValueError); None when the kernel could not be built (it warned once; the caller runs the
-    reference)."""
-    lib = library()
-    if lib is None:
+    """x [M, K] @ dequantize_words(words, ...).T -> [M, N] in x's dtype (FusedWeight's tensors); None
+    when the kernel could not be built (it warned once; the caller runs the reference)."""
+    if library() is None:
         return None
-    scales, zeros, span = checked_weight(words, scales, zeros, in_features, bits, group_size, in_features,
-                                         applies(bits, group_size, in_features))
-    x32 = _rows(x, in_features)
-    y = _output(x, words.shape[0])
-    if y.numel():
-        lib.int_matmul(x32.data_ptr(), x.shape[0], in_features, words.data_ptr(), words.shape[0], words.stride(0),
-                       scales.data_ptr(), SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(),
-                       bits, span, y.data_ptr(), torch.get_num_threads())
-    return _as(y, x.dtype)
+    return FusedWeight(words, scales, zeros, bits, group_size, in_features)(x)
 
 
 def sp24_applies(bits: int, group_size: int, in_features: int) -> bool:

@@ -323,6 +323,18 @@ def int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
     return op(x, words, scales, zeros, bits, group_size, in_features, kernel, *(tinygemm or (None, None)))
 
 
+def fused_int_linear(x: torch.Tensor, fused: cpu_fused.FusedWeight | None, kernel: str) -> torch.Tensor | None:
+    """x [..., K] @ the weight `fused` holds -> [..., N] where `int_linear` would run the fused CPU
+    matmul for it under "auto" (fp32 activations on the CPU, up to cpu_fused.MAX_M rows, a call
+    `_direct` allows), with the weight's checks made once (QuantLinear.prepack); else None, and
+    `int_linear` decides."""
+    if (fused is None or kernel != "auto" or x.dtype != torch.float32 or x.shape[-1] != fused.in_features
+            or not 0 < x.numel() <= cpu_fused.MAX_M * fused.in_features or not _direct(x)):
+        return None
+    y = fused(x.reshape(-1, fused.in_features))
+    return None if y is None else y.reshape(*x.shape[:-1], fused.out_features)
+
+
 def sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
                     zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int,
                     kernel: str = "auto") -> torch.Tensor:

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.cuda import cpu_packed, tinygemm
+from compress.cuda import cpu_fused, cpu_packed, tinygemm
 from compress.cuda.layout import KERNEL_BITS, kernel_bits, unpack_words, widen_codes, words_of
-from compress.cuda.ops import KERNELS, CpuPacked, cpu_packed_linear, cpu_packed_serves, int_linear
+from compress.cuda.ops import KERNELS, CpuPacked, cpu_packed_linear, cpu_packed_serves, fused_int_linear, int_linear
 
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantize import QuantGrid, dequantize, num_groups
@@ -117,6 +117,7 @@ class QuantLinear(GridBuffers, nn.Module):
             self.bias = None
         self.kernel = "auto"
         self._prepacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._fused: cpu_fused.FusedWeight | None = None  # _prepacked checked for the fused CPU matmul
         self._cpu_packed: CpuPacked | None = None
         self._tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -185,7 +186,7 @@ class QuantLinear(GridBuffers, nn.Module):
         self._prepacked = self.kernel_layout()
         self._cpu_packed, self._tinygemm = None, None
         if dtype != torch.bfloat16:
-            return self
+            return self._check_fused()
         device, k, kb, grid = self.qweight.device.type, self.in_features, self.kernel_bits, self.grid()
         widened = kb != self.bits
 
@@ -200,10 +201,18 @@ class QuantLinear(GridBuffers, nn.Module):
             self._cpu_packed = CpuPacked(*cpu_packed.pack_int8(codes(), grid.scales, dtype), dtype)
         if widened and self._cpu_packed is not None:
             self._prepacked = None
+        return self._check_fused()
+
+    def _check_fused(self) -> QuantLinear:
+        """The prepacked words checked once for the fused CPU matmul (`_fused`), where it reads them."""
+        kb, k = self.kernel_bits, self.in_features
+        reads = (self._prepacked is not None and self.qweight.is_cpu and cpu_fused.available()
+                 and cpu_fused.applies(kb, self.group_size, k))
+        self._fused = cpu_fused.FusedWeight(*self._prepacked, kb, self.group_size, k) if reads else None
         return self
 
     def _drop_prepacked(self) -> None:
-        self._prepacked, self._cpu_packed, self._tinygemm = None, None, None
+        self._prepacked, self._cpu_packed, self._tinygemm, self._fused = None, None, None, None
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the derived layout would be stale
         self._drop_prepacked()
@@ -215,13 +224,17 @@ class QuantLinear(GridBuffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if cpu_packed_serves(self.kernel, self._cpu_packed, x, self._prepacked is not None):  # words unread
-            y = cpu_packed_linear(x, self._cpu_packed, self.kernel_bits, self.group_size, self.in_features)
-        else:
-            words, scales, zeros = self._prepacked or self.kernel_layout()
-            y = int_linear(x, words, scales, zeros, self.kernel_bits, self.group_size, self.in_features, self.kernel,
-                           self._cpu_packed, self._tinygemm)
+        y = fused_int_linear(x, self._fused, self.kernel)  # a decoded token's call: checked at prepack
+        if y is None:
+            y = self._linear(x)
         return y if bias is None else y + bias
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_packed_serves(self.kernel, self._cpu_packed, x, self._prepacked is not None):  # words unread
+            return cpu_packed_linear(x, self._cpu_packed, self.kernel_bits, self.group_size, self.in_features)
+        words, scales, zeros = self._prepacked or self.kernel_layout()
+        return int_linear(x, words, scales, zeros, self.kernel_bits, self.group_size, self.in_features, self.kernel,
+                          self._cpu_packed, self._tinygemm)
 
     # --- CompressedModule ----------------------------------------------------------------------
     def format_spec(self) -> dict[str, Any]:

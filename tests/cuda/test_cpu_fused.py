@@ -234,12 +234,18 @@ def test_the_kernel_is_built_once_and_cached(tmp_path):
     assert stamps[0] == stamps[1]
 
 
-def test_auto_runs_it_for_few_rows_of_x_on_cpu(monkeypatch):
+@pytest.mark.parametrize("prepacked", [True, False])
+def test_auto_runs_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch):
+    """Prepacked, a layer holds its weight checked for the kernel (cpu_fused.FusedWeight), which
+    fp32 calls take directly (ops.fused_int_linear); else each call checks it (cpu_fused.matmul)."""
     torch.manual_seed(0)
-    q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(128, 48)).prepack()
+    q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(128, 48))
+    if prepacked:
+        q.prepack()
+    assert (q._fused is not None) == prepacked
     calls = []
-    fused = cpu_fused.matmul
-    monkeypatch.setattr(cpu_fused, "matmul", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+    call = cpu_fused.FusedWeight.__call__
+    monkeypatch.setattr(cpu_fused.FusedWeight, "__call__", lambda self, x: calls.append(x.shape[0]) or call(self, x))
     for m in (1, cpu_fused.MAX_M, cpu_fused.MAX_M + 1):
         x = torch.randn(1, m, 128)
         assert rel_err(q(x), x @ q.dequantized_weight().T + q.bias) < REL_TOL[torch.float32]
@@ -247,6 +253,10 @@ def test_auto_runs_it_for_few_rows_of_x_on_cpu(monkeypatch):
     q.set_kernel("reference")(x)
     q.set_kernel("cpu_fused")(x)  # forced: any number of rows
     assert calls == [1, cpu_fused.MAX_M, cpu_fused.MAX_M + 1]
+    assert torch.equal(q.set_kernel("auto")(x[:, :1].half()), q(x[:, :1].half()))  # fp16: through int_linear
+    assert calls[3:] == [1, 1]
+    q.to(torch.float64)  # moved or cast: the derived layout is dropped
+    assert q._fused is None
 
 
 def test_formats_it_cannot_read_run_the_reference():
