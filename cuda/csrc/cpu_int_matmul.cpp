@@ -84,20 +84,11 @@ struct Weight {
   int64_t span;           // columns per group (a multiple of CPW; the last group may be shorter)
 };
 
-// Group g's scale of row n, and its bias -scale * zero: the decoded weight is code * scale + bias.
-// MANTISSA: for codes read as the float 1 + code / 2**BITS (mantissa_codes), 2**BITS * scale (exact)
-// and -scale * (zero + 2**BITS) (one rounding), so that f * s + b is the same (code - zero) * scale.
-template <int BITS, bool MANTISSA>
-inline void group_scale(const Weight& wt, int64_t g, int64_t n, float& s, float& b) {
-  const float scale = scale_at(wt.scales, wt.kind, g * wt.n + n);
-  const float zero = wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1));
-  s = MANTISSA ? scale * float(1 << BITS) : scale;
-  b = -scale * (MANTISSA ? zero + float(1 << BITS) : zero);
-}
-
-// The grid of a block of rows [n0, n1) (at most 16) of a weight in fp32: group g's scale and bias
-// of row n0 + r at s[r * stride + g], b[...] (group_scale's values, MANTISSA its form), for every
-// group of the row. Filled once a block (by the thread that walks it): each vector of a row then
+// The grid of a block of rows [n0, n1) (at most 16) of a weight in fp32: group g's scale s and
+// bias b = -s * zero of row n0 + r at s[r * stride + g], b[...] (the decoded weight is code * s +
+// b), or in the MANTISSA form, for codes read as the float f = 1 + code / 2**BITS (mantissa_code),
+// 2**BITS * s (exact) and -s * (zero + 2**BITS) (one rounding), f * s + b the same weight; for
+// every group of the row. Filled once a block (by the thread that walks it): each vector of a row then
 // takes its groups' values with a load and a permute, where reading the stored fp16 scales and
 // uint8 zero points (one row of N apart) and converting them again, per vector and row of x, was
 // as much work as the codes' at groups of 64 words.
@@ -135,7 +126,7 @@ struct BlockGrid {
         for (int64_t r = 0; r < rows; ++r) scale[r] = scale_at(wt.scales, wt.kind, i + r);
       }
       for (int64_t r = 0; r < rows; ++r) zero[r] = wt.zeros ? float(wt.zeros[i + r]) : float(1 << (BITS - 1));
-      for (int r = 0; r < 16; ++r) {  // group_scale's values, 16 rows at a time (lanes past `rows` unused)
+      for (int r = 0; r < 16; ++r) {  // 16 rows at a time (lanes past `rows` unused)
         sg[r] = MANTISSA ? scale[r] * float(1 << BITS) : scale[r];
         bg[r] = -scale[r] * (MANTISSA ? zero[r] + float(1 << BITS) : zero[r]);
       }
@@ -218,8 +209,15 @@ inline void walk_row(const Grid& grid, int64_t n, int64_t w0, int64_t w1, Add ad
 // The L words at src, of which `live` are read (all where it is the constant L); the others 0.
 template <int L, class T, class V, class Live>
 inline void load_live(V& v, const T* src, Live live) {
-  if constexpr (sizeof(T) == 4 && !std::is_same_v<Live, int64_t>) {
-    std::memcpy(&v, src, sizeof(v));  // one load: through an array on the stack, it stalled on the store
+  if constexpr (!std::is_same_v<Live, int64_t>) {  // one load: through an array on the stack, it stalled on the store
+    if constexpr (sizeof(T) == 4) {
+      std::memcpy(&v, src, sizeof(v));
+    } else {  // 2:4 slots of 1 or 2 bytes, widened
+      typedef T narrow __attribute__((vector_size(L * sizeof(T))));
+      narrow n;
+      std::memcpy(&n, src, sizeof(n));
+      v = __builtin_convertvector(n, V);
+    }
     return;
   }
 #ifdef __AVX512F__
@@ -245,7 +243,8 @@ template <int BITS> constexpr int PLANES = 32 / BITS + (BITS == 2);
 
 // Code c of each word (bits c * BITS) as the float 1 + code / 2**BITS: the code moved to the top
 // of the mantissa of 1.0 by a shift, a mask and an or (one ternary-logic instruction on AVX-512),
-// where a convert and a multiply-add by the scale took two more.
+// where a mask and a convert took two. (2:4 codes, picking each code's x by selects, ran slower
+// so: 1.2x to 2.3x the time at one row of x.)
 template <int BITS, class U>
 inline U mantissa_code(U q, int c) {
   constexpr uint32_t FIELD = ((1u << BITS) - 1) << (23 - BITS), ONE = 0x3F800000u;
@@ -254,8 +253,8 @@ inline U mantissa_code(U q, int c) {
 }
 
 // acc[m] += the CPW codes of the L words at row[j] (`live` of them read) times x, each code read
-// as f = 1 + code / 2**BITS (mantissa_code) and decoded as f * s + b (s, b: group_scale's
-// MANTISSA form; one value, or each lane its group's). For 2-bit codes and one row of x, the
+// as f = 1 + code / 2**BITS (mantissa_code) and decoded as f * s + b (s, b: BlockGrid's MANTISSA
+// form; one value, or each lane its group's). For 2-bit codes and one row of x, the
 // scale and bias are factored out of the word's sum instead: acc += s * sum_c f_c * x_c + b *
 // sum_c x_c, two multiply-adds a word for its 16 codes, the sums of x a plane of their own (0.6x
 // to 0.85x the time of decoding each code at 576 x 576 to 4096 x 4096; at 4 and 8 bits, or two
