@@ -128,10 +128,9 @@ class FusedWeight:
                  group_size: int, in_features: int) -> None:
         scales, zeros, span = checked_weight(words, scales, zeros, in_features, bits, group_size, in_features,
                                              applies(bits, group_size, in_features))
-        self._tensors = (words, scales, zeros)  # alive as long as the pointers below
+        self._tensors = (words, scales, zeros)  # their pointers are read per call: a deep copy stays right
         self.out_features, self.in_features = words.shape[0], in_features
-        self._args = (words.data_ptr(), words.shape[0], words.stride(0), scales.data_ptr(), SCALE_KINDS[scales.dtype],
-                      None if zeros is None else zeros.data_ptr(), bits, span)
+        self._format = (SCALE_KINDS[scales.dtype], bits, span)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [M, K] @ the weight.T -> [M, N] in x's dtype; None when the kernel could not be built
@@ -139,11 +138,13 @@ class FusedWeight:
         lib = library()
         if lib is None:
             return None
+        (words, scales, zeros), (kind, bits, span) = self._tensors, self._format
         x32 = _rows(x, self.in_features)
         y = _output(x, self.out_features)
         if y.numel():
-            lib.int_matmul(x32.data_ptr(), x.shape[0], self.in_features, *self._args, y.data_ptr(),
-                           torch.get_num_threads())
+            lib.int_matmul(x32.data_ptr(), x.shape[0], self.in_features, words.data_ptr(), words.shape[0],
+                           words.stride(0), scales.data_ptr(), kind, None if zeros is None else zeros.data_ptr(), bits,
+                           span, y.data_ptr(), torch.get_num_threads())
         return _as(y, x.dtype)
 
 

@@ -182,7 +182,8 @@ class QuantLinear(GridBuffers, nn.Module):
         that they never hold more than the wider width does (3-bit: 3 + 4 bits per weight against
         4 + 4): on CPU the packed weight where it applies (calls it does not serve, other
         activation dtypes or a forced "reference" / "triton" kernel, widen the codes per call),
-        else the widened words (on CUDA without tinygemm's copy)."""
+        else the widened words (on CUDA without tinygemm's copy). On CPU the words are also checked
+        once for the fused C++ matmul (cpu_fused.FusedWeight), which fp32 calls then take directly."""
         self._prepacked = self.kernel_layout()
         self._cpu_packed, self._tinygemm = None, None
         if dtype != torch.bfloat16:

@@ -3,6 +3,8 @@ reference semantics, the choice of path on CPU, and what happens where they cann
 
 from __future__ import annotations
 
+import copy
+import gc
 import os
 import platform
 import subprocess
@@ -257,6 +259,17 @@ def test_auto_runs_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch):
     assert calls[3:] == [1, 1]
     q.to(torch.float64)  # moved or cast: the derived layout is dropped
     assert q._fused is None
+
+
+def test_a_deep_copy_of_a_prepacked_layer_reads_its_own_words():
+    torch.manual_seed(0)
+    q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(128, 48)).prepack()
+    x = torch.randn(2, 128)
+    ref = q(x)
+    twin = copy.deepcopy(q)
+    del q
+    gc.collect()
+    assert twin._fused is not None and torch.equal(twin(x), ref)
 
 
 def test_formats_it_cannot_read_run_the_reference():
