@@ -110,7 +110,7 @@ struct BlockGrid {
     float* bw = sw + 16 * stride;
     const int64_t rows = n1 - n0;
     for (int64_t g = 0; g < groups; ++g) {  // the block's 16 rows of a group lie side by side
-      float scale[16] = {}, zero[16] = {}, sg[16], bg[16];
+      float scale[16];
       const int64_t i = g * wt.n + n0;
       if (rows == 16 && wt.kind == FP16) {
         const uint16_t* h = static_cast<const uint16_t*>(wt.scales) + i;
@@ -125,14 +125,10 @@ struct BlockGrid {
       } else {
         for (int64_t r = 0; r < rows; ++r) scale[r] = scale_at(wt.scales, wt.kind, i + r);
       }
-      for (int64_t r = 0; r < rows; ++r) zero[r] = wt.zeros ? float(wt.zeros[i + r]) : float(1 << (BITS - 1));
-      for (int r = 0; r < 16; ++r) {  // 16 rows at a time (lanes past `rows` unused)
-        sg[r] = MANTISSA ? scale[r] * float(1 << BITS) : scale[r];
-        bg[r] = -scale[r] * (MANTISSA ? zero[r] + float(1 << BITS) : zero[r]);
-      }
       for (int64_t r = 0; r < rows; ++r) {
-        sw[r * stride + g] = sg[r];
-        bw[r * stride + g] = bg[r];
+        const float zero = wt.zeros ? float(wt.zeros[i + r]) : float(1 << (BITS - 1));
+        sw[r * stride + g] = MANTISSA ? scale[r] * float(1 << BITS) : scale[r];
+        bw[r * stride + g] = -scale[r] * (MANTISSA ? zero + float(1 << BITS) : zero);
       }
     }
     s = sw;

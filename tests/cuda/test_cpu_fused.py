@@ -255,8 +255,10 @@ def test_auto_runs_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch):
     q.set_kernel("reference")(x)
     q.set_kernel("cpu_fused")(x)  # forced: any number of rows
     assert calls == [1, cpu_fused.MAX_M, cpu_fused.MAX_M + 1]
-    assert torch.equal(q.set_kernel("auto")(x[:, :1].half()), q(x[:, :1].half()))  # fp16: through int_linear
-    assert calls[3:] == [1, 1]
+    x16 = x[:, :1].half()  # fp16: not the prepacked fast path, int_linear's (cpu_fused.matmul)
+    y16 = q.set_kernel("auto")(x16)
+    assert y16.dtype == torch.float16 and rel_err(y16, x16.float() @ q.dequantized_weight().T + q.bias) < 1e-3
+    assert calls[3:] == [1]
     q.to(torch.float64)  # moved or cast: the derived layout is dropped
     assert q._fused is None
 
