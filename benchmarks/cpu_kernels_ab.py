@@ -26,10 +26,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "cuda/csrc/cpu_int_matmul.cpp"
-FORMATS = {  # name -> (bits, group_size, symmetric, 2:4)
+FORMATS = {  # name -> (bits, group_size, symmetric, 2:4); bits 0: 2:4 fp32 values (SparseLinear)
     "w4g64": (4, 64, True, False), "w4g128": (4, 128, True, False), "w4g32-asym": (4, 32, False, False),
     "w8": (8, 1 << 30, True, False), "w2g64": (2, 64, False, False), "sp24w4g128": (4, 128, True, True),
-    "sp24w4g64": (4, 64, True, True),
+    "sp24w4g64": (4, 64, True, True), "sp24f32": (0, 1 << 30, True, True),
 }
 SHAPES = ["576x576", "1536x576", "576x1536", "4096x4096"]
 
@@ -57,31 +57,37 @@ def main() -> None:
         bits, group_size, symmetric, sp24 = FORMATS[name]
         for shape in args.shapes:
             n, k = map(int, shape.split("x"))
-            span = min(group_size, k)
-            groups = -(-k // span)
-            codes = torch.randint(0, 2 ** bits, (n, k // 2 if sp24 else k), dtype=torch.uint8)
-            words = words_of(pack_codes(codes, bits))
-            scales = (torch.rand(groups, n) * 0.01 + 0.001).half()
-            zeros = None if symmetric else torch.randint(0, 2 ** bits, (groups, n), dtype=torch.uint8)
             if sp24:  # the first kept value of each group of 4 in slot 0-2, the second after it
                 first = torch.randint(0, 3, (n, k // 4))
                 second = torch.maximum(torch.randint(0, 4, (n, k // 4)), first + 1)
                 positions = words_of(pack_codes(torch.stack([first, second], -1).reshape(n, -1).to(torch.uint8), 2))
-                if not cpu_fused.sp24_applies(bits, group_size, k):
-                    continue
-                scales, zeros, span = cpu_fused.checked_sp24(words, positions, scales, zeros, bits, group_size, k)
+            if not bits:
+                values = torch.randn(n, k // 2)
+            elif not (cpu_fused.sp24_applies if sp24 else cpu_fused.applies)(bits, group_size, k):
+                continue
             else:
-                if not cpu_fused.applies(bits, group_size, k):
-                    continue
-                scales, zeros, span = cpu_fused.checked_weight(words, scales, zeros, k, bits, group_size, k, True)
+                groups = -(-k // min(group_size, k))
+                words = words_of(pack_codes(torch.randint(0, 2 ** bits, (n, k // 2 if sp24 else k), dtype=torch.uint8),
+                                            bits))
+                scales = (torch.rand(groups, n) * 0.01 + 0.001).half()
+                zeros = None if symmetric else torch.randint(0, 2 ** bits, (groups, n), dtype=torch.uint8)
+                if sp24:
+                    scales, zeros, span = cpu_fused.checked_sp24(words, positions, scales, zeros, bits, group_size, k)
+                else:
+                    scales, zeros, span = cpu_fused.checked_weight(words, scales, zeros, k, bits, group_size, k, True)
             for m in args.ms:
                 x = torch.randn(m, k)
                 y = torch.empty(m, n)
-                common = (scales.data_ptr(), cpu_fused.SCALE_KINDS[scales.dtype],
-                          None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(),
-                          torch.get_num_threads())
 
                 def call(lib):
+                    if not bits:
+                        lib.sp24_float_matmul(x.data_ptr(), m, k, values.data_ptr(), cpu_fused.SCALE_KINDS[values.dtype],
+                                              values.stride(0), n, positions.data_ptr(), positions.stride(0),
+                                              y.data_ptr(), torch.get_num_threads())
+                        return
+                    common = (scales.data_ptr(), cpu_fused.SCALE_KINDS[scales.dtype],
+                              None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(),
+                              torch.get_num_threads())
                     if sp24:
                         lib.sp24_int_matmul(x.data_ptr(), m, k, words.data_ptr(), n, words.stride(0),
                                             positions.data_ptr(), positions.stride(0), *common)

@@ -11,7 +11,7 @@
 // vector of L words meets plane c's L consecutive values: a shift, a mask, a convert and two
 // multiply-adds per code, no gather. Each decoded weight carries its group's scale (code * s + b,
 // b = -zero * s), so the sums run across group boundaries in a few independent vector sums and are
-// reduced once per row and chunk of x. Up to 8 rows of x share each decoded weight.
+// reduced 16 rows at a time, once per chunk of x. Up to 8 rows of x share each decoded weight.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -41,15 +41,70 @@ template <> struct Vec<16> {
   typedef float f __attribute__((vector_size(64)));
 };
 
-// The sum of a vector's lanes by halves: 4 dependent adds for 16 lanes where lane by lane took
-// 16, a chain that ended every row's sums (rows of 576 codes are 5 vectors of work).
+// The sum of a vector's lanes by halves (the rows of the narrower vectors' kernels; 16-lane
+// vectors are summed 16 rows at a time, row_sums).
 inline float lane_sum(Vec<4>::f v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 inline float lane_sum(Vec<8>::f v) {
   return lane_sum(Vec<4>::f(__builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7)));
 }
-inline float lane_sum(Vec<16>::f v) {
-  return lane_sum(Vec<8>::f(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)));
+
+// v in every lane (as a float, adding it to a zero vector is an instruction: x + 0 is not x for
+// x = -0), or v itself where it is a vector already.
+template <class V, class S>
+inline V splat(S v) {
+  if constexpr (std::is_same_v<S, V>) {
+    return v;
+  } else {
+    typedef uint32_t U __attribute__((vector_size(sizeof(V))));
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof(bits));
+    return (V)(U{} + bits);  // an integer's + 0 folds away: a broadcast
+  }
+}
+
+// 16 rows' sums at once: v[r]'s 16 lanes (row r's partial sums) -> lane r of the result, in four
+// rounds that each add pairs of vectors' halves (15 adds and 30 shuffles for 16 rows), the same
+// sums in the same order as halving one vector at a time, which ended each row with a chain of 12
+// dependent operations: smollm2-135m's short rows (576 codes, 4.5 vectors of work) felt it.
+inline Vec<16>::f row_sums(Vec<16>::f (&v)[16]) {
+  typedef Vec<16>::f vf;
+  vf a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // [row 2i: 8 partial sums | row 2i + 1: 8]
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // [row 4i: 4 | 4i + 1: 4 | 4i + 2: 4 | 4i + 3: 4]
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // [row 8i: 2 | ... | 8i + 7: 2]
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// y[0:rows] += lanes 0:rows of v.
+inline void add_lanes(float* y, Vec<16>::f v, int64_t rows) {
+  if (rows == 16) {
+    Vec<16>::f t;
+    std::memcpy(&t, y, sizeof(t));
+    t += v;
+    std::memcpy(y, &t, sizeof(t));
+  } else {
+    for (int64_t r = 0; r < rows; ++r) y[r] += v[r];
+  }
+}
+
+// v[r][c] -> v[c][r]: four rounds of interleaving row i with row i + 8, each of which rotates the
+// bits of an element's (row, column) index by one.
+inline void transpose16(Vec<16>::f (&v)[16]) {
+  Vec<16>::f t[16];
+  for (int round = 0; round < 4; ++round) {
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = __builtin_shufflevector(v[i], v[i + 8], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      t[2 * i + 1] = __builtin_shufflevector(v[i], v[i + 8], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    }
+    std::copy(t, t + 16, v);
+  }
 }
 
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -84,6 +139,42 @@ struct Weight {
   int64_t span;           // columns per group (a multiple of CPW; the last group may be shorter)
 };
 
+// The 16 scales from element i of a weight's scales, in fp32 (exact).
+inline Vec<16>::f scales16(const Weight& wt, int64_t i) {
+  Vec<16>::f v;
+  if (wt.kind == FP32) {
+    std::memcpy(&v, static_cast<const float*>(wt.scales) + i, sizeof(v));
+    return v;
+  }
+  const uint16_t* h = static_cast<const uint16_t*>(wt.scales) + i;
+  if (wt.kind == BF16) {
+    typedef uint16_t halves __attribute__((vector_size(32)));
+    halves raw;
+    std::memcpy(&raw, h, sizeof(raw));
+    return (Vec<16>::f)(__builtin_convertvector(raw, Vec<16>::u) << 16);
+  }
+#if defined(__AVX512F__)
+  return (Vec<16>::f)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8)));
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+  return v;
+#else
+  for (int r = 0; r < 16; ++r) v[r] = half_to_float(h[r]);
+  return v;
+#endif
+}
+
+// The 16 uint8 zero points at z, in fp32.
+inline Vec<16>::f zeros16(const uint8_t* z) {
+  typedef uint8_t bytes __attribute__((vector_size(16)));
+  bytes raw;
+  std::memcpy(&raw, z, sizeof(raw));
+  return __builtin_convertvector(raw, Vec<16>::f);
+}
+
 // The grid of a block of rows [n0, n1) (at most 16) of a weight in fp32: group g's scale s and
 // bias b = -s * zero of row n0 + r at s[r * stride + g], b[...] (the decoded weight is code * s +
 // b), or in the MANTISSA form, for codes read as the float f = 1 + code / 2**BITS (mantissa_code),
@@ -91,7 +182,10 @@ struct Weight {
 // every group of the row. Filled once a block (by the thread that walks it): each vector of a row then
 // takes its groups' values with a load and a permute, where reading the stored fp16 scales and
 // uint8 zero points (one row of N apart) and converting them again, per vector and row of x, was
-// as much work as the codes' at groups of 64 words.
+// as much work as the codes' at groups of 64 words. The stored values lie group by group, 16 rows
+// side by side: a full block takes a group's 16 rows as a vector and transposes 16 groups at a
+// time (a value at a time, the fill and x's transposition were a fifth of the profiled time of a
+// 576 x 576 call at M = 1; an eighth so).
 template <int BITS, bool MANTISSA>
 struct BlockGrid {
   typedef Vec<16>::i vi;
@@ -109,26 +203,35 @@ struct BlockGrid {
     float* sw = buffer.data();
     float* bw = sw + 16 * stride;
     const int64_t rows = n1 - n0;
-    for (int64_t g = 0; g < groups; ++g) {  // the block's 16 rows of a group lie side by side
-      float scale[16];
-      const int64_t i = g * wt.n + n0;
-      if (rows == 16 && wt.kind == FP16) {
-        const uint16_t* h = static_cast<const uint16_t*>(wt.scales) + i;
-#if defined(__AVX512F__)
-        _mm512_storeu_ps(scale, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h))));
-#elif defined(__F16C__)
-        _mm256_storeu_ps(scale, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h))));
-        _mm256_storeu_ps(scale + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8))));
-#else
-        for (int r = 0; r < 16; ++r) scale[r] = half_to_float(h[r]);
-#endif
-      } else {
-        for (int64_t r = 0; r < rows; ++r) scale[r] = scale_at(wt.scales, wt.kind, i + r);
+    if (rows == 16) {  // 16 groups at a time: computed a group (16 rows) a vector, then transposed
+      for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+        vf sv[16], bv[16];
+        for (int64_t h = 0; h < 16; ++h) {
+          if (g0 + h >= groups) {
+            sv[h] = bv[h] = vf{};
+            continue;
+          }
+          const vf scale = scales16(wt, (g0 + h) * wt.n + n0);
+          const vf zero = wt.zeros ? zeros16(wt.zeros + (g0 + h) * wt.n + n0) : splat<vf>(float(1 << (BITS - 1)));
+          sv[h] = MANTISSA ? scale * float(1 << BITS) : scale;
+          bv[h] = -scale * (MANTISSA ? zero + float(1 << BITS) : zero);
+        }
+        transpose16(sv);
+        transpose16(bv);
+        for (int r = 0; r < 16; ++r) {  // g0 + 16 <= stride
+          std::memcpy(sw + r * stride + g0, &sv[r], sizeof(vf));
+          std::memcpy(bw + r * stride + g0, &bv[r], sizeof(vf));
+        }
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const float zero = wt.zeros ? float(wt.zeros[i + r]) : float(1 << (BITS - 1));
-        sw[r * stride + g] = MANTISSA ? scale[r] * float(1 << BITS) : scale[r];
-        bw[r * stride + g] = -scale[r] * (MANTISSA ? zero + float(1 << BITS) : zero);
+    } else {  // the weight's last block, fewer rows
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = g * wt.n + n0 + r;
+          const float scale = scale_at(wt.scales, wt.kind, i);
+          const float zero = wt.zeros ? float(wt.zeros[i]) : float(1 << (BITS - 1));
+          sw[r * stride + g] = MANTISSA ? scale * float(1 << BITS) : scale;
+          bw[r * stride + g] = -scale * (MANTISSA ? zero + float(1 << BITS) : zero);
+        }
       }
     }
     s = sw;
@@ -148,12 +251,12 @@ struct BlockGrid {
     sv = (vf)_mm512_permutexvar_ps((__m512i)group_of_lane, _mm512_loadu_ps(s + i));
     bv = (vf)_mm512_permutexvar_ps((__m512i)group_of_lane, _mm512_loadu_ps(b + i));
 #else
-    sv = vf{} + s[i];
-    bv = vf{} + b[i];
+    sv = splat<vf>(s[i]);
+    bv = splat<vf>(b[i]);
     for (int32_t h = 1; h < 16 / gw; ++h) {
       const vi in_group = group_of_lane == h;  // all ones in group h's lanes
-      sv = (vf)(((vi)sv & ~in_group) | ((vi)(vf{} + s[i + h]) & in_group));
-      bv = (vf)(((vi)bv & ~in_group) | ((vi)(vf{} + b[i + h]) & in_group));
+      sv = (vf)(((vi)sv & ~in_group) | ((vi)splat<vf>(s[i + h]) & in_group));
+      bv = (vf)(((vi)bv & ~in_group) | ((vi)splat<vf>(b[i + h]) & in_group));
     }
 #endif
     if constexpr (std::is_same_v<Live, int64_t>) {
@@ -270,7 +373,8 @@ inline void add_words(const int32_t* row, int64_t j, Live live, S s, S b_in, con
     for (int l = 0; l < L; ++l) alive[l] = l < live ? ~0u : 0u;
   }
   load_live<L>(q, reinterpret_cast<const uint32_t*>(row) + j, live);
-  const vf b = (vf)((vu)(vf{} + b_in) & alive);
+  vf b = splat<vf>(b_in);
+  if constexpr (std::is_same_v<Live, int64_t>) b = (vf)((vu)b & alive);
   vf t[FACTORED ? MT : 1][P] = {};
   for (int c = 0; c < CPW; ++c) {
     vf f = (vf)mantissa_code<BITS>(q, c);
@@ -300,6 +404,15 @@ inline void add_words(const int32_t* row, int64_t j, Live live, S s, S b_in, con
 // one of a row masked where the row is not a multiple of 16 words: a group at a time, such groups
 // took 8-word vectors and the group loop's overhead every 8 words (1.6x the time of groups of 128
 // at 4096 x 4096, M = 1).
+// y[m, n0:n1] += the sums of done[m][0:n1 - n0] (a block's rows), for each of MT rows of x.
+template <int MT>
+inline void add_block_sums(Vec<16>::f (&done)[MT][16], float* y, int64_t n, int64_t n0, int64_t n1) {
+  for (int m = 0; m < MT; ++m) {
+    for (int64_t r = n1 - n0; r < 16; ++r) done[m][r] = Vec<16>::f{};  // the weight's last block
+    add_lanes(y + m * n + n0, row_sums(done[m]), n1 - n0);
+  }
+}
+
 template <int BITS, int MT, int L, bool SPAN_GROUPS>
 __attribute__((noinline))  // inlined into the OpenMP loop, it made the build of AVX2 code 2.3x as long
 void rows(const Weight& wt, const BlockGrid<BITS, true>& grid, const float* xp, int64_t ps, float* y, int64_t n0,
@@ -307,6 +420,7 @@ void rows(const Weight& wt, const BlockGrid<BITS, true>& grid, const float* xp, 
   typedef typename Vec<L>::f vf;
   constexpr int P = MT >= 4 ? 1 : 4 / MT;  // independent vector sums per row of x: hide the add latency
   constexpr int CPW = 32 / BITS;
+  Vec<16>::f done[MT][16];  // 16-word vectors: each row's sums, reduced for the block at once (row_sums)
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* row = wt.words + n * wt.row_words;
     vf acc[MT][P];
@@ -328,9 +442,11 @@ void rows(const Weight& wt, const BlockGrid<BITS, true>& grid, const float* xp, 
     for (int m = 0; m < MT; ++m) {
       vf t = acc[m][0];
       for (int p = 1; p < P; ++p) t += acc[m][p];
-      y[m * wt.n + n] += tail[m] + lane_sum(t);
+      if constexpr (L == 16) done[m][n - n0] = t;  // no tail: whole vectors or masked ones
+      else y[m * wt.n + n] += tail[m] + lane_sum(t);
     }
   }
+  if constexpr (L == 16) add_block_sums(done, y, wt.n, n0, n1);
 }
 
 // Rows of x to take at once out of `left`: the largest power of two up to `most`, so that a few
@@ -446,6 +562,7 @@ void sp24_rows(const Weight& wt, const BlockGrid<BITS, false>& grid, const void*
   constexpr int CPW = 32 / BITS;
   constexpr int32_t MASK = (1 << BITS) - 1;
   constexpr int P = MT >= 2 ? 1 : 2;      // independent vector sums per row of x
+  Vec<16>::f done[MT][16];  // as rows
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* row = wt.words + n * wt.row_words;
     const slots_t* slot_row = reinterpret_cast<const slots_t*>(static_cast<const uint8_t*>(positions) + n * pos_row_bytes);
@@ -472,9 +589,15 @@ void sp24_rows(const Weight& wt, const BlockGrid<BITS, false>& grid, const void*
     for (int m = 0; m < MT; ++m) {
       vf t = acc[m][0];
       for (int p = 1; p < P; ++p) t += acc[m][p];
-      y[m * wt.n + n] += tail[m] + lane_sum(t);
+      if constexpr (L == 16) {
+        t[0] += tail[m];  // a group's words past its last whole vector
+        done[m][n - n0] = t;
+      } else {
+        y[m * wt.n + n] += tail[m] + lane_sum(t);
+      }
     }
   }
+  if constexpr (L == 16) add_block_sums(done, y, wt.n, n0, n1);
 }
 
 template <int BITS, int L, bool SPAN_GROUPS = false>
@@ -552,6 +675,7 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
   typedef typename Vec<16>::i vi;
   typedef typename Vec<16>::f vf;
   const vi shifts = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  vf done[MT][16];  // as rows
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* pos = positions + n * pos_row;
     vf acc[MT];
@@ -581,11 +705,11 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
       for (int m = 0; m < MT; ++m) tail[m] += v * xp[(m * 4 + slot) * ps + t];
     }
     for (int m = 0; m < MT; ++m) {
-      float sum = tail[m];
-      sum += lane_sum(acc[m]);
-      y[m * n_all + n] += sum;
+      acc[m][0] += tail[m];
+      done[m][n - n0] = acc[m];
     }
   }
+  add_block_sums(done, y, n_all, n0, n1);
 }
 
 // f(std::integral_constant<int, V>()) for V = 0 .. N - 1: a loop whose index is a constant in
