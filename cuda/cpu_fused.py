@@ -22,6 +22,7 @@ warning and the reference runs.
 
 from __future__ import annotations
 
+import abc
 import warnings
 
 import torch
@@ -46,6 +47,8 @@ MAX_M = 16
 SP24_MAX_M = 16
 
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cpu_int_matmul.cpp: ScaleKind
+# Activations "auto" gives the kernels (fp32 inside; float64 keeps the reference's precision)
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def applies(bits: int, group_size: int, in_features: int) -> bool:
@@ -117,35 +120,53 @@ def _as(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y if dtype == torch.float32 else y.to(dtype)
 
 
-class FusedWeight:
-    """A dense weight checked for the kernel once (checked_weight), with the kernel's arguments:
-    words int32 [N, n_words], scales [n_groups, N], zeros uint8 [n_groups, N] or None, in a format
-    `applies` takes (else a ValueError). QuantLinear.prepack keeps one, so that a decoded token's
-    call skips the checks and conversions, which cost 6 us a call again (a third of the kernel's
-    own time at smollm2-135m's 192 x 576 layers)."""
+class Fused(abc.ABC):
+    """A weight checked once for one of the fused kernels, with the kernel's arguments: calling it
+    skips the checks and conversions, which cost 6 us a call again (a third of the kernel's own
+    time at smollm2-135m's 192 x 576 layers). QuantLinear, SparseQuantLinear and SparseLinear keep
+    one from `prepack` for the calls that take it directly (ops.fused_linear). The tensors'
+    pointers are read per call, so a deep copy of the module reads its own."""
+
+    out_features: int
+    in_features: int
+    max_m: int  # the most rows of x "auto" gives it (MAX_M, SP24_MAX_M)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [M, K] @ the weight.T -> [M, N] in x's dtype; None when the kernels could not be built
+        (warned once; the caller runs the reference)."""
+        lib = library()
+        if lib is None:
+            return None
+        x32 = _rows(x, self.in_features)
+        y = _output(x, self.out_features)
+        if y.numel():
+            self._run(lib, x32, y)
+        return _as(y, x.dtype)
+
+    @abc.abstractmethod
+    def _run(self, lib, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y fp32 [M, N] = x fp32 [M, K] (contiguous) @ the weight.T, by the kernel."""
+
+
+class FusedWeight(Fused):
+    """A dense weight: words int32 [N, n_words], scales [n_groups, N], zeros uint8 [n_groups, N] or
+    None, in a format `applies` takes (else a ValueError)."""
+
+    max_m = MAX_M
 
     def __init__(self, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
                  group_size: int, in_features: int) -> None:
         scales, zeros, span = checked_weight(words, scales, zeros, in_features, bits, group_size, in_features,
                                              applies(bits, group_size, in_features))
-        self._tensors = (words, scales, zeros)  # their pointers are read per call: a deep copy stays right
+        self._tensors = (words, scales, zeros)
         self.out_features, self.in_features = words.shape[0], in_features
         self._format = (SCALE_KINDS[scales.dtype], bits, span)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [M, K] @ the weight.T -> [M, N] in x's dtype; None when the kernel could not be built
-        (it warned once; the caller runs the reference)."""
-        lib = library()
-        if lib is None:
-            return None
+    def _run(self, lib, x: torch.Tensor, y: torch.Tensor) -> None:
         (words, scales, zeros), (kind, bits, span) = self._tensors, self._format
-        x32 = _rows(x, self.in_features)
-        y = _output(x, self.out_features)
-        if y.numel():
-            lib.int_matmul(x32.data_ptr(), x.shape[0], self.in_features, words.data_ptr(), words.shape[0],
-                           words.stride(0), scales.data_ptr(), kind, None if zeros is None else zeros.data_ptr(), bits,
-                           span, y.data_ptr(), torch.get_num_threads())
-        return _as(y, x.dtype)
+        lib.int_matmul(x.data_ptr(), x.shape[0], self.in_features, words.data_ptr(), words.shape[0], words.stride(0),
+                       scales.data_ptr(), kind, None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(),
+                       torch.get_num_threads())
 
 
 def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
@@ -181,24 +202,35 @@ def checked_sp24(words: torch.Tensor, positions: torch.Tensor, scales: torch.Ten
     return checked
 
 
+class FusedSp24Weight(Fused):
+    """2:4 codes (cuda/layout.py): words int32 [N, n_words] of the K / 2 kept codes, positions int32
+    [N, n_pos_words] of their slots, scales and zeros as FusedWeight's, in a format `sp24_applies`
+    takes (else a ValueError)."""
+
+    max_m = SP24_MAX_M
+
+    def __init__(self, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
+                 zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> None:
+        scales, zeros, span = checked_sp24(words, positions, scales, zeros, bits, group_size, in_features)
+        self._tensors = (words, positions, scales, zeros)
+        self.out_features, self.in_features = words.shape[0], in_features
+        self._format = (SCALE_KINDS[scales.dtype], bits, span)
+
+    def _run(self, lib, x: torch.Tensor, y: torch.Tensor) -> None:
+        (words, positions, scales, zeros), (kind, bits, span) = self._tensors, self._format
+        lib.sp24_int_matmul(x.data_ptr(), x.shape[0], self.in_features, words.data_ptr(), words.shape[0],
+                            words.stride(0), positions.data_ptr(), positions.stride(0), scales.data_ptr(), kind,
+                            None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(),
+                            torch.get_num_threads())
+
+
 def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> torch.Tensor | None:
-    """x [M, K] @ dequantize_sp24_words(words, positions, ...).T -> [M, N] in x's dtype (cuda/layout.py:
-    words int32 [N, n_words] of the K / 2 kept codes, positions int32 [N, n_pos_words] of their
-    slots; a format `sp24_applies` takes, else a ValueError); None when the kernel could not be
-    built."""
-    lib = library()
-    if lib is None:
+    """x [M, K] @ dequantize_sp24_words(words, positions, ...).T -> [M, N] in x's dtype
+    (FusedSp24Weight's tensors); None when the kernel could not be built."""
+    if library() is None:
         return None
-    scales, zeros, span = checked_sp24(words, positions, scales, zeros, bits, group_size, in_features)
-    x32 = _rows(x, in_features)
-    y = _output(x, words.shape[0])
-    if y.numel():
-        lib.sp24_int_matmul(x32.data_ptr(), x.shape[0], in_features, words.data_ptr(), words.shape[0],
-                            words.stride(0), positions.data_ptr(), positions.stride(0), scales.data_ptr(),
-                            SCALE_KINDS[scales.dtype], None if zeros is None else zeros.data_ptr(), bits, span,
-                            y.data_ptr(), torch.get_num_threads())
-    return _as(y, x.dtype)
+    return FusedSp24Weight(words, positions, scales, zeros, bits, group_size, in_features)(x)
 
 
 def sp24_float_applies(values_dtype: torch.dtype, in_features: int) -> bool:
@@ -216,19 +248,28 @@ def check_values(values: torch.Tensor, positions: torch.Tensor, in_features: int
     check_positions(positions, values.shape[0], in_features // 2)
 
 
-def sp24_float_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                      in_features: int) -> torch.Tensor | None:
-    """x [M, K] @ dense_sp24_values(values, positions, ...).T -> [M, N] in x's dtype (values
-    [N, K / 2] fp32, fp16 or bf16, positions int32 [N, n_pos_words] of their slots); None when the
-    kernel could not be built."""
-    lib = library()
-    if lib is None:
-        return None
-    check_values(values, positions, in_features)
-    x32 = _rows(x, in_features)
-    y = _output(x, values.shape[0])
-    if y.numel():
-        lib.sp24_float_matmul(x32.data_ptr(), x.shape[0], in_features, values.data_ptr(),
+class FusedSp24Values(Fused):
+    """2:4 float values (SparseLinear): values [N, K / 2] fp32, fp16 or bf16, positions int32 [N,
+    n_pos_words] of their slots (else a ValueError)."""
+
+    max_m = SP24_MAX_M
+
+    def __init__(self, values: torch.Tensor, positions: torch.Tensor, in_features: int) -> None:
+        check_values(values, positions, in_features)
+        self._tensors = (values, positions)
+        self.out_features, self.in_features = values.shape[0], in_features
+
+    def _run(self, lib, x: torch.Tensor, y: torch.Tensor) -> None:
+        values, positions = self._tensors
+        lib.sp24_float_matmul(x.data_ptr(), x.shape[0], self.in_features, values.data_ptr(),
                               SCALE_KINDS[values.dtype], values.stride(0), values.shape[0], positions.data_ptr(),
                               positions.stride(0), y.data_ptr(), torch.get_num_threads())
-    return _as(y, x.dtype)
+
+
+def sp24_float_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                      in_features: int) -> torch.Tensor | None:
+    """x [M, K] @ dense_sp24_values(values, positions, ...).T -> [M, N] in x's dtype
+    (FusedSp24Values's tensors); None when the kernel could not be built."""
+    if library() is None:
+        return None
+    return FusedSp24Values(values, positions, in_features)(x)

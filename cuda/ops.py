@@ -78,8 +78,8 @@ def _use_cpu_fused(x2: torch.Tensor, bits: int, group_size: int, in_features: in
         if not cpu_fused.available():
             raise _not_built()
         return True
-    most = cpu_fused.SP24_MAX_M if sp24 else cpu_fused.MAX_M  # (float64 activations keep the reference's precision)
-    return (kernel == "auto" and x2.is_cpu and x2.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    most = cpu_fused.SP24_MAX_M if sp24 else cpu_fused.MAX_M
+    return (kernel == "auto" and x2.is_cpu and x2.dtype in cpu_fused.ACTIVATION_DTYPES
             and x2.shape[0] <= most and cpu_fused.available() and applies)
 
 
@@ -227,7 +227,7 @@ def _use_cpu_fused_sp24_values(x2: torch.Tensor, values: torch.Tensor, k: int, k
         if not cpu_fused.available():
             raise _not_built()
         return True
-    return (kernel == "auto" and x2.is_cpu and x2.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return (kernel == "auto" and x2.is_cpu and x2.dtype in cpu_fused.ACTIVATION_DTYPES
             and x2.shape[0] <= cpu_fused.SP24_MAX_M and cpu_fused.available() and applies)
 
 
@@ -323,13 +323,14 @@ def int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
     return op(x, words, scales, zeros, bits, group_size, in_features, kernel, *(tinygemm or (None, None)))
 
 
-def fused_int_linear(x: torch.Tensor, fused: cpu_fused.FusedWeight | None, kernel: str) -> torch.Tensor | None:
-    """x [..., K] @ the weight `fused` holds -> [..., N] where `int_linear` would run the fused CPU
-    matmul for it under "auto" (fp32 activations on the CPU, up to cpu_fused.MAX_M rows, a call
-    `_direct` allows), with the weight's checks made once (QuantLinear.prepack); else None, and
-    `int_linear` decides."""
-    if (fused is None or kernel != "auto" or x.dtype != torch.float32 or x.shape[-1] != fused.in_features
-            or not 0 < x.numel() <= cpu_fused.MAX_M * fused.in_features or not _direct(x)):
+def fused_linear(x: torch.Tensor, fused: cpu_fused.Fused | None, kernel: str,
+                 dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> torch.Tensor | None:
+    """x [..., K] @ the weight `fused` holds -> [..., N] where the op would run that fused CPU
+    matmul under "auto" (activations of `dtypes` on the CPU, up to fused.max_m rows, a call
+    `_direct` allows), with the weight's checks made once (the layers' prepack); else None, and
+    the op decides."""
+    if (fused is None or kernel != "auto" or x.dtype not in dtypes or x.shape[-1] != fused.in_features
+            or not 0 < x.numel() <= fused.max_m * fused.in_features or not _direct(x)):
         return None
     y = fused(x.reshape(-1, fused.in_features))
     return None if y is None else y.reshape(*x.shape[:-1], fused.out_features)

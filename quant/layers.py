@@ -27,7 +27,7 @@ from torch import nn
 
 from compress.cuda import cpu_fused, cpu_packed, tinygemm
 from compress.cuda.layout import KERNEL_BITS, kernel_bits, unpack_words, widen_codes, words_of
-from compress.cuda.ops import KERNELS, CpuPacked, cpu_packed_linear, cpu_packed_serves, fused_int_linear, int_linear
+from compress.cuda.ops import KERNELS, CpuPacked, cpu_packed_linear, cpu_packed_serves, fused_linear, int_linear
 
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantize import QuantGrid, dequantize, num_groups
@@ -225,7 +225,7 @@ class QuantLinear(GridBuffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = fused_int_linear(x, self._fused, self.kernel)  # a decoded token's call: checked at prepack
+        y = fused_linear(x, self._fused, self.kernel)  # a decoded token's call: checked at prepack
         if y is None:
             y = self._linear(x)
         return y if bias is None else y + bias

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.cuda import cusparselt
+from compress.cuda import cpu_fused, cusparselt
 from compress.cuda.layout import words_of
-from compress.cuda.ops import SP24_KERNELS, sp24_linear, sp24_values_supported
+from compress.cuda.ops import SP24_KERNELS, fused_linear, sp24_linear, sp24_values_supported
 from compress.errors import CompressError
 
 from .masks import check_mask, parse_pattern
@@ -76,6 +76,7 @@ class SparseLinear(nn.Module):
             self.bias = None
         self.kernel = "auto"
         self._prepacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # made by prepack
+        self._fused: cpu_fused.FusedSp24Values | None = None  # on CPU: the stored layout checked for the C++ matmul
 
     @classmethod
     def from_pruned(cls, weight: torch.Tensor, keep: torch.Tensor, pattern: str, ratio: float | None,
@@ -143,8 +144,13 @@ class SparseLinear(nn.Module):
         the kept values in `dtype` (a copy only when stored in another dtype, e.g. fp32) and, where
         PyTorch has cuSPARSELt and the shape suits it, cuSPARSELt's layout of the weight (one more
         copy of the kept values, with its metadata), which the per-shape choice then weighs
-        against our kernels. Activations of another dtype keep the stored values."""
+        against our kernels. Activations of another dtype keep the stored values. On CPU, the
+        stored values and positions checked once for the fused C++ matmul
+        (cpu_fused.FusedSp24Values), which calls of up to SP24_MAX_M rows then take directly."""
         self._prepacked = None
+        reads = (self.runs_sp24_op and self.values.is_cpu and cpu_fused.available()
+                 and cpu_fused.sp24_float_applies(self.values.dtype, self.in_features))
+        self._fused = cpu_fused.FusedSp24Values(*self.kernel_layout()[:2], self.in_features) if reads else None
         if self.runs_sp24_op and dtype in cusparselt.DTYPES and self.values.is_cuda \
                 and sp24_values_supported(self.values.to(dtype), self.in_features):
             values = self.values.to(dtype)
@@ -158,21 +164,26 @@ class SparseLinear(nn.Module):
             self._prepacked = (values, words_of(self.indices), packed)
         return self
 
+    def _drop_prepacked(self) -> None:
+        self._prepacked, self._fused = None, None
+
     def _apply(self, fn, recurse=True):  # .to() / .cuda(): the prepared weight would be stale
-        self._prepacked = None
+        self._drop_prepacked()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
-        self._prepacked = None
+        self._drop_prepacked()
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.runs_sp24_op:
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
-        prepared = self._prepacked is not None and self._prepacked[0].dtype == x.dtype
-        values, positions, packed = self._prepacked if prepared else self.kernel_layout()
-        y = sp24_linear(x, values, positions, self.kernel, packed)
+        y = fused_linear(x, self._fused, self.kernel, cpu_fused.ACTIVATION_DTYPES)  # decode: checked at prepack
+        if y is None:
+            prepared = self._prepacked is not None and self._prepacked[0].dtype == x.dtype
+            values, positions, packed = self._prepacked if prepared else self.kernel_layout()
+            y = sp24_linear(x, values, positions, self.kernel, packed)
         return y if bias is None else y + bias
 
     def sparsity(self) -> float:

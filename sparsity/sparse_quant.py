@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.cuda import cpu_fused
 from compress.cuda.layout import words_of
-from compress.cuda.ops import SP24_INT_KERNELS, sp24_int_linear
+from compress.cuda.ops import SP24_INT_KERNELS, fused_linear, sp24_int_linear
 from compress.errors import CompressError
 from compress.quant.layers import GridBuffers
 from compress.quant.packing import pack_codes, packed_row_bytes, unpack_codes
@@ -81,6 +82,7 @@ class SparseQuantLinear(GridBuffers, nn.Module):
             self.bias = None
         self.kernel = "auto"
         self._prepacked: tuple[torch.Tensor, ...] | None = None  # the kernels' layout, made by prepack
+        self._fused: cpu_fused.FusedSp24Weight | None = None  # _prepacked checked for the fused CPU matmul
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, keep: torch.Tensor, grid: QuantGrid, pattern: str, ratio: float | None,
@@ -146,24 +148,35 @@ class SparseQuantLinear(GridBuffers, nn.Module):
         return self
 
     def prepack(self, dtype: torch.dtype | None = None) -> SparseQuantLinear:
-        """Derive the kernels' layout once, on the module's current device (again after moving it)."""
+        """Derive the kernels' layout once, on the module's current device (again after moving it);
+        on CPU also checked once for the fused C++ matmul (cpu_fused.FusedSp24Weight), which calls of
+        up to SP24_MAX_M rows then take directly."""
         self._prepacked = self.kernel_layout() if self.runs_sp24_op else None
+        kb, k = self.kernel_bits, self.in_features
+        reads = (self._prepacked is not None and self.qvalues.is_cpu and cpu_fused.available()
+                 and cpu_fused.sp24_applies(kb, self.group_size, k))
+        self._fused = cpu_fused.FusedSp24Weight(*self._prepacked, kb, self.group_size, k) if reads else None
         return self
 
+    def _drop_prepacked(self) -> None:
+        self._prepacked, self._fused = None, None
+
     def _apply(self, fn, recurse=True):  # .to() / .cuda(): the derived layout would be stale
-        self._prepacked = None
+        self._drop_prepacked()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
-        self._prepacked = None
+        self._drop_prepacked()
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.runs_sp24_op:
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
-        y = sp24_int_linear(x, *(self._prepacked or self.kernel_layout()), self.kernel_bits, self.group_size,
-                            self.in_features, self.kernel)
+        y = fused_linear(x, self._fused, self.kernel, cpu_fused.ACTIVATION_DTYPES)  # decode: checked at prepack
+        if y is None:
+            y = sp24_int_linear(x, *(self._prepacked or self.kernel_layout()), self.kernel_bits, self.group_size,
+                                self.in_features, self.kernel)
         return y if bias is None else y + bias
 
     def sparsity(self) -> float:

@@ -239,7 +239,7 @@ def test_the_kernel_is_built_once_and_cached(tmp_path):
 @pytest.mark.parametrize("prepacked", [True, False])
 def test_auto_runs_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch):
     """Prepacked, a layer holds its weight checked for the kernel (cpu_fused.FusedWeight), which
-    fp32 calls take directly (ops.fused_int_linear); else each call checks it (cpu_fused.matmul)."""
+    fp32 calls take directly (ops.fused_linear); else each call checks it (cpu_fused.matmul)."""
     torch.manual_seed(0)
     q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(128, 48))
     if prepacked:
@@ -263,9 +263,12 @@ def test_auto_runs_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch):
     assert q._fused is None
 
 
-def test_a_deep_copy_of_a_prepacked_layer_reads_its_own_words():
+@pytest.mark.parametrize("kind", ["int", "2:4 int", "2:4 float"])
+def test_a_deep_copy_of_a_prepacked_layer_reads_its_own_words(kind):
     torch.manual_seed(0)
-    q = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(128, 48)).prepack()
+    q = {"int": lambda: RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(128, 48)),
+         "2:4 int": lambda: sparse_quant_layer(128, 4, 32), "2:4 float": lambda: sparse_layer(48, 128)}[kind]()
+    q.prepack(torch.float32)
     x = torch.randn(2, 128)
     ref = q(x)
     twin = copy.deepcopy(q)
@@ -454,21 +457,37 @@ def sparse_quant_layer(k: int, bits: int, group_size: int) -> SparseQuantLinear:
     return SparseQuantLinear.from_codes(quantize(w, grid), keep, grid, "2:4", 0.5, torch.randn(48), "float16", "l")
 
 
-def test_2_4_layers_run_it_for_few_rows_of_x_on_cpu(monkeypatch):
-    layer = sparse_quant_layer(272, 4, 64).prepack()  # 4 groups and a last one of 16 columns
+@pytest.mark.parametrize("prepacked", [True, False])
+def test_2_4_layers_run_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch):
+    """Prepacked, the layer holds its codes checked for the kernel (cpu_fused.FusedSp24Weight),
+    which calls of fp32, fp16 or bf16 rows take directly (ops.fused_linear); else each call checks
+    them (cpu_fused.sp24_matmul)."""
+    layer = sparse_quant_layer(272, 4, 64)  # 4 groups and a last one of 16 columns
+    if prepacked:
+        layer.prepack()
+    assert (layer._fused is not None) == prepacked
     calls = []
-    fused = cpu_fused.sp24_matmul
-    monkeypatch.setattr(cpu_fused, "sp24_matmul", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+    call = cpu_fused.FusedSp24Weight.__call__
+    monkeypatch.setattr(cpu_fused.FusedSp24Weight, "__call__",
+                        lambda self, x: calls.append(x.shape[0]) or call(self, x))
     for m in (1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1):
         x = torch.randn(m, 272)
         assert rel_err(layer(x), x @ layer.dequantized_weight().T + layer.bias) < 1e-6
     assert calls == [1, cpu_fused.SP24_MAX_M]
+    x16 = x[:2].bfloat16()
+    y16 = layer(x16)
+    ref16 = x16.float() @ layer.dequantized_weight().T + layer.bias
+    assert y16.dtype == torch.bfloat16 and rel_err(y16, ref16) < 5e-3  # y rounded to bf16: measured <= 2.8e-3
+    assert calls == [1, cpu_fused.SP24_MAX_M, 2]
     layer.set_kernel("cpu_fused")(x)
-    assert calls == [1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1]
+    assert calls == [1, cpu_fused.SP24_MAX_M, 2, cpu_fused.SP24_MAX_M + 1]
+    layer.to(torch.float64)  # moved or cast: the derived layout is dropped
+    assert layer._fused is None and layer._prepacked is None
+    calls.clear()
     short = sparse_quant_layer(200, 4, 64)  # a last group of 8 columns, half a code word: the reference
     x = torch.randn(1, 200)
     assert rel_err(short(x), x @ short.dequantized_weight().T + short.bias) < 1e-6
-    assert calls == [1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1]
+    assert calls == [] and short.prepack()._fused is None
     with pytest.raises(ValueError, match="kernel 'cpu_fused' takes CPU activations and 2:4 weights of 2, 4 or "
                                          "8-bit codes in groups of whole 32-bit code words"):
         short.set_kernel("cpu_fused")(x)
@@ -508,11 +527,16 @@ def sparse_layer(n: int, k: int) -> SparseLinear:
     return SparseLinear.from_pruned(w, nm_mask(w.abs(), 2, 4), "2:4", None, torch.randn(n), "l")
 
 
-def test_2_4_float_layers_run_it_for_few_rows_of_x_on_cpu(monkeypatch):
+@pytest.mark.parametrize("prepacked", [True, False])
+def test_2_4_float_layers_run_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch):
     layer = sparse_layer(48, 200)
+    if prepacked:
+        layer.prepack(torch.float32)
+    assert (layer._fused is not None) == prepacked  # cpu_fused.FusedSp24Values, as for codes
     calls = []
-    fused = cpu_fused.sp24_float_matmul
-    monkeypatch.setattr(cpu_fused, "sp24_float_matmul", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+    call = cpu_fused.FusedSp24Values.__call__
+    monkeypatch.setattr(cpu_fused.FusedSp24Values, "__call__",
+                        lambda self, x: calls.append(x.shape[0]) or call(self, x))
     for m in (1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1):
         x = torch.randn(m, 200)
         assert rel_err(layer(x), x @ layer.dequantized_weight().T + layer.bias) < 1e-6
