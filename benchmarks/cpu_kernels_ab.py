@@ -8,8 +8,13 @@ libraries round by round, on the same tensors, and reports both medians, their r
 outputs. The fused matmuls are called directly (cpu_fused checks and converts the arguments as it
 does for a layer), so Python's per-call cost is left out. One JSON line per row on stdout.
 
+With `--decode MODEL` (a compressed checkpoint, e.g. the demo's out/smollm2-gptq-int4), it times
+greedy decoding of that model instead, the two libraries alternating as the kernels the model's
+layers call: a layer timed alone finds its weight in cache, a decoded token's layers do not.
+
     python benchmarks/cpu_kernels_ab.py --base 91f082b
     python benchmarks/cpu_kernels_ab.py --formats w4g64 --shapes 4096x4096 --ms 1 4
+    python benchmarks/cpu_kernels_ab.py --base HEAD~1 --decode out/smollm2-gptq-int4
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+# Run as a script, this folder comes first on sys.path, and its kernels.py would shadow the
+# `kernels` package that transformers imports where it is installed (--decode)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "cuda/csrc/cpu_int_matmul.cpp"
@@ -41,6 +51,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=SHAPES)
     parser.add_argument("--ms", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--rounds", type=int, default=7, help="alternations of the two libraries")
+    parser.add_argument("--decode", metavar="MODEL", help="time greedy decoding of this model instead")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens a --decode timing generates")
     args = parser.parse_args()
 
     from compress.cuda import cpu_fused, cpu_native
@@ -52,6 +64,9 @@ def main() -> None:
                             check=True).stdout.strip()  # what the lines name: HEAD moves
     libs = {args.base: cpu_native.load(base), "tree": cpu_native.load((ROOT / SOURCE).read_bytes())}
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if args.decode:
+        decode_ab(args.decode, libs, args.tokens, args.rounds, commit, cpu)
+        return
     torch.manual_seed(0)
     for name in args.formats:
         bits, group_size, symmetric, sp24 = FORMATS[name]
@@ -111,6 +126,34 @@ def main() -> None:
                                   "ratio": round(ms["tree"] / ms[args.base], 3),
                                   "max_abs_diff": float((outputs["tree"] - outputs[args.base]).abs().max())}),
                       flush=True)
+
+
+@torch.no_grad()
+def decode_ab(model_ref: str, libs: dict, tokens: int, rounds: int, commit: str, cpu: str) -> None:
+    """Milliseconds a greedy decoded token of `model_ref` (after a 16-token prompt) with each
+    library as the one the layers call; one JSON line."""
+    from compress.cuda import cpu_native
+    from compress.loading import load_model
+
+    model, _, _ = load_model(model_ref)
+    prompt = torch.randint(100, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    times = {label: [] for label in libs}
+    outputs = {}
+    for round_ in range(rounds + 1):  # the first round warms both up
+        for label, lib in libs.items():
+            cpu_native._library = lib
+            t = time.perf_counter()
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                                 min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+            if round_:
+                times[label].append((time.perf_counter() - t) / tokens * 1e3)
+            outputs[label] = out
+    ms = {label: statistics.median(v) for label, v in times.items()}
+    base = next(iter(libs))
+    print(json.dumps({"decode": model_ref, "tokens": tokens, "cpu": cpu, "base": commit,
+                      "base_ms_per_token": round(ms[base], 2), "tree_ms_per_token": round(ms["tree"], 2),
+                      "ratio": round(ms["tree"] / ms[base], 3),
+                      "same_tokens": bool(torch.equal(outputs["tree"], outputs[base]))}), flush=True)
 
 
 if __name__ == "__main__":
