@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=SHAPES)
     parser.add_argument("--ms", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--rounds", type=int, default=7, help="alternations of the two libraries")
+    parser.add_argument("--march", help="build both for this -march (e.g. x86-64-v3: AVX2) instead of the CPU's own")
     parser.add_argument("--decode", metavar="MODEL", help="time greedy decoding of this model instead")
     parser.add_argument("--tokens", type=int, default=32, help="tokens a --decode timing generates")
     args = parser.parse_args()
@@ -59,11 +60,15 @@ def main() -> None:
     from compress.cuda.layout import words_of
     from compress.quant.packing import pack_codes
 
+    if args.march:
+        cpu_native._FLAGS = (cpu_native._FLAGS[0], [f"-march={args.march}", "-fopenmp"], [f"-march={args.march}"])
     base = subprocess.run(["git", "show", f"{args.base}:{SOURCE}"], cwd=ROOT, capture_output=True, check=True).stdout
     commit = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.strip()  # what the lines name: HEAD moves
     libs = {args.base: cpu_native.load(base), "tree": cpu_native.load((ROOT / SOURCE).read_bytes())}
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if args.march:
+        cpu += f", -march={args.march}"
     if args.decode:
         decode_ab(args.decode, libs, args.tokens, args.rounds, commit, cpu)
         return

@@ -24,6 +24,20 @@
 
 namespace {
 
+// Whether 16-lane vectors are one register (AVX-512). Elsewhere GCC lowers them through the stack
+// (an AVX2 build of the dense kernel ran 7x slower than the same loops on 8 lanes would fit), so
+// the fused matmuls take NARROW lanes: 8 with AVX's 256-bit registers, else 4.
+#ifdef __AVX512F__
+constexpr bool WIDE = true;
+#else
+constexpr bool WIDE = false;
+#endif
+#ifdef __AVX__
+constexpr int NARROW = 8;
+#else
+constexpr int NARROW = 4;
+#endif
+
 template <int L> struct Vec;  // L 32-bit lanes: GCC/Clang vector extensions, any instruction set
 template <> struct Vec<4> {
   typedef int32_t i __attribute__((vector_size(16)));
@@ -529,7 +543,10 @@ void matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, float* 
         float* ym = y + m0 * wt.n;
         for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
           const int64_t w1 = std::min(w0 + chunk, kw);
-          if (gw % 16 == 0) rows_of<BITS, 16>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+          if constexpr (!WIDE) {
+            if (gw % 8 == 0) rows_of<BITS, NARROW>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+            else rows_of<BITS, 4>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+          } else if (gw % 16 == 0) rows_of<BITS, 16>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
           else if (16 % gw == 0) rows_of<BITS, 16, true>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
           else if (gw % 8 == 0) rows_of<BITS, 8>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
           else rows_of<BITS, 4>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
@@ -668,12 +685,18 @@ void sp24_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, co
         float* ym = y + m0 * wt.n;
         for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
           const int64_t w1 = std::min(w0 + chunk, kw);
-          if (gw % 16 == 0) sp24_rows_of<BITS, 16>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-          else if (16 % gw == 0)
+          if constexpr (!WIDE) {
+            if (gw % 8 == 0) sp24_rows_of<BITS, NARROW>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+            else sp24_rows_of<BITS, 4>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+          } else if (gw % 16 == 0) {
+            sp24_rows_of<BITS, 16>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+          } else if (16 % gw == 0) {
             sp24_rows_of<BITS, 16, true>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-          else if (gw % 8 == 0)
+          } else if (gw % 8 == 0) {
             sp24_rows_of<BITS, 8>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-          else sp24_rows_of<BITS, 4>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+          } else {
+            sp24_rows_of<BITS, 4>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+          }
         }
       }
     }
@@ -684,29 +707,33 @@ void sp24_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, co
 // scales), kept value t's slot as for codes above. Lanes are 16 kept values, whose slots are one
 // position word; x is transposed into 4 planes, plane r holding column r of each kept value's
 // group of 4 (x[m, 4 * (t / 2) + r]), and each value's x is picked by its slot with selects.
-inline typename Vec<16>::f values_at(const void* values, int kind, int64_t i) {
-  typename Vec<16>::f v;
+template <int L>
+inline typename Vec<L>::f values_at(const void* values, int kind, int64_t i) {
+  typename Vec<L>::f v;
   if (kind == FP32) {
     std::memcpy(&v, static_cast<const float*>(values) + i, sizeof(v));
   } else if (kind == BF16) {
     const uint16_t* h = static_cast<const uint16_t*>(values) + i;
-    int32_t widened[16];
-    for (int l = 0; l < 16; ++l) widened[l] = int32_t(h[l]) << 16;
+    int32_t widened[L];
+    for (int l = 0; l < L; ++l) widened[l] = int32_t(h[l]) << 16;
     std::memcpy(&v, widened, sizeof(v));
   } else {
-    for (int l = 0; l < 16; ++l) v[l] = half_to_float(static_cast<const uint16_t*>(values)[i + l]);
+    for (int l = 0; l < L; ++l) v[l] = half_to_float(static_cast<const uint16_t*>(values)[i + l]);
   }
   return v;
 }
 
-template <int MT>
+// L kept values a vector: 16 (a position word) where vectors are that wide, else NARROW (half or
+// a quarter of a word: its slots shifted by the part's position).
+template <int MT, int L>
 void sp24_float_rows(const void* values, int kind, int64_t value_row, const int32_t* positions, int64_t pos_row,
                      int64_t n_all, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t t0,
                      int64_t t1) {
-  typedef typename Vec<16>::i vi;
-  typedef typename Vec<16>::f vf;
-  const vi shifts = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  vf done[MT][16];  // as rows
+  typedef typename Vec<L>::i vi;
+  typedef typename Vec<L>::f vf;
+  vi shifts;
+  for (int l = 0; l < L; ++l) shifts[l] = 2 * l;
+  Vec<16>::f done[MT][16];  // as rows (16-lane vectors)
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* pos = positions + n * pos_row;
     vf acc[MT];
@@ -716,9 +743,9 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
       tail[m] = 0.f;
     }
     int64_t t = t0;
-    for (; t + 16 <= t1; t += 16) {  // t0 is a multiple of 16: one position word
-      const vf v = values_at(values, kind, n * value_row + t);
-      const vi slot = ((vi{} + pos[t / 16]) >> shifts) & 3;
+    for (; t + L <= t1; t += L) {  // t0 is a multiple of 16: L values lie in one position word
+      const vf v = values_at<L>(values, kind, n * value_row + t);
+      const vi slot = ((vi{} + (pos[t / 16] >> (2 * (t % 16)))) >> shifts) & 3;
       for (int m = 0; m < MT; ++m) {
         const float* plane = xp + m * 4 * ps + t;
         vf x0, x1, x2, x3;
@@ -729,18 +756,22 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
         acc[m] += v * (slot == 0 ? x0 : slot == 1 ? x1 : slot == 2 ? x2 : x3);
       }
     }
-    for (; t < t1; ++t) {  // the row's last kept values, fewer than 16
+    for (; t < t1; ++t) {  // the row's last kept values, fewer than L
       const int64_t i = n * value_row + t;
       const float v = kind == FP32 ? static_cast<const float*>(values)[i] : scale_at(values, kind, i);
       const int slot = (pos[t / 16] >> (2 * (t % 16))) & 3;
       for (int m = 0; m < MT; ++m) tail[m] += v * xp[(m * 4 + slot) * ps + t];
     }
     for (int m = 0; m < MT; ++m) {
-      acc[m][0] += tail[m];
-      done[m][n - n0] = acc[m];
+      if constexpr (L == 16) {
+        acc[m][0] += tail[m];
+        done[m][n - n0] = acc[m];
+      } else {
+        y[m * n_all + n] += tail[m] + lane_sum(acc[m]);
+      }
     }
   }
-  add_block_sums(done, y, n_all, n0, n1);
+  if constexpr (L == 16) add_block_sums(done, y, n_all, n0, n1);
 }
 
 // f(std::integral_constant<int, V>()) for V = 0 .. N - 1: a loop whose index is a constant in
@@ -765,7 +796,8 @@ inline Vec<16>::u words_of_vector(Vec<16>::u q, std::index_sequence<L...>) {
 // words at a time, each of its CPW output vectors of 16 values a shuffle of the words, a shift by
 // each lane's code position, a mask and a convert (a code at a time, it was 7% of smollm2-135m's
 // prefill), where a vector's words share a group (groups of at least 16 / CPW words); the row's
-// last words and narrower groups a code at a time.
+// last words and narrower groups a code at a time, and every word without AVX-512 (!WIDE: there
+// the 16-lane vectors took 2x the time of a code at a time, on AVX2).
 template <int BITS>
 void dequantize(const Weight& wt, int64_t k, float* w, int threads) {
   typedef Vec<16>::u vu;
@@ -775,7 +807,7 @@ void dequantize(const Weight& wt, int64_t k, float* w, int threads) {
   const int64_t kw = k / CPW, gw = wt.span / CPW;
   vu shifts;
   for (int l = 0; l < 16; ++l) shifts[l] = uint32_t(l % CPW * BITS);
-  const int64_t vector_words = gw % WPV == 0 ? kw / 16 * 16 : 0;  // the words taken 16 at a time
+  const int64_t vector_words = WIDE && gw % WPV == 0 ? kw / 16 * 16 : 0;  // the words taken 16 at a time
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t n = 0; n < wt.n; ++n) {
     const uint32_t* row = reinterpret_cast<const uint32_t*>(wt.words + n * wt.row_words);
@@ -789,16 +821,18 @@ void dequantize(const Weight& wt, int64_t k, float* w, int threads) {
       z = wt.zeros ? float(wt.zeros[g * wt.n + n]) : float(1 << (BITS - 1));
       group_end = std::min(g * gw + gw, kw);
     };
-    for (int64_t j0 = 0; j0 < vector_words; j0 += 16) {
-      vu q;
-      std::memcpy(&q, row + j0, sizeof(q));
-      for_each_constant([&](auto v) {
-        constexpr int V = decltype(v)::value;
-        group_of(j0 + V * WPV);
-        const vu codes = (words_of_vector<CPW, V>(q, std::make_index_sequence<16>()) >> shifts) & MASK;
-        const vf values = (__builtin_convertvector(codes, vf) - z) * s;
-        std::memcpy(out + (j0 + V * WPV) * CPW, &values, sizeof(values));
-      }, std::make_index_sequence<CPW>());
+    if constexpr (WIDE) {
+      for (int64_t j0 = 0; j0 < vector_words; j0 += 16) {
+        vu q;
+        std::memcpy(&q, row + j0, sizeof(q));
+        for_each_constant([&](auto v) {
+          constexpr int V = decltype(v)::value;
+          group_of(j0 + V * WPV);
+          const vu codes = (words_of_vector<CPW, V>(q, std::make_index_sequence<16>()) >> shifts) & MASK;
+          const vf values = (__builtin_convertvector(codes, vf) - z) * s;
+          std::memcpy(out + (j0 + V * WPV) * CPW, &values, sizeof(values));
+        }, std::make_index_sequence<CPW>());
+      }
     }
     for (int64_t j = vector_words; j < kw; ++j) {
       group_of(j);
@@ -882,9 +916,10 @@ extern "C" void sp24_float_matmul(const float* x, int64_t m_rows, int64_t k, con
       float* ym = y + m0 * n;
       for (int64_t t0 = 0; t0 < kept; t0 += chunk) {
         const int64_t t1 = std::min(t0 + chunk, kept);
-        if (mt == 1) sp24_float_rows<1>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
-        else if (mt == 2) sp24_float_rows<2>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
-        else sp24_float_rows<4>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
+        constexpr int L = WIDE ? 16 : NARROW;
+        if (mt == 1) sp24_float_rows<1, L>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
+        else if (mt == 2) sp24_float_rows<2, L>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
+        else sp24_float_rows<4, L>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
       }
     }
   }

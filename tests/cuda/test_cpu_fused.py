@@ -117,9 +117,9 @@ def _cpu_flags() -> set[str]:
 @pytest.mark.parametrize("march,needs", [("x86-64", "sse2"), ("x86-64-v3", "avx2")])
 def test_other_instruction_sets_compute_the_same(march, needs, monkeypatch):
     """The kernels as CPUs without AVX-512 run them (SSE2 only; AVX2 and F16C), built here with
-    -march=...: each lane's group's scale blended in where AVX-512 permutes, a row's or a group's
-    last words copied where it masks the load, fp16 scales converted one by one or 8 at a time; the
-    dequantization's shuffles and variable shifts."""
+    -march=...: vectors of 8 (AVX2) or 4 words where AVX-512 takes 16 (a group at a time, its last
+    words one by one), fp16 scales converted one by one or 8 at a time, the 2:4 float values' slots
+    a part of a position word, the dequantization a code at a time."""
     if needs not in _cpu_flags():
         pytest.skip(f"this CPU lacks {needs}")
     monkeypatch.setattr(cpu_native, "_FLAGS", (cpu_native._FLAGS[0], [f"-march={march}", "-fopenmp"],
@@ -141,6 +141,11 @@ def test_other_instruction_sets_compute_the_same(march, needs, monkeypatch):
         ref = x @ dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, k, torch.float32).T
         y = cpu_fused.sp24_matmul(x, words, positions, scales, zeros, bits, group_size, k)
         assert rel_err(y, ref) < 1e-6, (bits, group_size, k)
+    for dtype, k in ((torch.float32, 200), (torch.float16, 608), (torch.bfloat16, 576)):  # 2:4 float values
+        values, positions = sp24_values(24, k, dtype, seed=k)
+        x = torch.randn(3, k, generator=torch.Generator().manual_seed(k))
+        ref = x @ dense_sp24_values(values, positions, k, torch.float32).T
+        assert rel_err(cpu_fused.sp24_float_matmul(x, values, positions, k), ref) < 1e-6, (dtype, k)
     for bits, group_size in ((4, 64), (2, 32), (8, 16), (4, 8)):  # 16 words at a time, and a code at a time
         words, scales, zeros = weight(24, 608, bits, group_size, False, seed=bits)
         w = cpu_dequantize.dequantize(words, scales, zeros, bits, group_size, 608, torch.float32)
