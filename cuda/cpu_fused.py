@@ -81,9 +81,9 @@ def library():
 
 
 def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x as the kernels read it: fp32 [M, K], contiguous, on the CPU."""
-    if x.dim() != 2 or x.shape[1] != in_features or not x.is_cpu:
-        raise ValueError(f"the fused CPU matmul takes CPU activations [M, {in_features}], not {x.device.type} "
+    """x [..., K] as the kernels read it: fp32, contiguous (M = x.numel() / K rows), on the CPU."""
+    if x.dim() == 0 or x.shape[-1] != in_features or not x.is_cpu:
+        raise ValueError(f"the fused CPU matmul takes CPU activations [..., {in_features}], not {x.device.type} "
                          f"activations {tuple(x.shape)}")
     return x.float().contiguous()
 
@@ -111,7 +111,7 @@ def checked_weight(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 
 def _output(x: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.empty(x.shape[0], n, dtype=torch.float32)  # fp32 whatever the default dtype
+    return torch.empty(*x.shape[:-1], n, dtype=torch.float32)  # fp32 whatever the default dtype
 
 
 def _as(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -132,8 +132,8 @@ class Fused(abc.ABC):
     max_m: int  # the most rows of x "auto" gives it (MAX_M, SP24_MAX_M)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [M, K] @ the weight.T -> [M, N] in x's dtype; None when the kernels could not be built
-        (warned once; the caller runs the reference)."""
+        """x [..., K] @ the weight.T -> [..., N] in x's dtype; None when the kernels could not be
+        built (warned once; the caller runs the reference)."""
         lib = library()
         if lib is None:
             return None
@@ -145,7 +145,7 @@ class Fused(abc.ABC):
 
     @abc.abstractmethod
     def _run(self, lib, x: torch.Tensor, y: torch.Tensor) -> None:
-        """y fp32 [M, N] = x fp32 [M, K] (contiguous) @ the weight.T, by the kernel."""
+        """y fp32 [..., N] = x fp32 [..., K] (both contiguous) @ the weight.T, by the kernel."""
 
 
 class FusedWeight(Fused):
@@ -164,7 +164,7 @@ class FusedWeight(Fused):
 
     def _run(self, lib, x: torch.Tensor, y: torch.Tensor) -> None:
         (words, scales, zeros), (kind, bits, span) = self._tensors, self._format
-        lib.int_matmul(x.data_ptr(), x.shape[0], self.in_features, words.data_ptr(), words.shape[0], words.stride(0),
+        lib.int_matmul(x.data_ptr(), x.numel() // self.in_features, self.in_features, words.data_ptr(), words.shape[0], words.stride(0),
                        scales.data_ptr(), kind, None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(),
                        torch.get_num_threads())
 
@@ -218,7 +218,7 @@ class FusedSp24Weight(Fused):
 
     def _run(self, lib, x: torch.Tensor, y: torch.Tensor) -> None:
         (words, positions, scales, zeros), (kind, bits, span) = self._tensors, self._format
-        lib.sp24_int_matmul(x.data_ptr(), x.shape[0], self.in_features, words.data_ptr(), words.shape[0],
+        lib.sp24_int_matmul(x.data_ptr(), x.numel() // self.in_features, self.in_features, words.data_ptr(), words.shape[0],
                             words.stride(0), positions.data_ptr(), positions.stride(0), scales.data_ptr(), kind,
                             None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(),
                             torch.get_num_threads())
@@ -261,7 +261,7 @@ class FusedSp24Values(Fused):
 
     def _run(self, lib, x: torch.Tensor, y: torch.Tensor) -> None:
         values, positions = self._tensors
-        lib.sp24_float_matmul(x.data_ptr(), x.shape[0], self.in_features, values.data_ptr(),
+        lib.sp24_float_matmul(x.data_ptr(), x.numel() // self.in_features, self.in_features, values.data_ptr(),
                               SCALE_KINDS[values.dtype], values.stride(0), values.shape[0], positions.data_ptr(),
                               positions.stride(0), y.data_ptr(), torch.get_num_threads())
 

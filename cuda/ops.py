@@ -332,8 +332,7 @@ def fused_linear(x: torch.Tensor, fused: cpu_fused.Fused | None, kernel: str,
     if (fused is None or kernel != "auto" or x.dtype not in dtypes or x.shape[-1] != fused.in_features
             or not 0 < x.numel() <= fused.max_m * fused.in_features or not _direct(x)):
         return None
-    y = fused(x.reshape(-1, fused.in_features))
-    return None if y is None else y.reshape(*x.shape[:-1], fused.out_features)
+    return fused(x)  # [..., K] -> [..., N], no reshapes (a microsecond each)
 
 
 def sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,

@@ -201,7 +201,7 @@ def test_formats_and_sizes_that_do_not_match_are_refused():
         cpu_fused.matmul(torch.randn(1, 64), words, torch.rand(16, 16).half(), None, 4, 4, 64)
     with pytest.raises(ValueError, match="do not read 3-bit codes"):
         cpu_fused.matmul(torch.randn(1, 64), words, scales, zeros, 3, 32, 64)
-    with pytest.raises(ValueError, match="takes CPU activations \\[M, 64\\], not cpu activations \\(1, 63\\)"):
+    with pytest.raises(ValueError, match="takes CPU activations \\[..., 64\\], not cpu activations \\(1, 63\\)"):
         cpu_fused.matmul(torch.randn(1, 63), words, scales, zeros, 4, 32, 64)
     with pytest.raises(ValueError, match="uint8 zeros"):
         cpu_fused.matmul(torch.randn(1, 64), words, scales, torch.zeros(2, 16), 4, 32, 64)
@@ -252,11 +252,17 @@ def test_auto_runs_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch):
     assert (q._fused is not None) == prepacked
     calls = []
     call = cpu_fused.FusedWeight.__call__
-    monkeypatch.setattr(cpu_fused.FusedWeight, "__call__", lambda self, x: calls.append(x.shape[0]) or call(self, x))
+    monkeypatch.setattr(cpu_fused.FusedWeight, "__call__",
+                        lambda self, x: calls.append(x.numel() // x.shape[-1]) or call(self, x))
     for m in (1, cpu_fused.MAX_M, cpu_fused.MAX_M + 1):
         x = torch.randn(1, m, 128)
         assert rel_err(q(x), x @ q.dequantized_weight().T + q.bias) < REL_TOL[torch.float32]
     assert calls == [1, cpu_fused.MAX_M]  # above MAX_M rows: dequantize (cpu_dequantize.py), then matmul
+    xt = torch.randn(128, 3, 2).permute(2, 1, 0)  # [2, 3, 128], not contiguous: read as 6 rows
+    yt = q(xt)
+    assert yt.shape == (2, 3, 48) and rel_err(yt, xt @ q.dequantized_weight().T + q.bias) < REL_TOL[torch.float32]
+    assert calls == [1, cpu_fused.MAX_M, 6]
+    calls.pop()
     q.set_kernel("reference")(x)
     q.set_kernel("cpu_fused")(x)  # forced: any number of rows
     assert calls == [1, cpu_fused.MAX_M, cpu_fused.MAX_M + 1]
@@ -474,7 +480,7 @@ def test_2_4_layers_run_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch):
     calls = []
     call = cpu_fused.FusedSp24Weight.__call__
     monkeypatch.setattr(cpu_fused.FusedSp24Weight, "__call__",
-                        lambda self, x: calls.append(x.shape[0]) or call(self, x))
+                        lambda self, x: calls.append(x.numel() // x.shape[-1]) or call(self, x))
     for m in (1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1):
         x = torch.randn(m, 272)
         assert rel_err(layer(x), x @ layer.dequantized_weight().T + layer.bias) < 1e-6
@@ -541,7 +547,7 @@ def test_2_4_float_layers_run_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch
     calls = []
     call = cpu_fused.FusedSp24Values.__call__
     monkeypatch.setattr(cpu_fused.FusedSp24Values, "__call__",
-                        lambda self, x: calls.append(x.shape[0]) or call(self, x))
+                        lambda self, x: calls.append(x.numel() // x.shape[-1]) or call(self, x))
     for m in (1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1):
         x = torch.randn(m, 200)
         assert rel_err(layer(x), x @ layer.dequantized_weight().T + layer.bias) < 1e-6
