@@ -25,8 +25,8 @@
 namespace {
 
 // Whether 16-lane vectors are one register (AVX-512). Elsewhere GCC lowers them through the stack
-// (an AVX2 build of the dense kernel ran 7x slower than the same loops on 8 lanes would fit), so
-// the fused matmuls take NARROW lanes: 8 with AVX's 256-bit registers, else 4.
+// (the AVX2 build of the fused matmuls took 1.7-22x the time it takes on 8 lanes), so those take
+// NARROW lanes: 8 with AVX's 256-bit registers, else 4.
 #ifdef __AVX512F__
 constexpr bool WIDE = true;
 #else
@@ -374,11 +374,12 @@ inline U mantissa_code(U q, int c) {
 // rows of x, 0.9x to 1.1x the other way, and the factored sums cancel more: rounding errors 3x as
 // large). xp: MT rows of PLANES planes of `ps` floats (x's CPW planes, then for 2-bit codes each
 // word's sum of x). Of a vector with fewer live words (a group's or the row's end), the other
-// lanes' codes and bias weigh nothing. 4-bit codes whose vector lies in one group (groups of 128,
-// or a group at a time: ONE_GROUP, or scalar s and b) take the group's 16 weights as a table,
-// each code's weight a permute by the code (vpermps reads an index's low 4 bits: a shift and a
-// permute a code, where the mask-or and the decoding multiply-add took three; the same weights
-// bit for bit): 4-bit g128 0.68-0.95 of the time (A/B, cpu_kernels_ab_g128_table.jsonl).
+// lanes' codes and bias weigh nothing. With AVX-512, 4-bit codes whose vector lies in one group
+// (ONE_GROUP: groups of 128 through the spanning path; or one scalar s and b: groups of 256 and
+// more) take the group's 16 weights as a table, each code's weight a permute of it by the code
+// (vpermps reads an index's low 4 bits): a shift and a permute a code, where the mask-or and the
+// decoding multiply-add took three, the same weights bit for bit; 4-bit g128 0.68-0.95 of the
+// time (A/B, cpu_kernels_ab_g128_table.jsonl).
 #ifdef __AVX512F__
 // 1 + code / 16 for the 16 4-bit codes: mantissa_code's floats, lane by lane.
 const Vec<16>::f FOUR_BIT_CODES = {1.f, 1.0625f, 1.125f, 1.1875f, 1.25f, 1.3125f, 1.375f, 1.4375f,
