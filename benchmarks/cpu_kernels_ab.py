@@ -101,9 +101,10 @@ def main() -> None:
 
                 def call(lib):
                     if not bits:
-                        lib.sp24_float_matmul(x.data_ptr(), m, k, values.data_ptr(), cpu_fused.SCALE_KINDS[values.dtype],
-                                              values.stride(0), n, positions.data_ptr(), positions.stride(0),
-                                              y.data_ptr(), torch.get_num_threads())
+                        lib.sp24_float_matmul(x.data_ptr(), m, k, values.data_ptr(),
+                                              cpu_fused.SCALE_KINDS[values.dtype], values.stride(0), n,
+                                              positions.data_ptr(), positions.stride(0), y.data_ptr(),
+                                              torch.get_num_threads())
                         return
                     common = (scales.data_ptr(), cpu_fused.SCALE_KINDS[scales.dtype],
                               None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(),

@@ -164,9 +164,9 @@ class FusedWeight(Fused):
 
     def _run(self, lib, x: torch.Tensor, y: torch.Tensor) -> None:
         (words, scales, zeros), (kind, bits, span) = self._tensors, self._format
-        lib.int_matmul(x.data_ptr(), x.numel() // self.in_features, self.in_features, words.data_ptr(), words.shape[0], words.stride(0),
-                       scales.data_ptr(), kind, None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(),
-                       torch.get_num_threads())
+        lib.int_matmul(x.data_ptr(), x.numel() // self.in_features, self.in_features, words.data_ptr(),
+                       words.shape[0], words.stride(0), scales.data_ptr(), kind,
+                       None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(), torch.get_num_threads())
 
 
 def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
@@ -218,10 +218,10 @@ class FusedSp24Weight(Fused):
 
     def _run(self, lib, x: torch.Tensor, y: torch.Tensor) -> None:
         (words, positions, scales, zeros), (kind, bits, span) = self._tensors, self._format
-        lib.sp24_int_matmul(x.data_ptr(), x.numel() // self.in_features, self.in_features, words.data_ptr(), words.shape[0],
-                            words.stride(0), positions.data_ptr(), positions.stride(0), scales.data_ptr(), kind,
-                            None if zeros is None else zeros.data_ptr(), bits, span, y.data_ptr(),
-                            torch.get_num_threads())
+        lib.sp24_int_matmul(x.data_ptr(), x.numel() // self.in_features, self.in_features, words.data_ptr(),
+                            words.shape[0], words.stride(0), positions.data_ptr(), positions.stride(0),
+                            scales.data_ptr(), kind, None if zeros is None else zeros.data_ptr(), bits, span,
+                            y.data_ptr(), torch.get_num_threads())
 
 
 def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
