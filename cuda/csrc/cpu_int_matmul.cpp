@@ -153,15 +153,15 @@ struct Weight {
   int64_t span;           // columns per group (a multiple of CPW; the last group may be shorter)
 };
 
-// The 16 scales from element i of a weight's scales, in fp32 (exact).
-inline Vec<16>::f scales16(const Weight& wt, int64_t i) {
+// The 16 values from element i of `kind` (fp32, fp16 or bf16) memory, in fp32 (exact).
+inline Vec<16>::f floats16(const void* from, int kind, int64_t i) {
   Vec<16>::f v;
-  if (wt.kind == FP32) {
-    std::memcpy(&v, static_cast<const float*>(wt.scales) + i, sizeof(v));
+  if (kind == FP32) {
+    std::memcpy(&v, static_cast<const float*>(from) + i, sizeof(v));
     return v;
   }
-  const uint16_t* h = static_cast<const uint16_t*>(wt.scales) + i;
-  if (wt.kind == BF16) {
+  const uint16_t* h = static_cast<const uint16_t*>(from) + i;
+  if (kind == BF16) {
     typedef uint16_t halves __attribute__((vector_size(32)));
     halves raw;
     std::memcpy(&raw, h, sizeof(raw));
@@ -180,6 +180,9 @@ inline Vec<16>::f scales16(const Weight& wt, int64_t i) {
   return v;
 #endif
 }
+
+// The 16 scales from element i of a weight's scales, in fp32 (exact).
+inline Vec<16>::f scales16(const Weight& wt, int64_t i) { return floats16(wt.scales, wt.kind, i); }
 
 // The 16 uint8 zero points at z, in fp32.
 inline Vec<16>::f zeros16(const uint8_t* z) {
@@ -740,36 +743,24 @@ void sp24_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, co
 }
 
 // 2:4 weights of float values (SparseLinear): values [N, K / 2] in fp32, fp16 or bf16 (`kind`, as
-// scales), kept value t's slot as for codes above. Lanes are 16 kept values, whose slots are one
-// position word; x is transposed into 4 planes, plane r holding column r of each kept value's
-// group of 4 (x[m, 4 * (t / 2) + r]), and each value's x is picked by its slot with selects.
-template <int L>
-inline typename Vec<L>::f values_at(const void* values, int kind, int64_t i) {
-  typename Vec<L>::f v;
-  if (kind == FP32) {
-    std::memcpy(&v, static_cast<const float*>(values) + i, sizeof(v));
-  } else if (kind == BF16) {
-    const uint16_t* h = static_cast<const uint16_t*>(values) + i;
-    int32_t widened[L];
-    for (int l = 0; l < L; ++l) widened[l] = int32_t(h[l]) << 16;
-    std::memcpy(&v, widened, sizeof(v));
-  } else {
-    for (int l = 0; l < L; ++l) v[l] = half_to_float(static_cast<const uint16_t*>(values)[i + l]);
-  }
-  return v;
-}
-
-// L kept values a vector: 16 (a position word) where vectors are that wide, else NARROW (half or
-// a quarter of a word: its slots shifted by the part's position).
-template <int MT, int L>
+// scales), kept value t's slot as for codes above; lanes are kept values t, t + 1, ...
+//   sp24_float_rows<MT>(..., x, stride, ...): y[0:MT, n0:n1] += the sums over kept values [t0, t1)
+// of each row (t0 a multiple of 16), x's MT rows `stride` floats apart.
+#ifdef __AVX512F__
+// With AVX-512, x as it lies (stride = K): the 16 kept values from t lie in the 32 columns from
+// 2 * t, value l in group l / 2, so each value's x is lane 4 * (l / 2) + slot of those two
+// vectors, one two-register permute (vpermt2ps) a vector and row of x, where x transposed into
+// planes took four loads and three selects (and the transposition).
+template <int MT>
+__attribute__((noinline))  // as rows
 void sp24_float_rows(const void* values, int kind, int64_t value_row, const int32_t* positions, int64_t pos_row,
-                     int64_t n_all, const float* xp, int64_t ps, float* y, int64_t n0, int64_t n1, int64_t t0,
+                     int64_t n_all, const float* x, int64_t stride, float* y, int64_t n0, int64_t n1, int64_t t0,
                      int64_t t1) {
-  typedef typename Vec<L>::i vi;
-  typedef typename Vec<L>::f vf;
-  vi shifts;
-  for (int l = 0; l < L; ++l) shifts[l] = 2 * l;
-  Vec<16>::f done[MT][16];  // as rows (16-lane vectors)
+  typedef Vec<16>::i vi;
+  typedef Vec<16>::f vf;
+  const vi shifts = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const vi group_of_value = {0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28};  // 4 * (l / 2)
+  Vec<16>::f done[MT][16];  // as rows
   for (int64_t n = n0; n < n1; ++n) {
     const int32_t* pos = positions + n * pos_row;
     vf acc[MT];
@@ -779,11 +770,60 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
       tail[m] = 0.f;
     }
     int64_t t = t0;
-    for (; t + L <= t1; t += L) {  // t0 is a multiple of 16: L values lie in one position word
-      const vf v = values_at<L>(values, kind, n * value_row + t);
+    for (; t + 16 <= t1; t += 16) {  // 16 values: one position word
+      const vf v = floats16(values, kind, n * value_row + t);
+      const vi index = (((vi{} + pos[t / 16]) >> shifts) & 3) | group_of_value;
+      for (int m = 0; m < MT; ++m) {
+        const float* xs = x + m * stride + 2 * t;
+        acc[m] += v * (vf)_mm512_permutex2var_ps(_mm512_loadu_ps(xs), (__m512i)index, _mm512_loadu_ps(xs + 16));
+      }
+    }
+    for (; t < t1; ++t) {  // the row's last kept values, fewer than 16
+      const float v = scale_at(values, kind, n * value_row + t);
+      const int slot = (pos[t / 16] >> (2 * (t % 16))) & 3;
+      for (int m = 0; m < MT; ++m) tail[m] += v * x[m * stride + 4 * (t / 2) + slot];
+    }
+    for (int m = 0; m < MT; ++m) {
+      acc[m][0] += tail[m];
+      done[m][n - n0] = acc[m];
+    }
+  }
+  add_block_sums(done, y, n_all, n0, n1);
+}
+#else
+// Elsewhere NARROW kept values a vector (half or a quarter of a position word: its slots shifted
+// by the part's position) against x transposed into 4 planes (stride = 4 planes), plane r holding
+// column r of each kept value's group of 4 (x[m, 4 * (t / 2) + r]), each value's x picked by its
+// slot with selects.
+template <int MT>
+void sp24_float_rows(const void* values, int kind, int64_t value_row, const int32_t* positions, int64_t pos_row,
+                     int64_t n_all, const float* xp, int64_t stride, float* y, int64_t n0, int64_t n1, int64_t t0,
+                     int64_t t1) {
+  constexpr int L = NARROW;
+  typedef typename Vec<L>::i vi;
+  typedef typename Vec<L>::f vf;
+  const int64_t ps = stride / 4;
+  vi shifts;
+  for (int l = 0; l < L; ++l) shifts[l] = 2 * l;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int32_t* pos = positions + n * pos_row;
+    vf acc[MT];
+    float tail[MT];
+    for (int m = 0; m < MT; ++m) {
+      acc[m] = vf{};
+      tail[m] = 0.f;
+    }
+    int64_t t = t0;
+    for (; t + L <= t1; t += L) {  // L values lie in one position word
+      vf v;
+      if (kind == FP32) {
+        std::memcpy(&v, static_cast<const float*>(values) + n * value_row + t, sizeof(v));
+      } else {
+        for (int l = 0; l < L; ++l) v[l] = scale_at(values, kind, n * value_row + t + l);
+      }
       const vi slot = ((vi{} + (pos[t / 16] >> (2 * (t % 16)))) >> shifts) & 3;
       for (int m = 0; m < MT; ++m) {
-        const float* plane = xp + m * 4 * ps + t;
+        const float* plane = xp + m * stride + t;
         vf x0, x1, x2, x3;
         std::memcpy(&x0, plane, sizeof(vf));
         std::memcpy(&x1, plane + ps, sizeof(vf));
@@ -793,22 +833,14 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
       }
     }
     for (; t < t1; ++t) {  // the row's last kept values, fewer than L
-      const int64_t i = n * value_row + t;
-      const float v = kind == FP32 ? static_cast<const float*>(values)[i] : scale_at(values, kind, i);
+      const float v = scale_at(values, kind, n * value_row + t);
       const int slot = (pos[t / 16] >> (2 * (t % 16))) & 3;
-      for (int m = 0; m < MT; ++m) tail[m] += v * xp[(m * 4 + slot) * ps + t];
+      for (int m = 0; m < MT; ++m) tail[m] += v * xp[m * stride + slot * ps + t];
     }
-    for (int m = 0; m < MT; ++m) {
-      if constexpr (L == 16) {
-        acc[m][0] += tail[m];
-        done[m][n - n0] = acc[m];
-      } else {
-        y[m * n_all + n] += tail[m] + lane_sum(acc[m]);
-      }
-    }
+    for (int m = 0; m < MT; ++m) y[m * n_all + n] += tail[m] + lane_sum(acc[m]);
   }
-  if constexpr (L == 16) add_block_sums(done, y, n_all, n0, n1);
 }
+#endif
 
 // f(std::integral_constant<int, V>()) for V = 0 .. N - 1: a loop whose index is a constant in
 // each step (shuffle indices must be).
@@ -935,12 +967,20 @@ extern "C" void sp24_float_matmul(const float* x, int64_t m_rows, int64_t k, con
                                   int64_t value_row, int64_t n, const int32_t* positions, int64_t pos_row_words,
                                   float* y, int threads) {
   if (m_rows == 0 || n == 0) return;
-  const int64_t kept = k / 2, ps = kept + 16;  // planes padded, as for codes
-  std::vector<float> xp(m_rows * 4 * ps);      // xp[m][r][t] = x[m, 4 * (t / 2) + r]
+  const int64_t kept = k / 2;
+#ifdef __AVX512F__
+  const int64_t stride = k;  // x's rows as they lie
+  const float* xr = x;
+#else
+  const int64_t ps = kept + 16, stride = 4 * ps;  // a row's 4 planes, padded as for codes
+  std::vector<float> xp(m_rows * stride);         // xp[m][r][t] = x[m, 4 * (t / 2) + r]
   for (int64_t m = 0; m < m_rows; ++m)
     for (int r = 0; r < 4; ++r)
-      for (int64_t t = 0; t < kept; ++t) xp[(m * 4 + r) * ps + t] = x[m * k + 4 * (t / 2) + r];
-  // Kept values per chunk: 4 rows of x's planes fill 16 KB of L1 cache (a multiple of 16).
+      for (int64_t t = 0; t < kept; ++t) xp[m * stride + r * ps + t] = x[m * k + 4 * (t / 2) + r];
+  const float* xr = xp.data();
+#endif
+  // Kept values per chunk: 4 rows of x (2 columns or 4 plane values a kept value) fill 16 KB of
+  // L1 cache (a multiple of 16).
   const int64_t chunk = 1024 / std::min<int64_t>(m_rows, 4) / 16 * 16;
   std::fill(y, y + m_rows * n, 0.f);
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -948,14 +988,13 @@ extern "C" void sp24_float_matmul(const float* x, int64_t m_rows, int64_t k, con
     const int64_t n0 = block * 16, n1 = std::min(n0 + 16, n);
     for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
       mt = rows_at_once(m_rows - m0, 4);
-      const float* xm = xp.data() + m0 * 4 * ps;
+      const float* xm = xr + m0 * stride;
       float* ym = y + m0 * n;
       for (int64_t t0 = 0; t0 < kept; t0 += chunk) {
         const int64_t t1 = std::min(t0 + chunk, kept);
-        constexpr int L = WIDE ? 16 : NARROW;
-        if (mt == 1) sp24_float_rows<1, L>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
-        else if (mt == 2) sp24_float_rows<2, L>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
-        else sp24_float_rows<4, L>(values, value_kind, value_row, positions, pos_row_words, n, xm, ps, ym, n0, n1, t0, t1);
+        if (mt == 1) sp24_float_rows<1>(values, value_kind, value_row, positions, pos_row_words, n, xm, stride, ym, n0, n1, t0, t1);
+        else if (mt == 2) sp24_float_rows<2>(values, value_kind, value_row, positions, pos_row_words, n, xm, stride, ym, n0, n1, t0, t1);
+        else sp24_float_rows<4>(values, value_kind, value_row, positions, pos_row_words, n, xm, stride, ym, n0, n1, t0, t1);
       }
     }
   }
