@@ -39,7 +39,8 @@ SOURCE = "cuda/csrc/cpu_int_matmul.cpp"
 FORMATS = {  # name -> (bits, group_size, symmetric, 2:4); bits 0: 2:4 fp32 values (SparseLinear)
     "w4g64": (4, 64, True, False), "w4g128": (4, 128, True, False), "w4g32-asym": (4, 32, False, False),
     "w8": (8, 1 << 30, True, False), "w2g64": (2, 64, False, False), "sp24w4g128": (4, 128, True, True),
-    "sp24w4g64": (4, 64, True, True), "sp24f32": (0, 1 << 30, True, True),
+    "sp24w4g64": (4, 64, True, True), "sp24w8g128": (8, 128, True, True), "sp24w2g128": (2, 128, False, True),
+    "sp24f32": (0, 1 << 30, True, True),
 }
 SHAPES = ["576x576", "1536x576", "576x1536", "4096x4096"]
 

@@ -11,7 +11,8 @@ float one. Here one pass reads the codes where they are and multiplies them into
 
 in fp32, the reference's values up to the order of the sums. The kernels read the kernels' 32-bit
 words (cuda/layout.py) a vector at a time against x transposed into planes; for 2:4 weights each
-kept code's x is picked from its group of 4 by its slot with selects. 2:4 weights of float values
+kept code's x is picked from its group of 4 by its slot (with AVX-512 a permute of x as it lies,
+16 kept values a vector; elsewhere selects from planes). 2:4 weights of float values
 (SparseLinear) get the same without the codes: the reference places them into a dense weight on
 every call, 14-40x slower than a dense matmul. A call costs a few
 microseconds beyond its arithmetic: torch.compile's code for the same loops, which served here

@@ -600,9 +600,10 @@ void matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, float* 
 // of 4 columns, 4 * (t / 2) .. + 3, at bits 2 * (t % 16) of position word t / 16). The slots of
 // code word w's CPW codes are element w of the positions read as 2 * CPW-bit integers (`SlotsOf`,
 // little-endian).
-// Lanes are code words; x is transposed into 2 * CPW planes, plane (h, r) holding the column r
-// of group of 4 number h of each code word, and each code's x is picked from its group's four
-// by its slot with selects, which vectorize where a gather would not.
+// Without AVX-512, or where groups are shorter than 32 columns (sp24_lanes_matmul serves the
+// rest): lanes are code words; x is transposed into 2 * CPW planes, plane (h, r) holding the
+// column r of group of 4 number h of each code word, and each code's x is picked from its
+// group's four by its slot with selects, which vectorize where a gather would not.
 template <int BITS> struct SlotsOf;
 template <> struct SlotsOf<2> { typedef uint32_t t; };
 template <> struct SlotsOf<4> { typedef uint16_t t; };
@@ -698,9 +699,139 @@ void sp24_rows_of(int64_t mt, const Weight& wt, const BlockGrid<BITS, false>& gr
   }
 }
 
+#ifdef __AVX512F__
+// With AVX-512, where each group holds whole tiles of 16 kept codes (span a multiple of 32
+// columns: 4-bit g64 and g128, the common formats), lanes are kept codes as for float values
+// (sp24_float_rows): the 16 codes from kept value t (a multiple of 16) decoded where they lie,
+// each one's x a two-register permute of the 32 columns of x from 2 * t by 4 * (value / 2) +
+// slot, x as it lies. A 4 or 2-bit code's weight is a permute of its group's 16 weights by the
+// code (vpermps reads an index's low 4 bits; 2-bit tables repeat their 4), an 8-bit code's a
+// convert and a multiply-add. 4-bit codes come as their two words broadcast, lane 2i holding
+// value i and lane 2i + 1 value 8 + i (a shift each), and their slots and x are taken in that
+// order. The code words' lanes against x's 2 * CPW planes took three selects per code and row of x.
+template <int BITS, int MT>
+__attribute__((noinline))  // as rows
+void sp24_lanes_rows(const Weight& wt, const BlockGrid<BITS, false>& grid, const int32_t* positions, int64_t pos_row,
+                     const float* x, int64_t stride, float* y, int64_t n0, int64_t n1, int64_t t0, int64_t t1) {
+  typedef Vec<16>::i vi;
+  typedef Vec<16>::f vf;
+  constexpr int CPW = 32 / BITS, P = MT >= 2 ? 1 : 2;  // P: independent sums per row of x
+  constexpr int32_t MASK = (1 << BITS) - 1;
+  const int64_t per_group = wt.span / 2;  // kept codes a group: a multiple of 16
+  vi value, code_shift;                   // the kept value (of 16) in lane l, and its code's shift
+  vf codes;                               // the codes a table holds, lane by lane
+  for (int l = 0; l < 16; ++l) {
+    value[l] = BITS == 4 ? l / 2 + 8 * (l % 2) : l;
+    code_shift[l] = BITS == 4 ? 4 * (l / 2) : BITS == 2 ? 2 * l : 0;
+    codes[l] = float(l & MASK);
+  }
+  const vi slot_shift = 2 * value, group_of_value = 4 * (value / 2);
+  Vec<16>::f done[MT][16];  // as rows
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = reinterpret_cast<const uint8_t*>(wt.words + n * wt.row_words);
+    const int32_t* pos = positions + n * pos_row;
+    if (n + AHEAD < wt.n) {  // as rows: the codes and their slots
+      prefetch(row + AHEAD * wt.row_words * 4 + t0 * BITS / 8, (t1 - t0) * BITS / 8);
+      prefetch(pos + AHEAD * pos_row + t0 / 16, (t1 - t0) / 4);
+    }
+    vf acc[MT][P];
+    float tail[MT];
+    for (int m = 0; m < MT; ++m) {
+      tail[m] = 0.f;
+      for (int p = 0; p < P; ++p) acc[m][p] = vf{};
+    }
+    for (int64_t g = t0 / per_group; g * per_group < t1; ++g) {
+      const int64_t g1 = std::min(g * per_group + per_group, t1);
+      float s, b;
+      grid.scale(g, n, s, b);
+      const vf table = splat<vf>(s) * codes + splat<vf>(b);  // each code's weight, as the FMA below gives it
+      // acc[m][p] += the 16 codes from kept value t (all in group g) times their x
+      auto sixteen = [&](int64_t t, int p) {
+        vf w;
+        if constexpr (BITS == 8) {
+          w = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + t))));
+          w = w * s + b;
+        } else {
+          vi q;
+          if constexpr (BITS == 4) {
+            int64_t pair;
+            std::memcpy(&pair, row + t / 2, 8);
+            q = (vi)_mm512_set1_epi64(pair);
+          } else {
+            int32_t word;
+            std::memcpy(&word, row + t / 4, 4);
+            q = vi{} + word;
+          }
+          w = (vf)_mm512_permutexvar_ps((__m512i)(q >> code_shift), (__m512)table);
+        }
+        const vi index = (((vi{} + pos[t / 16]) >> slot_shift) & 3) | group_of_value;
+        for (int m = 0; m < MT; ++m) {
+          const float* xs = x + m * stride + 2 * t;
+          acc[m][p] += w * (vf)_mm512_permutex2var_ps(_mm512_loadu_ps(xs), (__m512i)index, _mm512_loadu_ps(xs + 16));
+        }
+      };
+      int64_t t = std::max(g * per_group, t0);
+      for (; t + 32 <= g1; t += 32) {
+        sixteen(t, 0);
+        sixteen(t + 16, P - 1);
+      }
+      if (t + 16 <= g1) sixteen(t, 0), t += 16;
+      for (; t < g1; ++t) {  // the row's last kept codes, fewer than 16
+        const uint32_t word = uint32_t(wt.words[n * wt.row_words + t / CPW]);
+        const float w = float((word >> (t % CPW * BITS)) & MASK) * s + b;
+        const int slot = (pos[t / 16] >> (2 * (t % 16))) & 3;
+        for (int m = 0; m < MT; ++m) tail[m] += w * x[m * stride + 4 * (t / 2) + slot];
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      vf sum = acc[m][0];
+      if constexpr (P > 1) sum += acc[m][1];
+      sum[0] += tail[m];
+      done[m][n - n0] = sum;
+    }
+  }
+  add_block_sums(done, y, wt.n, n0, n1);
+}
+
+template <int BITS>
+void sp24_lanes_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, const int32_t* positions,
+                       int64_t pos_row, float* y, int threads) {
+  constexpr int CPW = 32 / BITS;
+  const int64_t kept = k / 2, gw = wt.span / 2 / CPW;  // kept codes a row, code words a group
+  // Kept codes per chunk: 4 rows of x (2 columns a code) fill 16 KB of L1 cache (a multiple of 16).
+  const int64_t chunk = 1024 / std::min<int64_t>(m_rows, 4) / 16 * 16;
+  std::fill(y, y + m_rows * wt.n, 0.f);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> buffer;  // the thread's BlockGrid
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {
+      const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
+      const BlockGrid<BITS, false> grid(wt, gw, (kept / CPW + gw - 1) / gw, n0, n1, buffer);
+      for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
+        mt = rows_at_once(m_rows - m0, 4);
+        const float* xm = x + m0 * k;
+        float* ym = y + m0 * wt.n;
+        for (int64_t t0 = 0; t0 < kept; t0 += chunk) {
+          const int64_t t1 = std::min(t0 + chunk, kept);
+          if (mt == 1) sp24_lanes_rows<BITS, 1>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
+          else if (mt == 2) sp24_lanes_rows<BITS, 2>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
+          else sp24_lanes_rows<BITS, 4>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
+        }
+      }
+    }
+  }
+}
+#endif
+
 template <int BITS>
 void sp24_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, const void* positions,
                  int64_t pos_row_bytes, float* y, int threads) {
+#ifdef __AVX512F__
+  if (wt.span % 32 == 0)
+    return sp24_lanes_matmul<BITS>(x, m_rows, k, wt, static_cast<const int32_t*>(positions), pos_row_bytes / 4, y,
+                                   threads);
+#endif
   constexpr int CPW = 32 / BITS;
   const int64_t kw = k / 2 / CPW, gw = wt.span / 2 / CPW;  // code words per row and per group
   const int64_t ps = kw + 16;  // padded, as for dense weights

@@ -449,8 +449,10 @@ def test_fused_2_4_matmul_matches_the_reference(bits, group_size, symmetric, m, 
 
 
 def test_2_4_many_rows_and_long_rows_match_the_reference():
-    """Rows of x past 4 (the 2:4 kernel takes 4 at a time), rows past its chunk of x, strided rows."""
-    for m, n, k, bits, group_size in ((9, 33, 2080, 4, 64), (6, 17, 2112, 2, 1 << 30), (5, 20, 1152, 8, 8)):
+    """Rows of x past 4 (the 2:4 kernel takes 4 at a time), rows past its chunk of x, strided rows;
+    rows whose kept codes end past a tile of 16 (K = 592: 296 kept, 600: 300) in a shorter group."""
+    for m, n, k, bits, group_size in ((9, 33, 2080, 4, 64), (6, 17, 2112, 2, 1 << 30), (3, 21, 592, 4, 64),
+                                      (2, 19, 600, 8, 32), (5, 20, 1152, 8, 8)):
         words, positions, scales, zeros = sp24_weight(n, k, bits, group_size, False)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(2))
         ref = x @ dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, k, torch.float32).T
