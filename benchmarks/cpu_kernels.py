@@ -8,7 +8,7 @@ the fused path):
   - `reference`: what a quantized layer ran before the fused path existed: dequantize_words,
                  then F.linear (cuda/layout.py);
   - `fused`:     cuda/cpu_fused.matmul;
-  - `dequant`:   what "auto" runs above cpu_fused.MAX_M rows (SP24_MAX_M for 2:4): the weight
+  - `dequant`:   what "auto" runs above cpu_fused.MAX_M rows (sp24_max_m for 2:4): the weight
                  dequantized in C++ a block of rows at a time, each block's F.linear
                  (cpu_dequantize.int_linear);
   - `packed`:    PyTorch's packed int4 or int8 CPU matmul (cuda/cpu_packed.py), bf16 only and

@@ -39,13 +39,17 @@ from . import cpu_native
 # most shapes (8-bit 576 x 576: 0.33 against 0.40 ms in cpu_kernels_thresholds.jsonl), by less
 # than this shared machine varies between runs; one bound serves every width.
 MAX_M = 16
-# The same for 2:4 weights (codes or float values): the kernel takes up to 4 rows of x at a time,
-# each code's x picked by selects, and loses its lead sooner. fp32, 4-bit g128 / fp32 values
-# against the dequantization (cpu_kernels_thresholds.jsonl): M = 8 576 x 576 0.29 / 0.19 against
-# 0.76 / 0.36 ms, 4096^2 9.2 / 11.7 against 27.7 / 22.6; M = 16 ahead or even (0.55 / 0.34
-# against 0.80 / 0.39; 18.1 / 21.4 against 26.2 / 23.9); M = 32 behind on most shapes (1.08 /
-# 0.82 against 0.95 / 0.44 at 576 x 576).
-SP24_MAX_M = 16
+# The same for 2:4 weights (codes or float values), by the kernel that serves them (sp24_max_m). With
+# AVX-512, float values and codes in groups of 32 columns or more take 16 kept values a vector,
+# each one's x by a permute, and lead the dequantization up to M = 32 (fp32, 4-bit g128 / fp32
+# values, cpu-2026-12-05/cpu_kernels_thresholds_sp24.jsonl: M = 32 576 x 576 0.21 / 0.15 against
+# 0.23 / 0.21 ms, 4096^2 8.7 / 7.7 against 16.3 / 17.5; M = 64 behind or even on smollm2-135m's
+# shapes, 0.39 / 0.30 against 0.32 / 0.31). Shorter groups pick x from planes by selects, which
+# were even with it at M = 16 (cpu-2026-12-04/cpu_kernels_thresholds.jsonl). Without AVX-512 (the
+# AVX2 build on this machine, MKL held to AVX2: cpu_kernels_thresholds_avx2.txt) the selects lose
+# from M = 16 on (576 x 576 0.39 / 0.35 against 0.31 / 0.18 ms) and win at 8 (0.20 / 0.17
+# against 0.29 / 0.17), while the dense kernel is still even at 16 (0.17 against 0.18).
+SP24_MAX_M = {"lanes": 32, "planes": 16, "narrow": 8}
 
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/cpu_int_matmul.cpp: ScaleKind
 # Activations "auto" gives the kernels (fp32 inside; float64 keeps the reference's precision)
@@ -57,6 +61,17 @@ def applies(bits: int, group_size: int, in_features: int) -> bool:
     (a shorter last one included) fill whole 32-bit words."""
     span, per_word = min(group_size, in_features), 32 // bits if bits in (2, 4, 8) else 0
     return per_word > 0 and span > 0 and span % per_word == 0 and in_features % per_word == 0
+
+
+def sp24_max_m(span: int | None = None) -> int:
+    """The most rows of x "auto" gives the 2:4 kernel of codes in groups of `span` columns (float
+    values: None) in this build (SP24_MAX_M); 0 where the kernels cannot be built."""
+    lib = library()
+    if lib is None:
+        return 0
+    if lib.vector_words() != 16:  # ctypes' default signature: int, no arguments
+        return SP24_MAX_M["narrow"]
+    return SP24_MAX_M["lanes" if span is None or span % 32 == 0 else "planes"]
 
 
 def available() -> bool:
@@ -130,7 +145,7 @@ class Fused(abc.ABC):
 
     out_features: int
     in_features: int
-    max_m: int  # the most rows of x "auto" gives it (MAX_M, SP24_MAX_M)
+    max_m: int  # the most rows of x "auto" gives it (MAX_M, sp24_max_m)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [..., K] @ the weight.T -> [..., N] in x's dtype; None when the kernels could not be
@@ -172,7 +187,7 @@ class FusedWeight(Fused):
 
 def matmul(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
            group_size: int, in_features: int) -> torch.Tensor | None:
-    """x [M, K] @ dequantize_words(words, ...).T -> [M, N] in x's dtype (FusedWeight's tensors); None
+    """x [..., K] @ dequantize_words(words, ...).T -> [..., N] in x's dtype (FusedWeight's tensors); None
     when the kernel could not be built (it warned once; the caller runs the reference)."""
     if library() is None:
         return None
@@ -208,11 +223,10 @@ class FusedSp24Weight(Fused):
     [N, n_pos_words] of their slots, scales and zeros as FusedWeight's, in a format `sp24_applies`
     takes (else a ValueError)."""
 
-    max_m = SP24_MAX_M
-
     def __init__(self, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
                  zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> None:
         scales, zeros, span = checked_sp24(words, positions, scales, zeros, bits, group_size, in_features)
+        self.max_m = sp24_max_m(span)
         self._tensors = (words, positions, scales, zeros)
         self.out_features, self.in_features = words.shape[0], in_features
         self._format = (SCALE_KINDS[scales.dtype], bits, span)
@@ -227,7 +241,7 @@ class FusedSp24Weight(Fused):
 
 def sp24_matmul(x: torch.Tensor, words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int) -> torch.Tensor | None:
-    """x [M, K] @ dequantize_sp24_words(words, positions, ...).T -> [M, N] in x's dtype
+    """x [..., K] @ dequantize_sp24_words(words, positions, ...).T -> [..., N] in x's dtype
     (FusedSp24Weight's tensors); None when the kernel could not be built."""
     if library() is None:
         return None
@@ -253,10 +267,9 @@ class FusedSp24Values(Fused):
     """2:4 float values (SparseLinear): values [N, K / 2] fp32, fp16 or bf16, positions int32 [N,
     n_pos_words] of their slots (else a ValueError)."""
 
-    max_m = SP24_MAX_M
-
     def __init__(self, values: torch.Tensor, positions: torch.Tensor, in_features: int) -> None:
         check_values(values, positions, in_features)
+        self.max_m = sp24_max_m()
         self._tensors = (values, positions)
         self.out_features, self.in_features = values.shape[0], in_features
 
@@ -269,7 +282,7 @@ class FusedSp24Values(Fused):
 
 def sp24_float_matmul(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                       in_features: int) -> torch.Tensor | None:
-    """x [M, K] @ dense_sp24_values(values, positions, ...).T -> [M, N] in x's dtype
+    """x [..., K] @ dense_sp24_values(values, positions, ...).T -> [..., N] in x's dtype
     (FusedSp24Values's tensors); None when the kernel could not be built."""
     if library() is None:
         return None

@@ -26,7 +26,7 @@ cuda/cpu_fused.py); "auto": on CUDA the fastest of triton's choices and, where t
 prepared for it, PyTorch's tinygemm (cuda/tinygemm.py) or, for 2:4 float weights, cuSPARSELt
 (cuda/cusparselt.py); on CPU cpu_packed where a packed weight was prepared for the activation
 dtype (up to cpu_packed.MAX_M rows of x where the layer holds its words too), else cpu_fused up
-to cpu_fused.MAX_M rows of x (SP24_MAX_M for 2:4 weights) where it reads the format, and beyond
+to cpu_fused.MAX_M rows of x (sp24_max_m for 2:4 weights) where it reads the format, and beyond
 that the weight dequantized in C++ a block of rows at a time and PyTorch's matmul
 (cuda/cpu_dequantize.py: the reference's weight exactly); else the reference. On CPU under
 "auto", dequantize_int and the gradient of x dequantize in C++ too.
@@ -78,9 +78,10 @@ def _use_cpu_fused(x2: torch.Tensor, bits: int, group_size: int, in_features: in
         if not cpu_fused.available():
             raise _not_built()
         return True
-    most = cpu_fused.SP24_MAX_M if sp24 else cpu_fused.MAX_M
-    return (kernel == "auto" and x2.is_cpu and x2.dtype in cpu_fused.ACTIVATION_DTYPES
-            and x2.shape[0] <= most and cpu_fused.available() and applies)
+    if not (kernel == "auto" and x2.is_cpu and x2.dtype in cpu_fused.ACTIVATION_DTYPES and cpu_fused.available()
+            and applies):
+        return False
+    return x2.shape[0] <= (cpu_fused.sp24_max_m(min(group_size, in_features)) if sp24 else cpu_fused.MAX_M)
 
 
 def _use_cpu_dequantize(device: torch.device, kernel: str, applies: bool) -> bool:
@@ -217,7 +218,7 @@ def sp24_values_supported(values: torch.Tensor, in_features: int) -> bool:
 
 def _use_cpu_fused_sp24_values(x2: torch.Tensor, values: torch.Tensor, k: int, kernel: str) -> bool:
     """Whether a 2:4 weight of float values runs cpu_fused: forced (an error where it cannot), or
-    "auto" on CPU for up to SP24_MAX_M rows of 32 or 16-bit activations."""
+    "auto" on CPU for up to sp24_max_m() rows of 32 or 16-bit activations."""
     applies = cpu_fused.sp24_float_applies(values.dtype, k)
     if kernel == "cpu_fused":
         if x2.device.type != "cpu" or not applies:
@@ -227,8 +228,8 @@ def _use_cpu_fused_sp24_values(x2: torch.Tensor, values: torch.Tensor, k: int, k
         if not cpu_fused.available():
             raise _not_built()
         return True
-    return (kernel == "auto" and x2.is_cpu and x2.dtype in cpu_fused.ACTIVATION_DTYPES
-            and x2.shape[0] <= cpu_fused.SP24_MAX_M and cpu_fused.available() and applies)
+    return (kernel == "auto" and x2.is_cpu and x2.dtype in cpu_fused.ACTIVATION_DTYPES and cpu_fused.available()
+            and applies and x2.shape[0] <= cpu_fused.sp24_max_m())
 
 
 def _sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kernel: str = "auto",

@@ -146,7 +146,7 @@ class SparseLinear(nn.Module):
         copy of the kept values, with its metadata), which the per-shape choice then weighs
         against our kernels. Activations of another dtype keep the stored values. On CPU, the
         stored values and positions checked once for the fused C++ matmul
-        (cpu_fused.FusedSp24Values), which calls of up to SP24_MAX_M rows then take directly."""
+        (cpu_fused.FusedSp24Values), which calls of up to cpu_fused.sp24_max_m() rows then take directly."""
         self._prepacked = None
         reads = (self.runs_sp24_op and self.values.is_cpu and cpu_fused.available()
                  and cpu_fused.sp24_float_applies(self.values.dtype, self.in_features))

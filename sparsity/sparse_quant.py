@@ -150,7 +150,7 @@ class SparseQuantLinear(GridBuffers, nn.Module):
     def prepack(self, dtype: torch.dtype | None = None) -> SparseQuantLinear:
         """Derive the kernels' layout once, on the module's current device (again after moving it);
         on CPU also checked once for the fused C++ matmul (cpu_fused.FusedSp24Weight), which calls of
-        up to SP24_MAX_M rows then take directly."""
+        up to cpu_fused.sp24_max_m rows (by its groups) then take directly."""
         self._prepacked = self.kernel_layout() if self.runs_sp24_op else None
         kb, k = self.kernel_bits, self.in_features
         reads = (self._prepacked is not None and self.qvalues.is_cpu and cpu_fused.available()

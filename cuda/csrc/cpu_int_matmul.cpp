@@ -11,7 +11,8 @@
 // vector of L words meets plane c's L consecutive values: a shift, a mask, a convert and two
 // multiply-adds per code, no gather. Each decoded weight carries its group's scale (code * s + b,
 // b = -zero * s), so the sums run across group boundaries in a few independent vector sums and are
-// reduced 16 rows at a time, once per chunk of x. Up to 8 rows of x share each decoded weight.
+// reduced once per chunk of x (16 rows at a time with 16-word vectors, narrower ones a row at a
+// time). Up to 8 rows of x share each decoded weight.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -472,13 +473,6 @@ inline void prefetch(const void* from, int64_t bytes) {
   }
 }
 
-// y[0:MT, n0:n1] += the sums over words [w0, w1) of each row (a chunk of x that stays in cache).
-// xp: MT rows of PLANES planes of `ps` floats; y: MT rows of N. Where groups are 1, 2, 4 or 8 words
-// (4-bit codes in groups of 8 to 64, 2-bit of 16 to 128, 8-bit of 4 to 32; SPAN_GROUPS), each
-// 16-word vector spans 16 / gw groups, its lanes carrying their group's scale and bias, the last
-// one of a row masked where the row is not a multiple of 16 words: a group at a time, such groups
-// took 8-word vectors and the group loop's overhead every 8 words (1.6x the time of groups of 128
-// at 4096 x 4096, M = 1).
 // y[m, n0:n1] += the sums of done[m][0:n1 - n0] (a block's rows), for each of MT rows of x.
 template <int MT>
 inline void add_block_sums(Vec<16>::f (&done)[MT][16], float* y, int64_t n, int64_t n0, int64_t n1) {
@@ -488,6 +482,13 @@ inline void add_block_sums(Vec<16>::f (&done)[MT][16], float* y, int64_t n, int6
   }
 }
 
+// y[0:MT, n0:n1] += the sums over words [w0, w1) of each row (a chunk of x that stays in cache).
+// xp: MT rows of PLANES planes of `ps` floats; y: MT rows of N. Where groups are 1, 2, 4 or 8 words
+// (4-bit codes in groups of 8 to 64, 2-bit of 16 to 128, 8-bit of 4 to 32; SPAN_GROUPS), each
+// 16-word vector spans 16 / gw groups, its lanes carrying their group's scale and bias, the last
+// one of a row masked where the row is not a multiple of 16 words: a group at a time, such groups
+// took 8-word vectors and the group loop's overhead every 8 words (1.6x the time of groups of 128
+// at 4096 x 4096, M = 1).
 template <int BITS, int MT, int L, bool SPAN_GROUPS, bool ONE_GROUP>
 __attribute__((noinline))  // inlined into the OpenMP loop, it made the build of AVX2 code 2.3x as long
 void rows(const Weight& wt, const BlockGrid<BITS, true>& grid, const float* xp, int64_t ps, float* y, int64_t n0,
@@ -1094,6 +1095,10 @@ extern "C" void sp24_int_matmul(const float* x, int64_t m_rows, int64_t k, const
 
 // y fp32 [m_rows, n] = x fp32 [m_rows, k] @ the 2:4 weight of float values [n, k / 2] (row stride
 // value_row) placed by their positions int32 [n, pos_row_words]; k a multiple of 4.
+// Words a vector of the build's kernels (16 with AVX-512): which 2:4 path serves, and so up to how
+// many rows of x (cuda/cpu_fused.py: sp24_max_m).
+extern "C" int vector_words() { return WIDE ? 16 : NARROW; }
+
 extern "C" void sp24_float_matmul(const float* x, int64_t m_rows, int64_t k, const void* values, int value_kind,
                                   int64_t value_row, int64_t n, const int32_t* positions, int64_t pos_row_words,
                                   float* y, int threads) {

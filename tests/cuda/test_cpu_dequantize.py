@@ -154,7 +154,7 @@ def test_auto_dequantizes_in_cpp_above_the_fused_rows(monkeypatch):
     for name in ("int_linear", "sp24_int_linear", "sp24_float_linear"):
         run = getattr(cpu_dequantize, name)
         monkeypatch.setattr(cpu_dequantize, name, lambda *a, run=run: calls.append(a[0].shape[0]) or run(*a))
-    for module, most in ((q, cpu_fused.MAX_M), (layer, cpu_fused.SP24_MAX_M), (values, cpu_fused.SP24_MAX_M)):
+    for module, most in ((q, cpu_fused.MAX_M), (layer, cpu_fused.sp24_max_m(64)), (values, cpu_fused.sp24_max_m())):
         calls.clear()
         for m in (most, most + 1, 3 * most):
             x = torch.randn(m, module.in_features)

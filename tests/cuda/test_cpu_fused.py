@@ -74,6 +74,20 @@ def test_fused_matmul_matches_the_reference(bits, group_size, symmetric, m, dtyp
     assert rel_err(y, ref) < REL_TOL[dtype]
 
 
+@pytest.mark.parametrize("group_size,symmetric", [(128, False), (128, True), (256, True), (1 << 30, False)])
+@pytest.mark.parametrize("m", [1, 3, 9])
+@pytest.mark.parametrize("k", [512, 576, 608])
+def test_4_bit_groups_of_a_vector_or_more_match_the_reference(group_size, symmetric, m, k):
+    """4-bit codes whose 16-word vectors lie in one group (groups of 128 columns, 16 words, through
+    the spanning path; 256 and per-channel a group at a time) take the group's 16 weights as a
+    table with AVX-512: whole groups, shorter last ones (K = 576, 608) and masked last vectors."""
+    n = 24
+    words, scales, zeros = weight(n, k, 4, group_size, symmetric, seed=7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(8))
+    ref = x @ dequantize_words(words, scales, zeros, 4, group_size, k, torch.float32).T
+    assert rel_err(cpu_fused.matmul(x, words, scales, zeros, 4, group_size, k), ref) < REL_TOL[torch.float32]
+
+
 @pytest.mark.parametrize("bits,group_size", [(4, 64), (4, 32), (2, 64), (8, 32), (4, 16), (4, 8)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("m", [1, 3, 5])
@@ -150,6 +164,17 @@ def test_other_instruction_sets_compute_the_same(march, needs, monkeypatch):
         words, scales, zeros = weight(24, 608, bits, group_size, False, seed=bits)
         w = cpu_dequantize.dequantize(words, scales, zeros, bits, group_size, 608, torch.float32)
         assert torch.equal(w, dequantize_words(words, scales, zeros, bits, group_size, 608, torch.float32))
+    assert [cpu_fused.sp24_max_m(span) for span in (None, 64, 16)] == [8, 8, 8]  # selects: fewer rows
+
+
+def test_2_4_kernels_take_rows_by_their_path():
+    """With AVX-512 (this build), float values and codes in groups of 32 columns or more take 16
+    kept values a vector and serve up to 32 rows of x under "auto"; shorter groups 16."""
+    if "avx512f" not in _cpu_flags():
+        pytest.skip("this CPU lacks AVX-512 (test_other_instruction_sets_compute_the_same covers the rest)")
+    assert [cpu_fused.sp24_max_m(span) for span in (None, 64, 128, 576, 16, 48)] == [32, 32, 32, 32, 16, 16]
+    layer = sparse_quant_layer(256, 4, 16).prepack()
+    assert layer._fused.max_m == 16 and sparse_quant_layer(256, 4, 64).prepack()._fused.max_m == 32
 
 
 def test_many_rows_and_long_rows_match_the_reference():
@@ -283,9 +308,11 @@ def test_a_deep_copy_of_a_prepacked_layer_reads_its_own_words(kind):
     x = torch.randn(2, 128)
     ref = q(x)
     twin = copy.deepcopy(q)
+    theirs = {t.data_ptr() for t in q._fused._tensors if t is not None}
+    assert twin._fused is not None and not theirs & {t.data_ptr() for t in twin._fused._tensors if t is not None}
     del q
     gc.collect()
-    assert twin._fused is not None and torch.equal(twin(x), ref)
+    assert torch.equal(twin(x), ref)
 
 
 def test_formats_it_cannot_read_run_the_reference():
@@ -483,17 +510,22 @@ def test_2_4_layers_run_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch):
     call = cpu_fused.FusedSp24Weight.__call__
     monkeypatch.setattr(cpu_fused.FusedSp24Weight, "__call__",
                         lambda self, x: calls.append(x.numel() // x.shape[-1]) or call(self, x))
-    for m in (1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1):
+    most = cpu_fused.sp24_max_m(64)
+    for m in (1, most, most + 1):
         x = torch.randn(m, 272)
         assert rel_err(layer(x), x @ layer.dequantized_weight().T + layer.bias) < 1e-6
-    assert calls == [1, cpu_fused.SP24_MAX_M]
+    assert calls == [1, most]
+    xt = torch.randn(272, 3, 2).permute(2, 1, 0)  # [2, 3, 272], not contiguous: read as 6 rows
+    yt = layer(xt)
+    assert yt.shape == (2, 3, 48) and rel_err(yt, xt @ layer.dequantized_weight().T + layer.bias) < 1e-6
+    assert calls.pop() == 6
     x16 = x[:2].bfloat16()
     y16 = layer(x16)
     ref16 = x16.float() @ layer.dequantized_weight().T + layer.bias
     assert y16.dtype == torch.bfloat16 and rel_err(y16, ref16) < 5e-3  # y rounded to bf16: measured <= 2.8e-3
-    assert calls == [1, cpu_fused.SP24_MAX_M, 2]
+    assert calls == [1, most, 2]
     layer.set_kernel("cpu_fused")(x)
-    assert calls == [1, cpu_fused.SP24_MAX_M, 2, cpu_fused.SP24_MAX_M + 1]
+    assert calls == [1, most, 2, most + 1]
     layer.to(torch.float64)  # moved or cast: the derived layout is dropped
     assert layer._fused is None and layer._prepacked is None
     calls.clear()
@@ -550,15 +582,20 @@ def test_2_4_float_layers_run_it_for_few_rows_of_x_on_cpu(prepacked, monkeypatch
     call = cpu_fused.FusedSp24Values.__call__
     monkeypatch.setattr(cpu_fused.FusedSp24Values, "__call__",
                         lambda self, x: calls.append(x.numel() // x.shape[-1]) or call(self, x))
-    for m in (1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1):
+    most = cpu_fused.sp24_max_m()
+    for m in (1, most, most + 1):
         x = torch.randn(m, 200)
         assert rel_err(layer(x), x @ layer.dequantized_weight().T + layer.bias) < 1e-6
-    assert calls == [1, cpu_fused.SP24_MAX_M]  # above SP24_MAX_M rows: dequantize, then matmul
+    assert calls == [1, most]  # above `most` rows: dequantize, then matmul
+    xt = torch.randn(200, 3, 2).permute(2, 1, 0)  # [2, 3, 200], not contiguous: read as 6 rows
+    yt = layer(xt)
+    assert yt.shape == (2, 3, 48) and rel_err(yt, xt @ layer.dequantized_weight().T + layer.bias) < 1e-6
+    assert calls.pop() == 6
     layer.set_kernel("cpu_fused")(x)
-    assert calls == [1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1]
+    assert calls == [1, most, most + 1]
     layer.set_kernel("reference")(x[:1])  # forced reference: not the kernel
     double = sparse_layer(16, 64).double()  # float64 values: the reference keeps their precision
     with pytest.raises(ValueError, match="kernel 'cpu_fused' takes CPU activations and 2:4 weights of fp32, fp16 or "
                                          "bf16 values, not cpu activations with torch.float64 values \\(K = 64\\)"):
         sp24_linear(torch.randn(1, 64).double(), *double.kernel_layout()[:2], "cpu_fused")
-    assert calls == [1, cpu_fused.SP24_MAX_M, cpu_fused.SP24_MAX_M + 1]
+    assert calls == [1, most, most + 1]
