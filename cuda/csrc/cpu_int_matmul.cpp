@@ -799,8 +799,9 @@ void sp24_lanes_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& 
                        int64_t pos_row, float* y, int threads) {
   constexpr int CPW = 32 / BITS;
   const int64_t kept = k / 2, gw = wt.span / 2 / CPW;  // kept codes a row, code words a group
-  // Kept codes per chunk: 4 rows of x (2 columns a code) fill 16 KB of L1 cache (a multiple of 16).
-  const int64_t chunk = 1024 / std::min<int64_t>(m_rows, 4) / 16 * 16;
+  // Up to 8 rows of x at a time (each code decoded once for them); kept codes per chunk: those
+  // rows' x (2 columns a code) fill 8 KB of L1 cache (a multiple of 16).
+  const int64_t chunk = 1024 / std::min<int64_t>(m_rows, 8) / 16 * 16;
   std::fill(y, y + m_rows * wt.n, 0.f);
 #pragma omp parallel num_threads(threads)
   {
@@ -810,14 +811,15 @@ void sp24_lanes_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& 
       const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
       const BlockGrid<BITS, false> grid(wt, gw, (kept / CPW + gw - 1) / gw, n0, n1, buffer);
       for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
-        mt = rows_at_once(m_rows - m0, 4);
+        mt = rows_at_once(m_rows - m0, 8);
         const float* xm = x + m0 * k;
         float* ym = y + m0 * wt.n;
         for (int64_t t0 = 0; t0 < kept; t0 += chunk) {
           const int64_t t1 = std::min(t0 + chunk, kept);
           if (mt == 1) sp24_lanes_rows<BITS, 1>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
           else if (mt == 2) sp24_lanes_rows<BITS, 2>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
-          else sp24_lanes_rows<BITS, 4>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
+          else if (mt == 4) sp24_lanes_rows<BITS, 4>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
+          else sp24_lanes_rows<BITS, 8>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
         }
       }
     }
@@ -1115,22 +1117,25 @@ extern "C" void sp24_float_matmul(const float* x, int64_t m_rows, int64_t k, con
       for (int64_t t = 0; t < kept; ++t) xp[m * stride + r * ps + t] = x[m * k + 4 * (t / 2) + r];
   const float* xr = xp.data();
 #endif
-  // Kept values per chunk: 4 rows of x (2 columns or 4 plane values a kept value) fill 16 KB of
-  // L1 cache (a multiple of 16).
-  const int64_t chunk = 1024 / std::min<int64_t>(m_rows, 4) / 16 * 16;
+  // Rows of x at a time: up to 8 where x is read as it lies, 4 against planes. Kept values per
+  // chunk: those rows' x (2 columns or 4 plane values a kept value) fill 8 or 16 KB of L1 cache
+  // (a multiple of 16).
+  constexpr int MOST = WIDE ? 8 : 4;
+  const int64_t chunk = 1024 / std::min<int64_t>(m_rows, MOST) / 16 * 16;
   std::fill(y, y + m_rows * n, 0.f);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t block = 0; block < (n + 15) / 16; ++block) {
     const int64_t n0 = block * 16, n1 = std::min(n0 + 16, n);
     for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
-      mt = rows_at_once(m_rows - m0, 4);
+      mt = rows_at_once(m_rows - m0, MOST);
       const float* xm = xr + m0 * stride;
       float* ym = y + m0 * n;
       for (int64_t t0 = 0; t0 < kept; t0 += chunk) {
         const int64_t t1 = std::min(t0 + chunk, kept);
         if (mt == 1) sp24_float_rows<1>(values, value_kind, value_row, positions, pos_row_words, n, xm, stride, ym, n0, n1, t0, t1);
         else if (mt == 2) sp24_float_rows<2>(values, value_kind, value_row, positions, pos_row_words, n, xm, stride, ym, n0, n1, t0, t1);
-        else sp24_float_rows<4>(values, value_kind, value_row, positions, pos_row_words, n, xm, stride, ym, n0, n1, t0, t1);
+        else if (mt == 4) sp24_float_rows<4>(values, value_kind, value_row, positions, pos_row_words, n, xm, stride, ym, n0, n1, t0, t1);
+        else sp24_float_rows<MOST>(values, value_kind, value_row, positions, pos_row_words, n, xm, stride, ym, n0, n1, t0, t1);
       }
     }
   }
