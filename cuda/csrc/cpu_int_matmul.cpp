@@ -528,6 +528,22 @@ void rows(const Weight& wt, const BlockGrid<BITS, true>& grid, const float* xp, 
   if constexpr (L == 16) add_block_sums(done, y, wt.n, n0, n1);
 }
 
+// f(n0, n1, grid) for each block of 16 rows [n0, n1) of the weight (the last one shorter), the
+// blocks split across threads (OpenMP), each with its grid of `groups` groups of gw words a row
+// (BlockGrid; each thread fills its own buffer).
+template <int BITS, bool MANTISSA, class F>
+void for_each_block(const Weight& wt, int64_t gw, int64_t groups, int threads, F f) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> buffer;  // the thread's BlockGrid
+#pragma omp for schedule(static)
+    for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {
+      const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
+      f(n0, n1, BlockGrid<BITS, MANTISSA>(wt, gw, groups, n0, n1, buffer));
+    }
+  }
+}
+
 // Rows of x to take at once out of `left`: the largest power of two up to `most`, so that a few
 // variants serve every M (each variant costs compile time at first use).
 inline int64_t rows_at_once(int64_t left, int64_t most) {
@@ -568,32 +584,26 @@ void matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, float* 
   // Words per chunk: 8 rows of x's planes fill 16 KB of L1 cache; a multiple of 16 (SPAN_GROUPS).
   const int64_t chunk = std::max<int64_t>(16, 4096 / (std::min<int64_t>(m_rows, 8) * PL) / 16 * 16);
   std::fill(y, y + m_rows * wt.n, 0.f);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> buffer;  // the thread's BlockGrid
-#pragma omp for schedule(static)
-    for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {  // 16 rows of the weight per task
-      const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
-      const BlockGrid<BITS, true> grid(wt, gw, (kw + gw - 1) / gw, n0, n1, buffer);
-      for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
-        mt = rows_at_once(m_rows - m0, 8);
-        const float* xm = xp.data() + m0 * PL * ps;
-        float* ym = y + m0 * wt.n;
-        for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
-          const int64_t w1 = std::min(w0 + chunk, kw);
-          if constexpr (!WIDE) {
-            if (gw % 8 == 0) rows_of<BITS, NARROW>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
-            else rows_of<BITS, 4>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
-          } else if (BITS == 4 && gw == 16) {  // 4-bit g128: a vector a group, its groups' values permuted in
-            rows_of<BITS, 16, true, BITS == 4>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
-          } else if (gw % 16 == 0) rows_of<BITS, 16>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
-          else if (16 % gw == 0) rows_of<BITS, 16, true>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
-          else if (gw % 8 == 0) rows_of<BITS, 8>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+  for_each_block<BITS, true>(wt, gw, (kw + gw - 1) / gw, threads,
+                             [&](int64_t n0, int64_t n1, const BlockGrid<BITS, true>& grid) {
+    for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
+      mt = rows_at_once(m_rows - m0, 8);
+      const float* xm = xp.data() + m0 * PL * ps;
+      float* ym = y + m0 * wt.n;
+      for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
+        const int64_t w1 = std::min(w0 + chunk, kw);
+        if constexpr (!WIDE) {
+          if (gw % 8 == 0) rows_of<BITS, NARROW>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
           else rows_of<BITS, 4>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
-        }
+        } else if (BITS == 4 && gw == 16) {  // 4-bit g128: a vector a group, its groups' values permuted in
+          rows_of<BITS, 16, true, BITS == 4>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+        } else if (gw % 16 == 0) rows_of<BITS, 16>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+        else if (16 % gw == 0) rows_of<BITS, 16, true>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+        else if (gw % 8 == 0) rows_of<BITS, 8>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
+        else rows_of<BITS, 4>(mt, wt, grid, xm, ps, ym, n0, n1, w0, w1);
       }
     }
-  }
+  });
 }
 
 // 2:4 weights (cuda/layout.py): int32 words of the K / 2 kept codes (kept code t at bits
@@ -803,27 +813,21 @@ void sp24_lanes_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& 
   // rows' x (2 columns a code) fill 8 KB of L1 cache (a multiple of 16).
   const int64_t chunk = 1024 / std::min<int64_t>(m_rows, 8) / 16 * 16;
   std::fill(y, y + m_rows * wt.n, 0.f);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> buffer;  // the thread's BlockGrid
-#pragma omp for schedule(static)
-    for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {
-      const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
-      const BlockGrid<BITS, false> grid(wt, gw, (kept / CPW + gw - 1) / gw, n0, n1, buffer);
-      for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
-        mt = rows_at_once(m_rows - m0, 8);
-        const float* xm = x + m0 * k;
-        float* ym = y + m0 * wt.n;
-        for (int64_t t0 = 0; t0 < kept; t0 += chunk) {
-          const int64_t t1 = std::min(t0 + chunk, kept);
-          if (mt == 1) sp24_lanes_rows<BITS, 1>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
-          else if (mt == 2) sp24_lanes_rows<BITS, 2>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
-          else if (mt == 4) sp24_lanes_rows<BITS, 4>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
-          else sp24_lanes_rows<BITS, 8>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
-        }
+  for_each_block<BITS, false>(wt, gw, (kept / CPW + gw - 1) / gw, threads,
+                              [&](int64_t n0, int64_t n1, const BlockGrid<BITS, false>& grid) {
+    for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {
+      mt = rows_at_once(m_rows - m0, 8);
+      const float* xm = x + m0 * k;
+      float* ym = y + m0 * wt.n;
+      for (int64_t t0 = 0; t0 < kept; t0 += chunk) {
+        const int64_t t1 = std::min(t0 + chunk, kept);
+        if (mt == 1) sp24_lanes_rows<BITS, 1>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
+        else if (mt == 2) sp24_lanes_rows<BITS, 2>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
+        else if (mt == 4) sp24_lanes_rows<BITS, 4>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
+        else sp24_lanes_rows<BITS, 8>(wt, grid, positions, pos_row, xm, k, ym, n0, n1, t0, t1);
       }
     }
-  }
+  });
 }
 #endif
 
@@ -845,34 +849,37 @@ void sp24_matmul(const float* x, int64_t m_rows, int64_t k, const Weight& wt, co
   // Code words per chunk: 4 rows of x's planes fill 16 KB of L1 cache; a multiple of 16 (SPAN_GROUPS).
   const int64_t chunk = std::max<int64_t>(16, 4096 / (std::min<int64_t>(m_rows, 4) * 2 * CPW) / 16 * 16);
   std::fill(y, y + m_rows * wt.n, 0.f);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> buffer;  // the thread's BlockGrid
-#pragma omp for schedule(static)
-    for (int64_t block = 0; block < (wt.n + 15) / 16; ++block) {
-      const int64_t n0 = block * 16, n1 = std::min(n0 + 16, wt.n);
-      const BlockGrid<BITS, false> grid(wt, gw, (kw + gw - 1) / gw, n0, n1, buffer);
-      for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {  // up to 4 rows of x at a time: each takes 4 planes per code
-        mt = rows_at_once(m_rows - m0, 4);
-        const float* xm = xp.data() + m0 * 2 * CPW * ps;
-        float* ym = y + m0 * wt.n;
-        for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
-          const int64_t w1 = std::min(w0 + chunk, kw);
-          if constexpr (!WIDE) {
-            if (gw % 8 == 0) sp24_rows_of<BITS, NARROW>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-            else sp24_rows_of<BITS, 4>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-          } else if (gw % 16 == 0) {
-            sp24_rows_of<BITS, 16>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-          } else if (16 % gw == 0) {
-            sp24_rows_of<BITS, 16, true>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-          } else if (gw % 8 == 0) {
-            sp24_rows_of<BITS, 8>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-          } else {
-            sp24_rows_of<BITS, 4>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
-          }
+  for_each_block<BITS, false>(wt, gw, (kw + gw - 1) / gw, threads,
+                              [&](int64_t n0, int64_t n1, const BlockGrid<BITS, false>& grid) {
+    for (int64_t m0 = 0, mt; m0 < m_rows; m0 += mt) {  // up to 4 rows of x at a time: each takes 4 planes per code
+      mt = rows_at_once(m_rows - m0, 4);
+      const float* xm = xp.data() + m0 * 2 * CPW * ps;
+      float* ym = y + m0 * wt.n;
+      for (int64_t w0 = 0; w0 < kw; w0 += chunk) {
+        const int64_t w1 = std::min(w0 + chunk, kw);
+        if constexpr (!WIDE) {
+          if (gw % 8 == 0) sp24_rows_of<BITS, NARROW>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+          else sp24_rows_of<BITS, 4>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+        } else if (gw % 16 == 0) {
+          sp24_rows_of<BITS, 16>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+        } else if (16 % gw == 0) {
+          sp24_rows_of<BITS, 16, true>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+        } else if (gw % 8 == 0) {
+          sp24_rows_of<BITS, 8>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
+        } else {
+          sp24_rows_of<BITS, 4>(mt, wt, grid, positions, pos_row_bytes, xm, ps, ym, n0, n1, w0, w1);
         }
       }
     }
+  });
+}
+
+// A row's sums zeroed: MT vector sums and their scalar tails.
+template <class V, int MT>
+inline void clear_sums(V (&acc)[MT], float (&tail)[MT]) {
+  for (int m = 0; m < MT; ++m) {
+    acc[m] = V{};
+    tail[m] = 0.f;
   }
 }
 
@@ -899,10 +906,7 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
     const int32_t* pos = positions + n * pos_row;
     vf acc[MT];
     float tail[MT];
-    for (int m = 0; m < MT; ++m) {
-      acc[m] = vf{};
-      tail[m] = 0.f;
-    }
+    clear_sums(acc, tail);
     int64_t t = t0;
     for (; t + 16 <= t1; t += 16) {  // 16 values: one position word
       const vf v = floats16(values, kind, n * value_row + t);
@@ -943,10 +947,7 @@ void sp24_float_rows(const void* values, int kind, int64_t value_row, const int3
     const int32_t* pos = positions + n * pos_row;
     vf acc[MT];
     float tail[MT];
-    for (int m = 0; m < MT; ++m) {
-      acc[m] = vf{};
-      tail[m] = 0.f;
-    }
+    clear_sums(acc, tail);
     int64_t t = t0;
     for (; t + L <= t1; t += L) {  // L values lie in one position word
       vf v;
