@@ -476,7 +476,8 @@ def test_fused_2_4_matmul_matches_the_reference(bits, group_size, symmetric, m, 
 
 
 def test_2_4_many_rows_and_long_rows_match_the_reference():
-    """Rows of x past 4 (the 2:4 kernel takes 4 at a time), rows past its chunk of x, strided rows;
+    """Rows of x past 8 and 4 (the 2:4 kernels take 8 at a time with AVX-512, 4 against planes), rows
+    past their chunk of x, strided rows;
     rows whose kept codes end past a tile of 16 (K = 592: 296 kept, 600: 300) in a shorter group."""
     for m, n, k, bits, group_size in ((9, 33, 2080, 4, 64), (6, 17, 2112, 2, 1 << 30), (3, 21, 592, 4, 64),
                                       (2, 19, 600, 8, 32), (5, 20, 1152, 8, 8)):
