@@ -1,8 +1,9 @@
-"""The integer-weight ops as `torch.library` custom ops (traceable by torch.compile, capturable in
-CUDA graphs), and `int_linear`, `sp24_int_linear` and `sp24_linear`, the calls compressed modules
-make (or `cpu_packed_linear`, where PyTorch's packed CPU weight serves the call and the kernels'
-words need not be derived). Those calls run an op's implementation as a plain function where
-nothing needs the op (`_direct`: eager, CPU, no gradient recorded), which saves its dispatch.
+"""The integer-weight ops, `torch.library` ops defined by op_library.py (traceable by
+torch.compile, capturable in CUDA graphs, x's gradient passed on), and `int_linear`,
+`sp24_int_linear` and `sp24_linear`, the calls compressed modules make (or `cpu_packed_linear`,
+where PyTorch's packed CPU weight serves the call and the kernels' words need not be derived).
+Those calls run an op's implementation as a plain function where nothing needs the op
+(`_direct`: eager, CPU, no gradient recorded), which saves its dispatch.
 
     compress::int_linear(x, words, scales, zeros, bits, group_size, in_features, kernel,
                          tinygemm_weight, tinygemm_scales)
@@ -12,10 +13,18 @@ nothing needs the op (`_direct`: eager, CPU, no gradient recorded), which saves 
     compress::sp24_int_linear(x, words, positions, scales, zeros, bits, group_size, in_features, kernel)
         the same for a 2:4 sparse weight: `words` hold the K / 2 kept codes of each row, `positions`
         their slots (layout.dequantize_sp24_words); kernels "auto", "reference", "triton" or "cpu_fused"
+    compress::dequantize_sp24_int(words, positions, scales, zeros, bits, group_size, in_features, dtype, kernel)
+        its dense weight [N, K]
     compress::sp24_linear(x, values, positions, kernel, cusparselt)
         x [..., K] @ W.T for a 2:4 float weight: `values` [N, K / 2] the kept weights, `positions`
         their slots (layout.dense_sp24_values); `cusparselt` the same weight prepared for
         cuSPARSELt (cusparselt.pack) or None; kernels "auto", "reference", "triton" or "cpu_fused"
+    compress::dense_sp24(values, positions, dtype, kernel)
+        its dense weight [N, K]
+
+The dense-weight ops give the matmuls' backward its W (x's gradient grad @ W), so a compiled
+training step traces it; on CUDA they run the Triton dequantization kernel, on CPU under "auto"
+the C++ one.
 
 Semantics are those of layout.dequantize_words (the reference). `kernel` picks the
 implementation per call: "reference"; "triton" (our Triton kernels or dequantize + cuBLAS,
@@ -46,6 +55,7 @@ import torch
 
 from . import cpu_dequantize, cpu_fused, cpu_packed
 from .layout import dense_sp24_values, dequantize_sp24_words, dequantize_words, supported
+from .op_library import define, differentiable_in_x
 from .tuning import interpreting
 
 KERNELS = ("auto", "reference", "triton", "cpu_packed", "cpu_fused")
@@ -148,17 +158,13 @@ def _int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zero
     return y.reshape(*x.shape[:-1], words.shape[0])
 
 
-int_linear_op = torch.library.custom_op("compress::int_linear", mutates_args=())(_int_linear)
+int_linear_op = define("int_linear(Tensor x, Tensor words, Tensor scales, Tensor? zeros, int bits, int group_size, "
+                       "int in_features, str kernel, Tensor? tinygemm_weight, Tensor? tinygemm_scales) -> Tensor",
+                       _int_linear, lambda x, words, *_: x.new_empty(*x.shape[:-1], words.shape[0]))
 
 
-@int_linear_op.register_fake
-def _(x, words, scales, zeros, bits, group_size, in_features, kernel, tinygemm_weight, tinygemm_scales):
-    return x.new_empty(*x.shape[:-1], words.shape[0])
-
-
-@torch.library.custom_op("compress::dequantize_int", mutates_args=())
-def dequantize_int(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
-                   group_size: int, in_features: int, dtype: torch.dtype, kernel: str) -> torch.Tensor:
+def _dequantize_int(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                    group_size: int, in_features: int, dtype: torch.dtype, kernel: str) -> torch.Tensor:
     if _use_triton(words.device, bits, group_size, in_features, kernel):
         from .int_matmul import IntWeight, dequantize
 
@@ -166,9 +172,10 @@ def dequantize_int(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return _int_weight(words, scales, zeros, bits, group_size, in_features, dtype, kernel)
 
 
-@dequantize_int.register_fake
-def _(words, scales, zeros, bits, group_size, in_features, dtype, kernel):
-    return words.new_empty(words.shape[0], in_features, dtype=dtype)
+dequantize_int = define("dequantize_int(Tensor words, Tensor scales, Tensor? zeros, int bits, int group_size, "
+                        "int in_features, ScalarType dtype, str kernel) -> Tensor", _dequantize_int,
+                        lambda words, scales, zeros, bits, group_size, in_features, dtype, kernel:
+                        words.new_empty(words.shape[0], in_features, dtype=dtype))
 
 
 SP24_INT_KERNELS = ("auto", "reference", "triton", "cpu_fused")
@@ -200,12 +207,26 @@ def _sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tens
     return y.reshape(*x.shape[:-1], words.shape[0])
 
 
-sp24_int_linear_op = torch.library.custom_op("compress::sp24_int_linear", mutates_args=())(_sp24_int_linear)
+sp24_int_linear_op = define("sp24_int_linear(Tensor x, Tensor words, Tensor positions, Tensor scales, Tensor? zeros, "
+                            "int bits, int group_size, int in_features, str kernel) -> Tensor",
+                            _sp24_int_linear, lambda x, words, *_: x.new_empty(*x.shape[:-1], words.shape[0]))
 
 
-@sp24_int_linear_op.register_fake
-def _(x, words, positions, scales, zeros, bits, group_size, in_features, kernel="auto"):
-    return x.new_empty(*x.shape[:-1], words.shape[0])
+def _dequantize_sp24_int(words: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor,
+                         zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int, dtype: torch.dtype,
+                         kernel: str) -> torch.Tensor:
+    if _use_triton(words.device, bits, group_size, in_features, kernel, sp24=True):
+        from .int_matmul import IntWeight, dequantize
+
+        return dequantize(IntWeight(words, scales, zeros, bits, group_size, in_features, positions=positions), dtype)
+    return _sp24_int_weight(words, positions, scales, zeros, bits, group_size, in_features, dtype, kernel)
+
+
+dequantize_sp24_int = define("dequantize_sp24_int(Tensor words, Tensor positions, Tensor scales, Tensor? zeros, "
+                             "int bits, int group_size, int in_features, ScalarType dtype, str kernel) -> Tensor",
+                             _dequantize_sp24_int,
+                             lambda words, positions, scales, zeros, bits, group_size, in_features, dtype, kernel:
+                             words.new_empty(words.shape[0], in_features, dtype=dtype))
 
 
 SP24_KERNELS = ("auto", "reference", "triton", "cpu_fused")
@@ -262,38 +283,29 @@ def _sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
     return y.reshape(*x.shape[:-1], n)
 
 
-sp24_linear_op = torch.library.custom_op("compress::sp24_linear", mutates_args=())(_sp24_linear)
+sp24_linear_op = define("sp24_linear(Tensor x, Tensor values, Tensor positions, str kernel, "
+                        "Tensor? cusparselt) -> Tensor", _sp24_linear,
+                        lambda x, values, *_: x.new_empty(*x.shape[:-1], values.shape[0]))
 
 
-@sp24_linear_op.register_fake
-def _(x, values, positions, kernel="auto", cusparselt=None):
-    return x.new_empty(*x.shape[:-1], values.shape[0])
+def _dense_sp24(values: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, kernel: str) -> torch.Tensor:
+    k = values.shape[1] * 2
+    if kernel == "triton" or (kernel == "auto" and values.is_cuda and sp24_values_supported(values, k)):
+        from .int_matmul import dequantize, sp24_values
+
+        return dequantize(sp24_values(values, positions), dtype)
+    return _sp24_values_weight(values, positions, k, dtype, kernel)
 
 
-def _x_gradient(op, dense_weight) -> None:
-    """Register the gradient of an op computing x @ W.T whose weight inputs are frozen buffers:
-    grad [..., N] @ W [N, K] for x, W from `dense_weight(inputs, dtype)` (the op's own kernel
-    choice: on CPU under "auto" the C++ dequantization, else the reference); nothing
-    for the other inputs. (So a compressed layer passes gradients to what lies below it, as an
-    adapter trained on top of it needs.)"""
-
-    def setup_context(ctx, inputs, output):
-        ctx.at = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
-        ctx.save_for_backward(*(inputs[i] for i in ctx.at))
-        ctx.inputs = [None if isinstance(a, torch.Tensor) else a for a in inputs]
-
-    def backward(ctx, grad):
-        inputs = list(ctx.inputs)
-        for i, t in zip(ctx.at, ctx.saved_tensors):
-            inputs[i] = t
-        return grad @ dense_weight(inputs, grad.dtype), *[None] * (len(inputs) - 1)
-
-    op.register_autograd(backward, setup_context=setup_context)
+dense_sp24 = define("dense_sp24(Tensor values, Tensor positions, ScalarType dtype, str kernel) -> Tensor", _dense_sp24,
+                    lambda values, positions, dtype, kernel:
+                    values.new_empty(values.shape[0], values.shape[1] * 2, dtype=dtype))
 
 
-_x_gradient(int_linear_op, lambda a, dtype: _int_weight(*a[1:7], dtype, a[7]))
-_x_gradient(sp24_int_linear_op, lambda a, dtype: _sp24_int_weight(*a[1:8], dtype, a[8]))
-_x_gradient(sp24_linear_op, lambda a, dtype: _sp24_values_weight(a[1], a[2], a[1].shape[1] * 2, dtype, a[3]))
+# x's gradient through each op: grad @ the dense weight, from the op that dequantizes the format
+differentiable_in_x(int_linear_op, lambda a, dtype: dequantize_int(*a[:6], dtype, a[6]))
+differentiable_in_x(sp24_int_linear_op, lambda a, dtype: dequantize_sp24_int(*a[:7], dtype, a[7]))
+differentiable_in_x(sp24_linear_op, lambda a, dtype: dense_sp24(a[0], a[1], dtype, a[2]))
 
 
 @dataclass(frozen=True)
@@ -354,9 +366,9 @@ def sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, 
 def _direct(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     """Whether a call runs the op's implementation as a plain function: eager, on a plain CPU
     tensor, with no gradient to record (of x or of `weights`, the op's other tensors). The
-    custom op's dispatch costs about 20 us a call on this project's 2-core CPU, two thirds of a
-    64 x 64 layer's whole call and 40% of what a decoded token spent in smollm2-135m's 210
-    compressed layers. Calls that torch.compile, export, jit tracing, make_fx, vmap or
+    op's dispatch costs about 6.5 us a call on this project's 2-core CPU (op_library.py; 12 us
+    as a `custom_op`), a third of a 192 x 576 layer's whole call, 1.4 ms of a token decoded
+    through smollm2-135m's 210 compressed layers. Calls that torch.compile, export, jit tracing, make_fx, vmap or
     functionalize see, calls under a torch function or dispatch mode (FlopCounterMode, a device
     context), tensor subclasses (fake tensors among them), other devices and calls that record
     a gradient go through the op: there the C++ kernels' raw pointers would bypass them."""

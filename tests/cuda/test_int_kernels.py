@@ -235,9 +235,10 @@ def test_op_refuses_unsupported_kernel_requests():
 
 
 def test_ops_pass_pytorch_opcheck():
-    """Schema, fake (meta) implementation and dispatch registrations, as torch.compile needs them."""
+    """Schema, fake (meta) implementation and dispatch registrations, as torch.compile needs them
+    (x requiring a gradient: the autograd kernel's too)."""
     w = make_weight(16, 64, 4, 32, False)
-    x = torch.randn(3, 64, device=DEVICE)
+    x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
     for op, args in ((int_linear_op, (x, w.words, w.scales, w.zeros, 4, 32, 64, "reference", None, None)),
                      (dequantize_int, (w.words, w.scales, w.zeros, 4, 32, 64, torch.float32, "triton"))):
         results = torch.library.opcheck(op, args)

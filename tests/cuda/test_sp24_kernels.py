@@ -10,7 +10,7 @@ import torch
 
 from compress.cuda import int_matmul as im
 from compress.cuda.layout import dense_sp24_values, dequantize_sp24_words, words_of
-from compress.cuda.ops import sp24_int_linear, sp24_linear_op
+from compress.cuda.ops import dense_sp24, dequantize_sp24_int, sp24_int_linear, sp24_int_linear_op, sp24_linear_op
 from compress.quant.packing import pack_codes
 from compress.quant.quantize import compute_grid, quantize
 from compress.quant.rtn import RTNConfig
@@ -205,9 +205,12 @@ def test_large_2of4_layers_on_gpu(m):
     assert not any(im.TUNER.rejected.values()), im.TUNER.rejected
 
 
-def test_compressed_layers_pass_gradients_to_their_inputs():
+def test_compressed_layers_pass_gradients_to_their_inputs_eager_and_compiled():
     """x's gradient through each op is grad @ W (the weights are frozen buffers), as through a
-    Linear holding the dequantized weight; opcheck checks the autograd registration."""
+    Linear holding the dequantized weight, eager and under torch.compile (the backward's W comes
+    from the format's dequantizing op, which AOTAutograd traces; a C++ kernel called on its fake
+    tensors failed the compilation before). opcheck checks every op's registrations, the
+    autograd kernel's included."""
     torch.manual_seed(0)
     weight = torch.randn(24, 64)
     keep = nm_mask(weight.abs(), 2, 4)
@@ -215,13 +218,21 @@ def test_compressed_layers_pass_gradients_to_their_inputs():
     layers = [SparseLinear.from_pruned(weight, keep, "2:4", None, torch.randn(24), "l"),
               SparseQuantLinear.from_codes(quantize(weight, grid), keep, grid, "2:4", 0.5, None, "float16", "l"),
               RTNConfig(bits=4, group_size=32).build().compress("l", torch.nn.Linear(64, 24))]
+    x0 = torch.randn(3, 64)
     for layer in layers:
-        x = torch.randn(3, 64, requires_grad=True)
-        layer(x).pow(2).sum().backward()
-        xr = x.detach().clone().requires_grad_()
+        xr = x0.clone().requires_grad_()
         torch.nn.functional.linear(xr, layer.dequantized_weight(), layer.bias).pow(2).sum().backward()
-        assert torch.allclose(x.grad, xr.grad, atol=1e-4), type(layer).__name__
+        for run in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):
+            x = x0.clone().requires_grad_()
+            run(x).pow(2).sum().backward()
+            assert torch.allclose(x.grad, xr.grad, atol=1e-4), type(layer).__name__
     values, positions, _ = layers[0].kernel_layout()
-    results = torch.library.opcheck(sp24_linear_op, (torch.randn(3, 64, requires_grad=True), values, positions,
-                                                  "reference", None))
-    assert results["test_autograd_registration"] == "SUCCESS", results
+    q = layers[1]
+    codes = (*q.kernel_layout(), q.kernel_bits, q.group_size, q.in_features)
+    x = torch.randn(3, 64, requires_grad=True)
+    for op, args in ((sp24_linear_op, (x, values, positions, "reference", None)),
+                     (sp24_int_linear_op, (x, *codes, "auto")),
+                     (dense_sp24, (values, positions, torch.float32, "auto")),
+                     (dequantize_sp24_int, (*codes, torch.float32, "reference"))):
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, (op, results)

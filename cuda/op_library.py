@@ -1,0 +1,68 @@
+"""Defining the `compress::` ops on the dispatcher with as little Python per call as the
+dispatcher allows (ops.py defines them).
+
+`torch.library.custom_op` wraps each call in Python at two dispatch keys (its Autograd kernel,
+with a context manager and a dataclass a call, and a backend wrapper that checks aliasing and
+guards against dynamo): 9.0 us a call of a trivial op on this project's 2-core CPU, against 2.4
+us for an op defined on a `torch.library.Library` with one Python kernel, and a compressed
+model calls one op per layer per token. Here each op gets its schema (pt2-compliant), a fake
+implementation for tracing, one implementation for every backend (CompositeExplicitAutograd:
+the ops pick their kernels by device themselves) and, for the ops computing x @ W.T, a lean
+Autograd kernel (`differentiable_in_x`): without a gradient to record it redispatches below
+autograd at once (4.6 us a trivial call in all); otherwise an autograd.Function gives x the
+gradient grad @ W, W from another op, so torch.compile traces the backward too. A 192 x 576
+4-bit layer's op call went from 34.4 to 28.2 us (its plain implementation: 21.6, ops.py:
+`_direct`), its module's call recording x's gradient from 96 to 51 us.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+LIBRARY = torch.library.Library("compress", "DEF")
+
+
+def define(schema: str, impl: Callable, fake: Callable) -> torch._ops.OpOverload:
+    """compress::<name> from `schema` ("name(Tensor x, ...) -> Tensor"), run by `impl` on every
+    device and by `fake` (shapes and dtypes only) under tracing; returns the op."""
+    name = schema.split("(", 1)[0]
+    LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+    torch.library.register_fake(f"compress::{name}", fake, lib=LIBRARY)
+    LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
+    return getattr(torch.ops.compress, name).default
+
+
+class _XGradient(torch.autograd.Function):
+    """y = op(x, *rest) with x's gradient grad [..., N] @ dense_weight(rest, grad.dtype) [N, K];
+    the other inputs (the layer's frozen buffers and its settings) get none."""
+
+    @staticmethod
+    def forward(ctx, keyset, op, dense_weight, x, *rest):
+        ctx.dense_weight = dense_weight
+        ctx.tensor_at = [i for i, a in enumerate(rest) if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*(rest[i] for i in ctx.tensor_at))
+        ctx.rest = [None if isinstance(a, torch.Tensor) else a for a in rest]
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, x, *rest)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rest = list(ctx.rest)
+        for i, t in zip(ctx.tensor_at, ctx.saved_tensors):
+            rest[i] = t
+        x_grad = grad @ ctx.dense_weight(rest, grad.dtype) if ctx.needs_input_grad[3] else None
+        return None, None, None, x_grad, *[None] * len(rest)
+
+
+def differentiable_in_x(op: torch._ops.OpOverload, dense_weight: Callable) -> None:
+    """Give `op` (x [..., K], *rest) -> x @ W.T [..., N] its Autograd kernel: x's gradient is
+    grad @ dense_weight(rest, dtype) (an op's dense W [N, K], traceable), nothing for the rest (a
+    compressed layer's weights are frozen buffers; an adapter trained on top of it needs x's)."""
+
+    def autograd_kernel(keyset, x, *rest):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(x, *rest):
+            return _XGradient.apply(keyset, op, dense_weight, x, *rest)
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, x, *rest)
+
+    LIBRARY.impl(op._opname, autograd_kernel, "Autograd", with_keyset=True)
