@@ -14,7 +14,8 @@ Variants (every decoder Linear; `lm_head` and embeddings stay float):
 Each compressed variant runs with kernel "auto" and "reference". `tokens_per_s`: `--tokens`
 greedy tokens after a 16-token prompt; `prefill_tokens_per_s`: one forward pass over a
 `--prefill`-token prompt; each the median of `--repeats` runs after one warm-up run (which builds
-the kernels). One JSON line per (variant, kernel) on stdout.
+the kernels). With `--compile`, decoding runs with a static cache and `generate`'s compilation
+(inductor on CPU too), the ops in the compiled graph; prefill stays eager. One JSON line per (variant, kernel) on stdout.
 
     python benchmarks/cpu_decode.py
     python benchmarks/cpu_decode.py --dtype bfloat16 --variants float int4-g64
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="decode with a static cache, compiled")
     args = parser.parse_args()
 
     import compress
@@ -93,9 +95,18 @@ def main() -> None:
             runs.append(tokens / (time.perf_counter() - t))
         return statistics.median(runs[1:])
 
+    compiled = {}
+    if args.compile:
+        from transformers.generation.configuration_utils import CompileConfig
+
+        config = CompileConfig()
+        config._compile_all_devices = True  # generate compiles only on CUDA unless told
+        compiled = {"cache_implementation": "static", "compile_config": config}
+
     def tokens_per_s(model: nn.Module) -> float:
         return rate(lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.tokens,
-                                           min_new_tokens=args.tokens, do_sample=False, pad_token_id=0), args.tokens)
+                                           min_new_tokens=args.tokens, do_sample=False, pad_token_id=0, **compiled),
+                    args.tokens)
 
     @torch.no_grad()
     def prefill_tokens_per_s(model: nn.Module) -> float:
@@ -109,7 +120,9 @@ def main() -> None:
         for kernel in ("auto",) if variant == "float" else ("auto", "reference"):
             for layer in layers:
                 layer.set_kernel(kernel)
+            torch._dynamo.reset()  # each (variant, kernel) compiles afresh, within dynamo's recompile limit
             print(json.dumps({"variant": variant, "kernel": kernel, "dtype": args.dtype, "cpu": cpu,
+                              "compiled": args.compile,
                               "tokens_per_s": round(tokens_per_s(model), 2),
                               "prefill_tokens_per_s": round(prefill_tokens_per_s(model), 1)}), flush=True)
 
