@@ -15,7 +15,8 @@ Each compressed variant runs with kernel "auto" and "reference". `tokens_per_s`:
 greedy tokens after a 16-token prompt; `prefill_tokens_per_s`: one forward pass over a
 `--prefill`-token prompt; each the median of `--repeats` runs after one warm-up run (which builds
 the kernels). With `--compile`, decoding runs with a static cache and `generate`'s compilation
-(inductor on CPU too), the ops in the compiled graph; prefill stays eager. One JSON line per (variant, kernel) on stdout.
+(inductor on CPU too), the ops in the compiled graph; prefill stays eager. One JSON line per
+(variant, kernel) on stdout.
 
     python benchmarks/cpu_decode.py
     python benchmarks/cpu_decode.py --dtype bfloat16 --variants float int4-g64
@@ -120,7 +121,8 @@ def main() -> None:
         for kernel in ("auto",) if variant == "float" else ("auto", "reference"):
             for layer in layers:
                 layer.set_kernel(kernel)
-            torch._dynamo.reset()  # each (variant, kernel) compiles afresh, within dynamo's recompile limit
+            if args.compile:
+                torch._dynamo.reset()  # each (variant, kernel) compiles afresh, within dynamo's recompile limit
             print(json.dumps({"variant": variant, "kernel": kernel, "dtype": args.dtype, "cpu": cpu,
                               "compiled": args.compile,
                               "tokens_per_s": round(tokens_per_s(model), 2),

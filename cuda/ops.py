@@ -101,29 +101,6 @@ def _use_cpu_dequantize(device: torch.device, kernel: str, applies: bool) -> boo
     return kernel == "auto" and device.type == "cpu" and applies and cpu_fused.available()
 
 
-def _int_weight(words, scales, zeros, bits, group_size, in_features, dtype, kernel) -> torch.Tensor:
-    """The dense weight [N, K] in `dtype`: dequantized in C++ on CPU under "auto", else the reference."""
-    w = None
-    if _use_cpu_dequantize(words.device, kernel, cpu_fused.applies(bits, group_size, in_features)):
-        w = cpu_dequantize.dequantize(words, scales, zeros, bits, group_size, in_features, dtype)
-    return dequantize_words(words, scales, zeros, bits, group_size, in_features, dtype) if w is None else w
-
-
-def _sp24_int_weight(words, positions, scales, zeros, bits, group_size, in_features, dtype, kernel) -> torch.Tensor:
-    w = None
-    if _use_cpu_dequantize(words.device, kernel, cpu_fused.sp24_applies(bits, group_size, in_features)):
-        w = cpu_dequantize.sp24_dequantize(words, positions, scales, zeros, bits, group_size, in_features, dtype)
-    return dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, in_features, dtype) if w is None \
-        else w
-
-
-def _sp24_values_weight(values, positions, in_features, dtype, kernel) -> torch.Tensor:
-    w = None
-    if _use_cpu_dequantize(values.device, kernel, cpu_fused.sp24_float_applies(values.dtype, in_features)):
-        w = cpu_dequantize.sp24_float_dense(values, positions, in_features, dtype)
-    return dense_sp24_values(values, positions, in_features, dtype) if w is None else w
-
-
 def _not_built() -> ValueError:
     return ValueError(f"kernel 'cpu_fused' could not be built ({cpu_fused.failure()}); use kernel 'auto'")
 
@@ -169,7 +146,10 @@ def _dequantize_int(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
         from .int_matmul import IntWeight, dequantize
 
         return dequantize(IntWeight(words, scales, zeros, bits, group_size, in_features), dtype)
-    return _int_weight(words, scales, zeros, bits, group_size, in_features, dtype, kernel)
+    w = None  # on CPU under "auto" dequantized in C++, else (or where it failed to build) the reference
+    if _use_cpu_dequantize(words.device, kernel, cpu_fused.applies(bits, group_size, in_features)):
+        w = cpu_dequantize.dequantize(words, scales, zeros, bits, group_size, in_features, dtype)
+    return dequantize_words(words, scales, zeros, bits, group_size, in_features, dtype) if w is None else w
 
 
 dequantize_int = define("dequantize_int(Tensor words, Tensor scales, Tensor? zeros, int bits, int group_size, "
@@ -219,7 +199,11 @@ def _dequantize_sp24_int(words: torch.Tensor, positions: torch.Tensor, scales: t
         from .int_matmul import IntWeight, dequantize
 
         return dequantize(IntWeight(words, scales, zeros, bits, group_size, in_features, positions=positions), dtype)
-    return _sp24_int_weight(words, positions, scales, zeros, bits, group_size, in_features, dtype, kernel)
+    w = None
+    if _use_cpu_dequantize(words.device, kernel, cpu_fused.sp24_applies(bits, group_size, in_features)):
+        w = cpu_dequantize.sp24_dequantize(words, positions, scales, zeros, bits, group_size, in_features, dtype)
+    return dequantize_sp24_words(words, positions, scales, zeros, bits, group_size, in_features, dtype) if w is None \
+        else w
 
 
 dequantize_sp24_int = define("dequantize_sp24_int(Tensor words, Tensor positions, Tensor scales, Tensor? zeros, "
@@ -253,6 +237,23 @@ def _use_cpu_fused_sp24_values(x2: torch.Tensor, values: torch.Tensor, k: int, k
             and applies and x2.shape[0] <= cpu_fused.sp24_max_m())
 
 
+def _use_triton_sp24_values(values: torch.Tensor, k: int, kernel: str, device: torch.device,
+                            x_dtype: torch.dtype | None = None) -> bool:
+    """Whether a 2:4 float weight runs the Triton kernels (of x of `x_dtype`, or its dequantization
+    where None): forced (an error where they cannot), or "auto" on CUDA for the values they take."""
+    fits = sp24_values_supported(values, k) and x_dtype in (None, values.dtype)
+    if kernel != "triton":
+        return kernel == "auto" and device.type == "cuda" and fits
+    if not fits:
+        x_part = "" if x_dtype is None else f", {x_dtype} activations"
+        raise ValueError(f"kernel 'triton' takes 2:4 weights of 16-bit values with K a multiple of 32 and "
+                         f"activations of the same dtype, not {values.dtype} values, K = {k}{x_part}; "
+                         "use kernel 'auto'")
+    if device.type != "cuda" and not interpreting():
+        raise ValueError("kernel 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use kernel 'auto'")
+    return True
+
+
 def _sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kernel: str = "auto",
                  cusparselt: torch.Tensor | None = None) -> torch.Tensor:
     if kernel not in SP24_KERNELS:
@@ -261,14 +262,7 @@ def _sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
         return x.new_empty(*x.shape[:-1], n)
-    fits = sp24_values_supported(values, k) and x.dtype == values.dtype
-    if kernel == "triton" and not fits:
-        raise ValueError(f"kernel 'triton' takes 2:4 weights of 16-bit values with K a multiple of 32 and "
-                         f"activations of the same dtype, not {values.dtype} values, K = {k}, {x.dtype} "
-                         f"activations; use kernel 'auto'")
-    if kernel == "triton" and x.device.type != "cuda" and not interpreting():
-        raise ValueError("kernel 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use kernel 'auto'")
-    if kernel == "triton" or (kernel == "auto" and x.device.type == "cuda" and fits):
+    if _use_triton_sp24_values(values, k, kernel, x.device, x.dtype):
         from .int_matmul import int_matmul, sp24_values as weight
 
         y = int_matmul(x2.contiguous(), weight(values, positions, None if kernel == "triton" else cusparselt))
@@ -290,11 +284,14 @@ sp24_linear_op = define("sp24_linear(Tensor x, Tensor values, Tensor positions, 
 
 def _dense_sp24(values: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, kernel: str) -> torch.Tensor:
     k = values.shape[1] * 2
-    if kernel == "triton" or (kernel == "auto" and values.is_cuda and sp24_values_supported(values, k)):
+    if _use_triton_sp24_values(values, k, kernel, values.device):
         from .int_matmul import dequantize, sp24_values
 
         return dequantize(sp24_values(values, positions), dtype)
-    return _sp24_values_weight(values, positions, k, dtype, kernel)
+    w = None
+    if _use_cpu_dequantize(values.device, kernel, cpu_fused.sp24_float_applies(values.dtype, k)):
+        w = cpu_dequantize.sp24_float_dense(values, positions, k, dtype)
+    return dense_sp24_values(values, positions, k, dtype) if w is None else w
 
 
 dense_sp24 = define("dense_sp24(Tensor values, Tensor positions, ScalarType dtype, str kernel) -> Tensor", _dense_sp24,
@@ -368,8 +365,8 @@ def _direct(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     tensor, with no gradient to record (of x or of `weights`, the op's other tensors). The
     op's dispatch costs about 6.5 us a call on this project's 2-core CPU (op_library.py; 12 us
     as a `custom_op`), a third of a 192 x 576 layer's whole call, 1.4 ms of a token decoded
-    through smollm2-135m's 210 compressed layers. Calls that torch.compile, export, jit tracing, make_fx, vmap or
-    functionalize see, calls under a torch function or dispatch mode (FlopCounterMode, a device
+    through smollm2-135m's 210 compressed layers. Calls that torch.compile, export, jit
+    tracing, make_fx, vmap or functionalize see, calls under a torch function or dispatch mode (FlopCounterMode, a device
     context), tensor subclasses (fake tensors among them), other devices and calls that record
     a gradient go through the op: there the C++ kernels' raw pointers would bypass them."""
     if (type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling()
