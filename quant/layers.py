@@ -28,6 +28,7 @@ from torch import nn
 from compress.cuda import cpu_fused, cpu_packed, tinygemm
 from compress.cuda.layout import KERNEL_BITS, kernel_bits, unpack_words, widen_codes, words_of
 from compress.cuda.ops import KERNELS, CpuPacked, cpu_packed_linear, cpu_packed_serves, fused_linear, int_linear
+from compress.cuda.prepacked import DerivedLayouts
 
 from .packing import pack_codes, packed_row_bytes, unpack_codes
 from .quantize import QuantGrid, dequantize, num_groups
@@ -88,7 +89,9 @@ class GridBuffers:
         return QuantGrid(self.bits, self.group_size, self.scales.float(), zeros)
 
 
-class QuantLinear(GridBuffers, nn.Module):
+class QuantLinear(DerivedLayouts, GridBuffers, nn.Module):
+    DERIVED = ("_prepacked", "_cpu_packed", "_tinygemm", "_fused")
+
     def __init__(
         self,
         in_features: int,
@@ -116,10 +119,11 @@ class QuantLinear(GridBuffers, nn.Module):
         else:
             self.bias = None
         self.kernel = "auto"
-        self._prepacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
-        self._fused: cpu_fused.FusedWeight | None = None  # _prepacked checked for the fused CPU matmul
-        self._cpu_packed: CpuPacked | None = None
-        self._tinygemm: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._init_derived()
+        self._prepacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # kernel_layout()
+        self._fused: cpu_fused.FusedWeight | None  # _prepacked checked for the fused CPU matmul
+        self._cpu_packed: CpuPacked | None
+        self._tinygemm: tuple[torch.Tensor, torch.Tensor] | None
 
     @classmethod
     def from_codes(
@@ -173,10 +177,9 @@ class QuantLinear(GridBuffers, nn.Module):
         [n_groups, out] or None)."""
         return self.kernel_words(self.qweight, self.in_features), *self.kernel_grid()
 
-    def prepack(self, dtype: torch.dtype | None = None) -> QuantLinear:
-        """Derive the kernels' layout from the stored state once, on the module's current device
-        (call again after moving the module or changing its buffers). With `dtype` bfloat16, also
-        PyTorch's packed weight where the format allows: int4 / int8 on CPU, int4 (tinygemm, a
+    def _derive_layouts(self, dtype: torch.dtype | None) -> None:
+        """prepack(dtype): the kernels' layout of the stored state (DerivedLayouts). With `dtype`
+        bfloat16, also PyTorch's packed weight where the format allows: int4 / int8 on CPU, int4 (tinygemm, a
         second copy of the codes) on CUDA, for the kernel choice to weigh. Codes of 3, 5, 6 and 7
         bits take the paths of their kernel width from one derived copy beside the stored codes, so
         that they never hold more than the wider width does (3-bit: 3 + 4 bits per weight against
@@ -187,7 +190,8 @@ class QuantLinear(GridBuffers, nn.Module):
         self._prepacked = self.kernel_layout()
         self._cpu_packed, self._tinygemm = None, None
         if dtype != torch.bfloat16:
-            return self._check_fused()
+            self._check_fused()
+            return
         device, k, kb, grid = self.qweight.device.type, self.in_features, self.kernel_bits, self.grid()
         widened = kb != self.bits
 
@@ -202,26 +206,14 @@ class QuantLinear(GridBuffers, nn.Module):
             self._cpu_packed = CpuPacked(*cpu_packed.pack_int8(codes(), grid.scales, dtype), dtype)
         if widened and self._cpu_packed is not None:
             self._prepacked = None
-        return self._check_fused()
+        self._check_fused()
 
-    def _check_fused(self) -> QuantLinear:
+    def _check_fused(self) -> None:
         """The prepacked words checked once for the fused CPU matmul (`_fused`), where it reads them."""
         kb, k = self.kernel_bits, self.in_features
         reads = (self._prepacked is not None and self.qweight.is_cpu and cpu_fused.available()
                  and cpu_fused.applies(kb, self.group_size, k))
         self._fused = cpu_fused.FusedWeight(*self._prepacked, kb, self.group_size, k) if reads else None
-        return self
-
-    def _drop_prepacked(self) -> None:
-        self._prepacked, self._cpu_packed, self._tinygemm, self._fused = None, None, None, None
-
-    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the derived layout would be stale
-        self._drop_prepacked()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
-        self._drop_prepacked()
-        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

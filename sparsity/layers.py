@@ -33,6 +33,7 @@ from torch import nn
 from compress.cuda import cpu_fused, cusparselt
 from compress.cuda.layout import words_of
 from compress.cuda.ops import SP24_KERNELS, fused_linear, sp24_linear, sp24_values_supported
+from compress.cuda.prepacked import DerivedLayouts
 from compress.errors import CompressError
 
 from .masks import check_mask, parse_pattern
@@ -46,7 +47,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(DerivedLayouts, nn.Module):
+    DERIVED = ("_prepacked", "_fused")
+
     def __init__(self, in_features: int, out_features: int, pattern: str, storage: str, nnz: int, value_dtype: str,
                  bias: bool, bias_dtype: str = "float32", device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -75,8 +78,9 @@ class SparseLinear(nn.Module):
         else:
             self.bias = None
         self.kernel = "auto"
-        self._prepacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # made by prepack
-        self._fused: cpu_fused.FusedSp24Values | None = None  # on CPU: the stored layout checked for the C++ matmul
+        self._init_derived()
+        self._prepacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # made by prepack
+        self._fused: cpu_fused.FusedSp24Values | None  # on CPU: the stored layout checked for the C++ matmul
 
     @classmethod
     def from_pruned(cls, weight: torch.Tensor, keep: torch.Tensor, pattern: str, ratio: float | None,
@@ -139,8 +143,8 @@ class SparseLinear(nn.Module):
         self.kernel = kernel
         return self
 
-    def prepack(self, dtype: torch.dtype | None = None) -> SparseLinear:
-        """For a 2:4 layer on CUDA whose kernels take 16-bit activations `dtype` (K a multiple of 32):
+    def _derive_layouts(self, dtype: torch.dtype | None) -> None:
+        """prepack(dtype) (DerivedLayouts): for a 2:4 layer on CUDA whose kernels take 16-bit activations `dtype` (K a multiple of 32):
         the kept values in `dtype` (a copy only when stored in another dtype, e.g. fp32) and, where
         PyTorch has cuSPARSELt and the shape suits it, cuSPARSELt's layout of the weight (one more
         copy of the kept values, with its metadata), which the per-shape choice then weighs
@@ -162,18 +166,6 @@ class SparseLinear(nn.Module):
                     log.info("2:4 layer %dx%d: no cuSPARSELt weight: %s", self.out_features, self.in_features,
                              str(e).splitlines()[0] if str(e) else e)
             self._prepacked = (values, words_of(self.indices), packed)
-        return self
-
-    def _drop_prepacked(self) -> None:
-        self._prepacked, self._fused = None, None
-
-    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the prepared weight would be stale
-        self._drop_prepacked()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
-        self._drop_prepacked()
-        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

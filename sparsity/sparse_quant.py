@@ -39,6 +39,7 @@ from torch import nn
 from compress.cuda import cpu_fused
 from compress.cuda.layout import words_of
 from compress.cuda.ops import SP24_INT_KERNELS, fused_linear, sp24_int_linear
+from compress.cuda.prepacked import DerivedLayouts
 from compress.errors import CompressError
 from compress.quant.layers import GridBuffers
 from compress.quant.packing import pack_codes, packed_row_bytes, unpack_codes
@@ -49,7 +50,9 @@ from .masks import check_mask, parse_pattern
 from .packing import compress_nm, decompress_nm, index_bits, pack_bitmask, unpack_bitmask
 
 
-class SparseQuantLinear(GridBuffers, nn.Module):
+class SparseQuantLinear(DerivedLayouts, GridBuffers, nn.Module):
+    DERIVED = ("_prepacked", "_fused")
+
     def __init__(self, in_features: int, out_features: int, pattern: str, storage: str, nnz: int, bits: int,
                  group_size: int, symmetric: bool, bias: bool, scale_dtype: str = "float16",
                  bias_dtype: str = "float32", device: torch.device | str | None = None) -> None:
@@ -81,8 +84,9 @@ class SparseQuantLinear(GridBuffers, nn.Module):
         else:
             self.bias = None
         self.kernel = "auto"
-        self._prepacked: tuple[torch.Tensor, ...] | None = None  # the kernels' layout, made by prepack
-        self._fused: cpu_fused.FusedSp24Weight | None = None  # _prepacked checked for the fused CPU matmul
+        self._init_derived()
+        self._prepacked: tuple[torch.Tensor, ...] | None  # the kernels' layout, made by prepack
+        self._fused: cpu_fused.FusedSp24Weight | None  # _prepacked checked for the fused CPU matmul
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, keep: torch.Tensor, grid: QuantGrid, pattern: str, ratio: float | None,
@@ -147,27 +151,14 @@ class SparseQuantLinear(GridBuffers, nn.Module):
         self.kernel = kernel
         return self
 
-    def prepack(self, dtype: torch.dtype | None = None) -> SparseQuantLinear:
-        """Derive the kernels' layout once, on the module's current device (again after moving it);
-        on CPU also checked once for the fused C++ matmul (cpu_fused.FusedSp24Weight), which calls of
+    def _derive_layouts(self, dtype: torch.dtype | None) -> None:
+        """prepack(): the kernels' layout (DerivedLayouts; any `dtype`); on CPU also checked once for the fused C++ matmul (cpu_fused.FusedSp24Weight), which calls of
         up to cpu_fused.sp24_max_m rows (by its groups) then take directly."""
         self._prepacked = self.kernel_layout() if self.runs_sp24_op else None
         kb, k = self.kernel_bits, self.in_features
         reads = (self._prepacked is not None and self.qvalues.is_cpu and cpu_fused.available()
                  and cpu_fused.sp24_applies(kb, self.group_size, k))
         self._fused = cpu_fused.FusedSp24Weight(*self._prepacked, kb, self.group_size, k) if reads else None
-        return self
-
-    def _drop_prepacked(self) -> None:
-        self._prepacked, self._fused = None, None
-
-    def _apply(self, fn, recurse=True):  # .to() / .cuda(): the derived layout would be stale
-        self._drop_prepacked()
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
-        self._drop_prepacked()
-        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -1,0 +1,57 @@
+"""The kernels' weight layouts a compressed module derives from its stored buffers at load time
+(`prepack`), kept from going stale and out of pickles.
+
+A derived layout is a function of the buffers and the device: moving the module or loading new
+buffers drops it (the module then derives what a call needs per call, until prepacked again),
+and pickling (torch.save of a whole model, copy.deepcopy) stores only the buffers and derives
+again on unpickling. Pickling the layouts themselves failed: they hold views of a buffer's
+storage under another dtype (e.g. int32 words viewing uint8 codes), which torch.save refuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class DerivedLayouts:
+    """Mixed into an nn.Module (before nn.Module in the bases) whose `_derive_layouts(dtype)` sets
+    the attributes named in `DERIVED` from its buffers on their current device, for activations
+    of `dtype` (None: the module's own choice)."""
+
+    DERIVED: tuple[str, ...] = ()
+
+    def _init_derived(self) -> None:
+        for name in self.DERIVED:
+            setattr(self, name, None)
+        self._prepack_dtype: tuple[torch.dtype | None] | None = None  # (dtype,) once prepacked, else None
+
+    def prepack(self, dtype: torch.dtype | None = None):
+        """Derive the kernels' layout once, on the module's current device, for activations of
+        `dtype` (call again after moving the module or changing its buffers); returns the module."""
+        self._derive_layouts(dtype)
+        self._prepack_dtype = (dtype,)
+        return self
+
+    def _drop_prepacked(self) -> None:
+        self._init_derived()
+
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the derived layouts would be stale
+        self._drop_prepacked()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new buffers: likewise
+        self._drop_prepacked()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # nn.Module's: a copy of __dict__
+        for name in self.DERIVED:
+            state[name] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self._prepack_dtype is not None:  # the buffers are unpickled by now, on their device
+            self._derive_layouts(*self._prepack_dtype)

@@ -1,0 +1,69 @@
+"""The layouts a compressed layer derives at prepack (cuda/prepacked.py): dropped when the buffers
+move or change, left out of pickles and derived again on unpickling."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from compress.quant.quantize import compute_grid, quantize
+from compress.quant.rtn import RTNConfig
+from compress.sparsity.layers import SparseLinear
+from compress.sparsity.masks import nm_mask
+from compress.sparsity.sparse_quant import SparseQuantLinear
+
+
+def layers() -> dict[str, tuple[nn.Module, torch.dtype | None]]:
+    """One prepacked layer of each kind, with the activation dtype it was prepacked for."""
+    torch.manual_seed(0)
+    weight = torch.randn(48, 256)
+    keep = nm_mask(weight.abs(), 2, 4)
+    grid = compute_grid(weight * keep, 4, 64, False)
+    rtn = RTNConfig(bits=4, group_size=64).build()
+    return {"int4": (rtn.compress("l", nn.Linear(256, 48)), None),
+            "int4 bf16": (rtn.compress("l", nn.Linear(256, 48)), torch.bfloat16),  # PyTorch's packed int4 too
+            "2:4": (SparseLinear.from_pruned(weight, keep, "2:4", None, torch.randn(48), "l"), None),
+            "2:4 int4": (SparseQuantLinear.from_codes(quantize(weight, grid), keep, grid, "2:4", 0.5, None,
+                                                       "float16", "l"), None)}
+
+
+def derived(layer: nn.Module) -> dict[str, bool]:
+    return {name: getattr(layer, name) is not None for name in layer.DERIVED}
+
+
+def pickled(layer: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(nn.Sequential(layer), buffer)  # a whole model, as torch.save(model, path) stores it
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)[0]  # the test's own bytes
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4 bf16", "2:4", "2:4 int4"])
+@pytest.mark.parametrize("copier", [pickled, copy.deepcopy], ids=["torch.save", "deepcopy"])
+def test_a_prepacked_layer_pickles_and_comes_back_prepacked(kind, copier):
+    """torch.save of a prepacked layer failed before (its int32 words view the uint8 codes'
+    storage); now the copy derives the same layouts again and computes the same outputs."""
+    layer, dtype = layers()[kind]
+    layer.prepack(dtype)
+    before = derived(layer)
+    assert before["_fused"] and (dtype is None or before["_cpu_packed"])
+    x = torch.randn(3, 256, dtype=dtype or torch.float32)
+    copied = copier(layer)
+    assert derived(copied) == before and derived(layer) == before  # the original keeps its own
+    assert copied._fused is not layer._fused
+    assert torch.equal(copied(x), layer(x))
+
+
+def test_moving_or_loading_drops_the_derived_layouts_and_unpickling_does_not_derive_them_unasked():
+    layer, _ = layers()["int4"]
+    assert not any(derived(pickled(layer)).values())  # never prepacked: nothing derived
+    x = torch.randn(2, 256)
+    other = RTNConfig(bits=4, group_size=64).build().compress("l", nn.Linear(256, 48))
+    layer.prepack().load_state_dict(other.state_dict())  # stale words would give the old outputs
+    assert not any(derived(layer).values()) and torch.equal(layer(x), other(x))
+    layer.prepack().to("cpu")  # .to / .cuda / .half: derived again only when asked (prepack)
+    assert not any(derived(layer).values()) and not any(derived(pickled(layer)).values())
