@@ -8,9 +8,10 @@ us for an op defined on a `torch.library.Library` with one Python kernel, and a 
 model calls one op per layer per token. Here each op gets its schema (pt2-compliant), a fake
 implementation for tracing, one implementation for every backend (CompositeExplicitAutograd:
 the ops pick their kernels by device themselves) and, for the ops computing x @ W.T, a lean
-Autograd kernel (`differentiable_in_x`): without a gradient to record it redispatches below
-autograd at once (4.6 us a trivial call in all); otherwise an autograd.Function gives x the
-gradient grad @ W, W from another op, so torch.compile traces the backward too. A 192 x 576
+Autograd kernel (`differentiable`): without a gradient to record it redispatches below autograd
+at once (4.6 us a trivial call in all); otherwise an autograd.Function gives x the gradient
+grad @ W, W from another op, so torch.compile traces the backward too, and trained float weights
+(scales, 2:4 values) theirs through the format's reference dequantization. A 192 x 576
 4-bit layer's op call went from 34.4 to 28.2 us (its plain implementation: 21.6, ops.py:
 `_direct`), its module's call recording x's gradient from 96 to 51 us.
 """
@@ -34,35 +35,51 @@ def define(schema: str, impl: Callable, fake: Callable) -> torch._ops.OpOverload
     return getattr(torch.ops.compress, name).default
 
 
-class _XGradient(torch.autograd.Function):
-    """y = op(x, *rest) with x's gradient grad [..., N] @ dense_weight(rest, grad.dtype) [N, K];
-    the other inputs (the layer's frozen buffers and its settings) get none."""
+class _Gradients(torch.autograd.Function):
+    """y = op(x, *rest) with x's gradient grad [..., N] @ dense_weight(rest, grad.dtype) [N, K] (an
+    op's fast W, which torch.compile traces); a float tensor of rest that requires a gradient (a
+    layer's scales or 2:4 values being trained) gets dW = grad.T @ x [N, K] pulled back through
+    reference_weight(rest) [N, K], the format's pure-PyTorch semantics (x is kept for that only)."""
 
     @staticmethod
-    def forward(ctx, keyset, op, dense_weight, x, *rest):
-        ctx.dense_weight = dense_weight
+    def forward(ctx, keyset, op, dense_weight, reference_weight, x, *rest):
+        ctx.weights = dense_weight, reference_weight
         ctx.tensor_at = [i for i, a in enumerate(rest) if isinstance(a, torch.Tensor)]
-        ctx.save_for_backward(*(rest[i] for i in ctx.tensor_at))
+        ctx.trained = [i for i in ctx.tensor_at if ctx.needs_input_grad[5 + i]]
+        ctx.save_for_backward(x if ctx.trained else None, *(rest[i] for i in ctx.tensor_at))
         ctx.rest = [None if isinstance(a, torch.Tensor) else a for a in rest]
         return op.redispatch(keyset & torch._C._after_autograd_keyset, x, *rest)
 
     @staticmethod
     def backward(ctx, grad):
+        dense_weight, reference_weight = ctx.weights
+        x, *tensors = ctx.saved_tensors
         rest = list(ctx.rest)
-        for i, t in zip(ctx.tensor_at, ctx.saved_tensors):
+        for i, t in zip(ctx.tensor_at, tensors):
             rest[i] = t
-        x_grad = grad @ ctx.dense_weight(rest, grad.dtype) if ctx.needs_input_grad[3] else None
-        return None, None, None, x_grad, *[None] * len(rest)
+        x_grad = grad @ dense_weight(rest, grad.dtype) if ctx.needs_input_grad[4] else None
+        rest_grads = [None] * len(rest)
+        if ctx.trained:
+            with torch.enable_grad():
+                for i in ctx.trained:
+                    rest[i] = rest[i].detach().requires_grad_()
+                w = reference_weight(rest, torch.float32)  # [N, K]
+                w_grad = grad.reshape(-1, w.shape[0]).float().T @ x.reshape(-1, w.shape[1]).float()
+                for i, g in zip(ctx.trained, torch.autograd.grad(w, [rest[i] for i in ctx.trained], w_grad)):
+                    rest_grads[i] = g
+        return None, None, None, None, x_grad, *rest_grads
 
 
-def differentiable_in_x(op: torch._ops.OpOverload, dense_weight: Callable) -> None:
+def differentiable(op: torch._ops.OpOverload, dense_weight: Callable, reference_weight: Callable) -> None:
     """Give `op` (x [..., K], *rest) -> x @ W.T [..., N] its Autograd kernel: x's gradient is
-    grad @ dense_weight(rest, dtype) (an op's dense W [N, K], traceable), nothing for the rest (a
-    compressed layer's weights are frozen buffers; an adapter trained on top of it needs x's)."""
+    grad @ dense_weight(rest, dtype) (an op's dense W [N, K], traceable); a float tensor of rest
+    requiring one gets its gradient through reference_weight(rest, dtype), the same W in pure
+    PyTorch (_Gradients). A compressed layer's weights are frozen buffers unless made to require
+    gradients; an adapter trained on top of it needs x's."""
 
     def autograd_kernel(keyset, x, *rest):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(x, *rest):
-            return _XGradient.apply(keyset, op, dense_weight, x, *rest)
+            return _Gradients.apply(keyset, op, dense_weight, reference_weight, x, *rest)
         return op.redispatch(keyset & torch._C._after_autograd_keyset, x, *rest)
 
     LIBRARY.impl(op._opname, autograd_kernel, "Autograd", with_keyset=True)

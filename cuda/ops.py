@@ -55,7 +55,7 @@ import torch
 
 from . import cpu_dequantize, cpu_fused, cpu_packed
 from .layout import dense_sp24_values, dequantize_sp24_words, dequantize_words, supported
-from .op_library import define, differentiable_in_x
+from .op_library import define, differentiable
 from .tuning import interpreting
 
 KERNELS = ("auto", "reference", "triton", "cpu_packed", "cpu_fused")
@@ -299,10 +299,14 @@ dense_sp24 = define("dense_sp24(Tensor values, Tensor positions, ScalarType dtyp
                     values.new_empty(values.shape[0], values.shape[1] * 2, dtype=dtype))
 
 
-# x's gradient through each op: grad @ the dense weight, from the op that dequantizes the format
-differentiable_in_x(int_linear_op, lambda a, dtype: dequantize_int(*a[:6], dtype, a[6]))
-differentiable_in_x(sp24_int_linear_op, lambda a, dtype: dequantize_sp24_int(*a[:7], dtype, a[7]))
-differentiable_in_x(sp24_linear_op, lambda a, dtype: dense_sp24(a[0], a[1], dtype, a[2]))
+# Gradients through each op (the op's arguments after x as `a`): x's is grad @ the dense weight
+# from the op that dequantizes the format; trained scales or values get theirs through the reference
+differentiable(int_linear_op, lambda a, dtype: dequantize_int(*a[:6], dtype, a[6]),
+               lambda a, dtype: dequantize_words(*a[:6], dtype))
+differentiable(sp24_int_linear_op, lambda a, dtype: dequantize_sp24_int(*a[:7], dtype, a[7]),
+               lambda a, dtype: dequantize_sp24_words(*a[:7], dtype))
+differentiable(sp24_linear_op, lambda a, dtype: dense_sp24(a[0], a[1], dtype, a[2]),
+               lambda a, dtype: dense_sp24_values(a[0], a[1], a[0].shape[1] * 2, dtype))
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """The kernels' weight layouts a compressed module derives from its stored buffers at load time
 (`prepack`), kept from going stale and out of pickles.
 
-A derived layout is a function of the buffers and the device: moving the module or loading new
-buffers drops it (the module then derives what a call needs per call, until prepacked again),
-and pickling (torch.save of a whole model, copy.deepcopy) stores only the buffers and derives
-again on unpickling. Pickling the layouts themselves failed: they hold views of a buffer's
+A derived layout is a function of the buffers and the device: moving the module, loading new
+buffers or training one (TRAINABLE, made to require a gradient) drops it (the module then
+derives what a call needs per call, until prepacked again), and pickling (torch.save of a whole
+model, copy.deepcopy) stores only the buffers and derives again on unpickling. Pickling the layouts themselves failed: they hold views of a buffer's
 storage under another dtype (e.g. int32 words viewing uint8 codes), which torch.save refuses.
 """
 
@@ -21,6 +21,7 @@ class DerivedLayouts:
     of `dtype` (None: the module's own choice)."""
 
     DERIVED: tuple[str, ...] = ()
+    TRAINABLE: tuple[str, ...] = ()  # float buffers a user may train (requires_grad_): the ops give them gradients
 
     def _init_derived(self) -> None:
         for name in self.DERIVED:
@@ -33,6 +34,19 @@ class DerivedLayouts:
         self._derive_layouts(dtype)
         self._prepack_dtype = (dtype,)
         return self
+
+    def _trains_weights(self) -> bool:
+        """Whether a TRAINABLE buffer requires a gradient (a user trains it): then calls compute
+        from the buffers themselves, and the derived layouts, copies made before, are dropped
+        (prepack again once trained)."""
+        for name in self.TRAINABLE:  # a buffer, or a Parameter made of it (dicts: 0.3 us, getattr 1.7)
+            t = self._buffers.get(name)
+            t = self._parameters.get(name) if t is None else t
+            if t is not None and t.requires_grad:
+                if self._prepack_dtype is not None:
+                    self._drop_prepacked()
+                return True
+        return False
 
     def _drop_prepacked(self) -> None:
         self._init_derived()

@@ -91,6 +91,7 @@ class GridBuffers:
 
 class QuantLinear(DerivedLayouts, GridBuffers, nn.Module):
     DERIVED = ("_prepacked", "_cpu_packed", "_tinygemm", "_fused")
+    TRAINABLE = ("scales",)
 
     def __init__(
         self,
@@ -217,9 +218,11 @@ class QuantLinear(DerivedLayouts, GridBuffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = fused_linear(x, self._fused, self.kernel)  # a decoded token's call: checked at prepack
-        if y is None:
-            y = self._linear(x)
+        if self._trains_weights():
+            y = int_linear(x, *self.kernel_layout(), self.kernel_bits, self.group_size, self.in_features, self.kernel)
+        else:
+            y = fused_linear(x, self._fused, self.kernel)  # a decoded token's call: checked at prepack
+            y = self._linear(x) if y is None else y
         return y if bias is None else y + bias
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
