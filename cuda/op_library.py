@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 LIBRARY = torch.library.Library("compress", "DEF")
 
@@ -43,7 +44,7 @@ class _Gradients(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, keyset, op, dense_weight, reference_weight, x, *rest):
-        ctx.weights = dense_weight, reference_weight
+        ctx.op, ctx.weights = op, (dense_weight, reference_weight)
         ctx.tensor_at = [i for i, a in enumerate(rest) if isinstance(a, torch.Tensor)]
         ctx.trained = [i for i in ctx.tensor_at if ctx.needs_input_grad[5 + i]]
         ctx.save_for_backward(x if ctx.trained else None, *(rest[i] for i in ctx.tensor_at))
@@ -51,6 +52,7 @@ class _Gradients(torch.autograd.Function):
         return op.redispatch(keyset & torch._C._after_autograd_keyset, x, *rest)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         dense_weight, reference_weight = ctx.weights
         x, *tensors = ctx.saved_tensors
@@ -65,8 +67,15 @@ class _Gradients(torch.autograd.Function):
                     rest[i] = rest[i].detach().requires_grad_()
                 w = reference_weight(rest, torch.float32)  # [N, K]
                 w_grad = grad.reshape(-1, w.shape[0]).float().T @ x.reshape(-1, w.shape[1]).float()
-                for i, g in zip(ctx.trained, torch.autograd.grad(w, [rest[i] for i in ctx.trained], w_grad)):
-                    rest_grads[i] = g
+                leaves = [rest[i] for i in ctx.trained]
+                trained = torch.autograd.grad(w, leaves, w_grad, allow_unused=True) if w.requires_grad \
+                    else [None] * len(leaves)
+            for i, g in zip(ctx.trained, trained):
+                if g is None:  # e.g. tinygemm's copy of the scales: a cache of W, not a weight of its own
+                    name = ctx.op._schema.arguments[1 + i].name
+                    raise ValueError(f"{ctx.op}: '{name}' is a layout derived from the weight and gets no gradient; "
+                                     "make the weight's own tensors (scales, values) require one instead")
+                rest_grads[i] = g
         return None, None, None, None, x_grad, *rest_grads
 
 

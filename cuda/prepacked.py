@@ -1,11 +1,13 @@
 """The kernels' weight layouts a compressed module derives from its stored buffers at load time
-(`prepack`), kept from going stale and out of pickles.
+(`prepack`): dropped where the module knows they go stale, kept out of pickles.
 
 A derived layout is a function of the buffers and the device: moving the module, loading new
 buffers or training one (TRAINABLE, made to require a gradient) drops it (the module then
-derives what a call needs per call, until prepacked again), and pickling (torch.save of a whole
-model, copy.deepcopy) stores only the buffers and derives again on unpickling. Pickling the layouts themselves failed: they hold views of a buffer's
-storage under another dtype (e.g. int32 words viewing uint8 codes), which torch.save refuses.
+derives what a call needs per call, until prepacked again; a buffer changed in place, e.g. by
+copy_, needs prepack called again), and pickling (torch.save of a whole model, copy.deepcopy)
+stores only the buffers and derives again on unpickling. Pickling the layouts themselves failed:
+they hold views of a buffer's storage under another dtype (e.g. int32 words viewing uint8
+codes), which torch.save refuses.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class DerivedLayouts:
     def prepack(self, dtype: torch.dtype | None = None):
         """Derive the kernels' layout once, on the module's current device, for activations of
         `dtype` (call again after moving the module or changing its buffers); returns the module."""
-        self._derive_layouts(dtype)
+        with torch.no_grad():  # copies for the kernels, never part of a graph (even of a trained buffer)
+            self._derive_layouts(dtype)
         self._prepack_dtype = (dtype,)
         return self
 
@@ -67,5 +70,7 @@ class DerivedLayouts:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if self._prepack_dtype is not None:  # the buffers are unpickled by now, on their device
-            self._derive_layouts(*self._prepack_dtype)
+        if "_prepack_dtype" not in state:  # pickled by a version that kept the layouts: maybe another device's
+            self._init_derived()
+        elif self._prepack_dtype is not None:  # the buffers are unpickled by now, on their device
+            self.prepack(*self._prepack_dtype)

@@ -219,6 +219,9 @@ class QuantLinear(DerivedLayouts, GridBuffers, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self._trains_weights():
+            if self.kernel == "cpu_packed":
+                raise ValueError("kernel 'cpu_packed' reads a packed copy of the weight, which the trained scales "
+                                 "do not reach: set_kernel('auto') while training them")
             y = int_linear(x, *self.kernel_layout(), self.kernel_bits, self.group_size, self.in_features, self.kernel)
         else:
             y = fused_linear(x, self._fused, self.kernel)  # a decoded token's call: checked at prepack

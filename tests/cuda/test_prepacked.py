@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from compress.cuda.ops import int_linear_op
+from compress.quant.layers import QuantLinear
 from compress.quant.quantize import compute_grid, quantize
 from compress.quant.rtn import RTNConfig
 from compress.sparsity.layers import SparseLinear
@@ -98,3 +100,30 @@ def test_training_a_prepacked_layers_scales_or_values_fits_them_and_drops_the_st
         assert torch.allclose(layer(x), trained, atol=1e-4)
         getattr(layer, name).requires_grad_(False)
         assert derived(layer.prepack())["_fused"] and torch.allclose(layer(x), trained, atol=1e-4)
+
+
+def test_a_layer_pickled_with_its_layouts_by_an_older_version_comes_back_without_them():
+    layer, _ = layers()["int4"]
+    state = layer.prepack().__getstate__()
+    state.pop("_prepack_dtype")
+    state["_fused"] = layer._fused  # kept then; maybe of another device under map_location
+    old = QuantLinear.__new__(QuantLinear)
+    old.__setstate__(state)
+    x = torch.randn(2, 256)
+    assert not any(derived(old).values()) and torch.equal(old(x), layer(x))
+
+
+def test_derived_copies_get_no_gradient_and_say_so():
+    """The copies a layer derives are caches of its weight: training goes to the buffers themselves,
+    one clear error where a call would train a copy."""
+    layer, _ = layers()["int4 bf16"]
+    layer.prepack(torch.bfloat16).set_kernel("cpu_packed")
+    layer.scales.requires_grad_()
+    with pytest.raises(ValueError, match="kernel 'cpu_packed' reads a packed copy"):
+        layer(torch.randn(2, 256, dtype=torch.bfloat16))
+    words, scales, zeros = layer.set_kernel("auto").kernel_layout()
+    copy_of_scales = scales.detach().to(torch.bfloat16).requires_grad_()  # where tinygemm's scales go
+    y = int_linear_op(torch.randn(2, 256), words, scales.detach(), zeros, 4, 64, 256, "reference", None,
+                      copy_of_scales)
+    with pytest.raises(ValueError, match="'tinygemm_scales' is a layout derived from the weight"):
+        y.sum().backward()

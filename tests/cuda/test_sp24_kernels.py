@@ -212,16 +212,17 @@ def test_compressed_layers_pass_gradients_eager_and_compiled(trained):
     AOTAutograd traces; a C++ kernel called on its fake tensors failed the compilation before).
     Trained, the float buffers a user may train (the scales, the 2:4 values) get the gradients the
     reference dequantization gives them, through prepacked layers (whose layouts are copies made
-    without one: ignored then); they got none before. opcheck checks every op's registrations, the
-    autograd kernel's included."""
+    without one: dropped by each run, eager or compiled); they got none before. The RTN layer is
+    3-bit asymmetric (codes widened at prepack), x [2, 3, 64]. opcheck checks every op's
+    registrations, the autograd kernel's included."""
     torch.manual_seed(0)
     weight = torch.randn(24, 64)
     keep = nm_mask(weight.abs(), 2, 4)
     grid = compute_grid(weight * keep, 4, 32, False)
     layers = [SparseLinear.from_pruned(weight, keep, "2:4", None, torch.randn(24), "l"),
               SparseQuantLinear.from_codes(quantize(weight, grid), keep, grid, "2:4", 0.5, None, "float16", "l"),
-              RTNConfig(bits=4, group_size=32).build().compress("l", torch.nn.Linear(64, 24))]
-    x0 = torch.randn(3, 64)
+              RTNConfig(bits=3, group_size=32, symmetric=False).build().compress("l", torch.nn.Linear(64, 24))]
+    x0 = torch.randn(2, 3, 64)
     for layer in layers:
         name = layer.TRAINABLE[0]
         layer.prepack().get_buffer(name).requires_grad_(trained)
@@ -230,7 +231,7 @@ def test_compressed_layers_pass_gradients_eager_and_compiled(trained):
         ref = layer.get_buffer(name).grad
         assert (ref is not None) == trained and (not trained or ref.abs().max() > 0)
         for run in (layer, torch.compile(layer, backend="aot_eager", fullgraph=True)):
-            layer.get_buffer(name).grad = None
+            layer.prepack().get_buffer(name).grad = None  # each run meets the prepacked copies
             x = x0.clone().requires_grad_()
             run(x).pow(2).sum().backward()
             assert torch.allclose(x.grad, xr.grad, atol=1e-4), type(layer).__name__
