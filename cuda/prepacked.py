@@ -1,13 +1,13 @@
 """The kernels' weight layouts a compressed module derives from its stored buffers at load time
-(`prepack`): dropped where the module knows they go stale, kept out of pickles.
+(`prepack`): dropped once stale, kept out of pickles.
 
-A derived layout is a function of the buffers and the device: moving the module, loading new
-buffers or training one (TRAINABLE, made to require a gradient) drops it (the module then
-derives what a call needs per call, until prepacked again; a buffer changed in place, e.g. by
-copy_, needs prepack called again), and pickling (torch.save of a whole model, copy.deepcopy)
-stores only the buffers and derives again on unpickling. Pickling the layouts themselves failed:
-they hold views of a buffer's storage under another dtype (e.g. int32 words viewing uint8
-codes), which torch.save refuses.
+A derived layout is a function of the buffers and the device: moving the module or loading new
+buffers drops it, and so does a call after a buffer was replaced, changed in place or made to
+require a gradient (trained; the module then derives what a call needs per call, until
+prepacked again). Pickling (torch.save of a whole model, copy.deepcopy) stores only the
+buffers and derives again on unpickling. Pickling the layouts themselves failed: they hold views
+of a buffer's storage under another dtype (e.g. int32 words viewing uint8 codes), which
+torch.save refuses.
 """
 
 from __future__ import annotations
@@ -23,33 +23,35 @@ class DerivedLayouts:
     of `dtype` (None: the module's own choice)."""
 
     DERIVED: tuple[str, ...] = ()
-    TRAINABLE: tuple[str, ...] = ()  # float buffers a user may train (requires_grad_): the ops give them gradients
 
     def _init_derived(self) -> None:
         for name in self.DERIVED:
             setattr(self, name, None)
         self._prepack_dtype: tuple[torch.dtype | None] | None = None  # (dtype,) once prepacked, else None
+        # (its dict, name, tensor, version) of each buffer or Parameter the layouts came from
+        self._derived_from: tuple[tuple[dict, str, torch.Tensor, int], ...] = ()
 
     def prepack(self, dtype: torch.dtype | None = None):
         """Derive the kernels' layout once, on the module's current device, for activations of
-        `dtype` (call again after moving the module or changing its buffers); returns the module."""
+        `dtype` (again after the buffers move or change); returns the module."""
         with torch.no_grad():  # copies for the kernels, never part of a graph (even of a trained buffer)
             self._derive_layouts(dtype)
         self._prepack_dtype = (dtype,)
+        self._derived_from = tuple((held, name, t, t._version) for held in (self._buffers, self._parameters)
+                                   for name, t in held.items() if t is not None and name != "bias")  # added after
         return self
 
-    def _trains_weights(self) -> bool:
-        """Whether a TRAINABLE buffer requires a gradient (a user trains it): then calls compute
-        from the buffers themselves, and the derived layouts, copies made before, are dropped
-        (prepack again once trained)."""
-        for name in self.TRAINABLE:  # a buffer, or a Parameter made of it (dicts: 0.3 us, getattr 1.7)
-            t = self._buffers.get(name)
-            t = self._parameters.get(name) if t is None else t
-            if t is not None and t.requires_grad:
-                if self._prepack_dtype is not None:
-                    self._drop_prepacked()
-                return True
-        return False
+    def _check_layouts(self) -> None:
+        """Before a call: drop the derived layouts if a buffer they derive from moved on since
+        prepack: replaced (a new tensor, or made a Parameter), changed in place (its version
+        counter moved: copy_, an optimizer's step) or made to require a gradient (trained: calls
+        then compute from the buffers themselves, which the ops give gradients; a traced call
+        checks all but versions, which dynamo cannot read). 0.5 us a call."""
+        traced = torch.compiler.is_compiling()  # dynamo cannot read version counters
+        for held, name, t, version in self._derived_from:
+            if held.get(name) is not t or t.requires_grad or not traced and t._version != version:
+                self._drop_prepacked()
+                return
 
     def _drop_prepacked(self) -> None:
         self._init_derived()
@@ -66,6 +68,7 @@ class DerivedLayouts:
         state = super().__getstate__()  # nn.Module's: a copy of __dict__
         for name in self.DERIVED:
             state[name] = None
+        state["_derived_from"] = ()  # prepack on unpickling records it again
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -91,7 +91,6 @@ class GridBuffers:
 
 class QuantLinear(DerivedLayouts, GridBuffers, nn.Module):
     DERIVED = ("_prepacked", "_cpu_packed", "_tinygemm", "_fused")
-    TRAINABLE = ("scales",)
 
     def __init__(
         self,
@@ -218,14 +217,13 @@ class QuantLinear(DerivedLayouts, GridBuffers, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self._trains_weights():
-            if self.kernel == "cpu_packed":
-                raise ValueError("kernel 'cpu_packed' reads a packed copy of the weight, which the trained scales "
-                                 "do not reach: set_kernel('auto') while training them")
-            y = int_linear(x, *self.kernel_layout(), self.kernel_bits, self.group_size, self.in_features, self.kernel)
-        else:
-            y = fused_linear(x, self._fused, self.kernel)  # a decoded token's call: checked at prepack
-            y = self._linear(x) if y is None else y
+        self._check_layouts()
+        if self.kernel == "cpu_packed" and self.scales.requires_grad:
+            raise ValueError("kernel 'cpu_packed' reads a packed copy of the weight, which the trained scales "
+                             "do not reach: set_kernel('auto') while training them")
+        y = fused_linear(x, self._fused, self.kernel)  # a decoded token's call: checked at prepack
+        if y is None:
+            y = self._linear(x)
         return y if bias is None else y + bias
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:

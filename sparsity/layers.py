@@ -49,7 +49,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 class SparseLinear(DerivedLayouts, nn.Module):
     DERIVED = ("_prepacked", "_fused")
-    TRAINABLE = ("values",)
 
     def __init__(self, in_features: int, out_features: int, pattern: str, storage: str, nnz: int, value_dtype: str,
                  bias: bool, bias_dtype: str = "float32", device: torch.device | str | None = None) -> None:
@@ -172,10 +171,10 @@ class SparseLinear(DerivedLayouts, nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.runs_sp24_op:
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
-        trains = self._trains_weights()
-        y = None if trains else fused_linear(x, self._fused, self.kernel, cpu_fused.ACTIVATION_DTYPES)  # decode
+        self._check_layouts()
+        y = fused_linear(x, self._fused, self.kernel, cpu_fused.ACTIVATION_DTYPES)  # decode: checked at prepack
         if y is None:
-            prepared = not trains and self._prepacked is not None and self._prepacked[0].dtype == x.dtype
+            prepared = self._prepacked is not None and self._prepacked[0].dtype == x.dtype
             values, positions, packed = self._prepacked if prepared else self.kernel_layout()
             y = sp24_linear(x, values, positions, self.kernel, packed)
         return y if bias is None else y + bias

@@ -52,7 +52,6 @@ from .packing import compress_nm, decompress_nm, index_bits, pack_bitmask, unpac
 
 class SparseQuantLinear(DerivedLayouts, GridBuffers, nn.Module):
     DERIVED = ("_prepacked", "_fused")
-    TRAINABLE = ("scales",)
 
     def __init__(self, in_features: int, out_features: int, pattern: str, storage: str, nnz: int, bits: int,
                  group_size: int, symmetric: bool, bias: bool, scale_dtype: str = "float16",
@@ -165,11 +164,11 @@ class SparseQuantLinear(DerivedLayouts, GridBuffers, nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.runs_sp24_op:
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
-        trains = self._trains_weights()
-        y = None if trains else fused_linear(x, self._fused, self.kernel, cpu_fused.ACTIVATION_DTYPES)  # decode
+        self._check_layouts()
+        y = fused_linear(x, self._fused, self.kernel, cpu_fused.ACTIVATION_DTYPES)  # decode: checked at prepack
         if y is None:
-            layout = self.kernel_layout() if trains or self._prepacked is None else self._prepacked
-            y = sp24_int_linear(x, *layout, self.kernel_bits, self.group_size, self.in_features, self.kernel)
+            y = sp24_int_linear(x, *(self._prepacked or self.kernel_layout()), self.kernel_bits, self.group_size,
+                                self.in_features, self.kernel)
         return y if bias is None else y + bias
 
     def sparsity(self) -> float:

@@ -224,7 +224,7 @@ def test_compressed_layers_pass_gradients_eager_and_compiled(trained):
               RTNConfig(bits=3, group_size=32, symmetric=False).build().compress("l", torch.nn.Linear(64, 24))]
     x0 = torch.randn(2, 3, 64)
     for layer in layers:
-        name = layer.TRAINABLE[0]
+        name = "values" if isinstance(layer, SparseLinear) else "scales"
         layer.prepack().get_buffer(name).requires_grad_(trained)
         xr = x0.clone().requires_grad_()
         torch.nn.functional.linear(xr, layer.dequantized_weight(), layer.bias).pow(2).sum().backward()
