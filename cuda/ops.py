@@ -327,6 +327,9 @@ def int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
     `tinygemm` are the weight prepared for PyTorch's CPU and CUDA packed kernels, if it was."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel '{kernel}'; choose one of {', '.join(KERNELS)}")
+    if kernel == "cpu_packed" and scales.requires_grad:
+        raise ValueError("kernel 'cpu_packed' reads a packed copy of the weight, which the trained scales "
+                         "do not reach: set_kernel('auto') while training them")
     if kernel == "cpu_packed" and (cpu is None or x.device.type != "cpu" or x.dtype != cpu.dtype):
         raise ValueError("kernel 'cpu_packed' needs a CPU weight prepacked for this activation dtype "
                          "(QuantLinear.prepack(dtype=torch.bfloat16): 3 or 4 bits in groups of 32-256 with "
@@ -370,9 +373,10 @@ def _direct(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     op's dispatch costs about 6.5 us a call on this project's 2-core CPU (op_library.py; 12 us
     as a `custom_op`), a third of a 192 x 576 layer's whole call, 1.4 ms of a token decoded
     through smollm2-135m's 210 compressed layers. Calls that torch.compile, export, jit
-    tracing, make_fx, vmap or functionalize see, calls under a torch function or dispatch mode (FlopCounterMode, a device
-    context), tensor subclasses (fake tensors among them), other devices and calls that record
-    a gradient go through the op: there the C++ kernels' raw pointers would bypass them."""
+    tracing, make_fx, vmap or functionalize see, calls under a torch function or dispatch mode
+    (FlopCounterMode, a device context), tensor subclasses (fake tensors among them), other
+    devices and calls that record a gradient go through the op: there the C++ kernels' raw
+    pointers would bypass them."""
     if (type(x) is not torch.Tensor or not x.is_cpu or torch.compiler.is_compiling()
             or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):

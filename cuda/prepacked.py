@@ -24,7 +24,8 @@ class DerivedLayouts:
 
     DERIVED: tuple[str, ...] = ()
 
-    def _init_derived(self) -> None:
+    def _drop_prepacked(self) -> None:
+        """No derived layouts (the module's state until prepack)."""
         for name in self.DERIVED:
             setattr(self, name, None)
         self._prepack_dtype: tuple[torch.dtype | None] | None = None  # (dtype,) once prepacked, else None
@@ -53,9 +54,6 @@ class DerivedLayouts:
                 self._drop_prepacked()
                 return
 
-    def _drop_prepacked(self) -> None:
-        self._init_derived()
-
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the derived layouts would be stale
         self._drop_prepacked()
         return super()._apply(fn, recurse)
@@ -74,6 +72,6 @@ class DerivedLayouts:
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "_prepack_dtype" not in state:  # pickled by a version that kept the layouts: maybe another device's
-            self._init_derived()
+            self._drop_prepacked()
         elif self._prepack_dtype is not None:  # the buffers are unpickled by now, on their device
             self.prepack(*self._prepack_dtype)

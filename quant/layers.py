@@ -119,7 +119,7 @@ class QuantLinear(DerivedLayouts, GridBuffers, nn.Module):
         else:
             self.bias = None
         self.kernel = "auto"
-        self._init_derived()
+        self._drop_prepacked()
         self._prepacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # kernel_layout()
         self._fused: cpu_fused.FusedWeight | None  # _prepacked checked for the fused CPU matmul
         self._cpu_packed: CpuPacked | None
@@ -179,8 +179,8 @@ class QuantLinear(DerivedLayouts, GridBuffers, nn.Module):
 
     def _derive_layouts(self, dtype: torch.dtype | None) -> None:
         """prepack(dtype): the kernels' layout of the stored state (DerivedLayouts). With `dtype`
-        bfloat16, also PyTorch's packed weight where the format allows: int4 / int8 on CPU, int4 (tinygemm, a
-        second copy of the codes) on CUDA, for the kernel choice to weigh. Codes of 3, 5, 6 and 7
+        bfloat16, also PyTorch's packed weight where the format allows: int4 / int8 on CPU, int4
+        (tinygemm, a second copy of the codes) on CUDA, for the kernel choice to weigh. Codes of 3, 5, 6 and 7
         bits take the paths of their kernel width from one derived copy beside the stored codes, so
         that they never hold more than the wider width does (3-bit: 3 + 4 bits per weight against
         4 + 4): on CPU the packed weight where it applies (calls it does not serve, other
@@ -218,9 +218,6 @@ class QuantLinear(DerivedLayouts, GridBuffers, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         self._check_layouts()
-        if self.kernel == "cpu_packed" and self.scales.requires_grad:
-            raise ValueError("kernel 'cpu_packed' reads a packed copy of the weight, which the trained scales "
-                             "do not reach: set_kernel('auto') while training them")
         y = fused_linear(x, self._fused, self.kernel)  # a decoded token's call: checked at prepack
         if y is None:
             y = self._linear(x)

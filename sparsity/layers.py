@@ -78,7 +78,7 @@ class SparseLinear(DerivedLayouts, nn.Module):
         else:
             self.bias = None
         self.kernel = "auto"
-        self._init_derived()
+        self._drop_prepacked()
         self._prepacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # made by prepack
         self._fused: cpu_fused.FusedSp24Values | None  # on CPU: the stored layout checked for the C++ matmul
 
@@ -144,13 +144,14 @@ class SparseLinear(DerivedLayouts, nn.Module):
         return self
 
     def _derive_layouts(self, dtype: torch.dtype | None) -> None:
-        """prepack(dtype) (DerivedLayouts): for a 2:4 layer on CUDA whose kernels take 16-bit activations `dtype` (K a multiple of 32):
-        the kept values in `dtype` (a copy only when stored in another dtype, e.g. fp32) and, where
-        PyTorch has cuSPARSELt and the shape suits it, cuSPARSELt's layout of the weight (one more
-        copy of the kept values, with its metadata), which the per-shape choice then weighs
-        against our kernels. Activations of another dtype keep the stored values. On CPU, the
-        stored values and positions checked once for the fused C++ matmul
-        (cpu_fused.FusedSp24Values), which calls of up to cpu_fused.sp24_max_m() rows then take directly."""
+        """prepack(dtype) (DerivedLayouts): for a 2:4 layer on CUDA whose kernels take 16-bit
+        activations `dtype` (K a multiple of 32): the kept values in `dtype` (a copy only when
+        stored in another dtype, e.g. fp32) and, where PyTorch has cuSPARSELt and the shape suits
+        it, cuSPARSELt's layout of the weight (one more copy of the kept values, with its
+        metadata), which the per-shape choice then weighs against our kernels. Activations of
+        another dtype keep the stored values. On CPU, the stored values and positions checked once
+        for the fused C++ matmul (cpu_fused.FusedSp24Values), which calls of up to
+        cpu_fused.sp24_max_m() rows then take directly."""
         self._prepacked = None
         reads = (self.runs_sp24_op and self.values.is_cpu and cpu_fused.available()
                  and cpu_fused.sp24_float_applies(self.values.dtype, self.in_features))

@@ -84,7 +84,7 @@ class SparseQuantLinear(DerivedLayouts, GridBuffers, nn.Module):
         else:
             self.bias = None
         self.kernel = "auto"
-        self._init_derived()
+        self._drop_prepacked()
         self._prepacked: tuple[torch.Tensor, ...] | None  # the kernels' layout, made by prepack
         self._fused: cpu_fused.FusedSp24Weight | None  # _prepacked checked for the fused CPU matmul
 
@@ -152,8 +152,9 @@ class SparseQuantLinear(DerivedLayouts, GridBuffers, nn.Module):
         return self
 
     def _derive_layouts(self, dtype: torch.dtype | None) -> None:
-        """prepack(): the kernels' layout (DerivedLayouts; any `dtype`); on CPU also checked once for the fused C++ matmul (cpu_fused.FusedSp24Weight), which calls of
-        up to cpu_fused.sp24_max_m rows (by its groups) then take directly."""
+        """prepack(): the kernels' layout (DerivedLayouts; any `dtype`); on CPU also checked once for
+        the fused C++ matmul (cpu_fused.FusedSp24Weight), which calls of up to cpu_fused.sp24_max_m
+        rows (by its groups) then take directly."""
         self._prepacked = self.kernel_layout() if self.runs_sp24_op else None
         kb, k = self.kernel_bits, self.in_features
         reads = (self._prepacked is not None and self.qvalues.is_cpu and cpu_fused.available()

@@ -241,10 +241,10 @@ def test_compressed_layers_pass_gradients_eager_and_compiled(trained):
         layer.get_buffer(name).requires_grad_(False)
     values, positions, _ = layers[0].kernel_layout()
     q = layers[1]
-    codes = (*q.kernel_layout(), q.kernel_bits, q.group_size, q.in_features)
-    x = torch.randn(3, 64, requires_grad=True)
     words, q_positions, scales, zeros = q.kernel_layout()
-    trained_codes = (words, q_positions, scales.detach().requires_grad_(trained), zeros, *codes[4:])
+    codes = (words, q_positions, scales, zeros, q.kernel_bits, q.group_size, q.in_features)
+    trained_codes = (words, q_positions, scales.detach().requires_grad_(trained), *codes[3:])
+    x = torch.randn(3, 64, requires_grad=True)
     for op, args in ((sp24_linear_op, (x, values.detach().requires_grad_(trained), positions, "reference", None)),
                      (sp24_int_linear_op, (x, *trained_codes, "auto")),
                      (dense_sp24, (values, positions, torch.float32, "auto")),
