@@ -1,9 +1,19 @@
 """End-to-end greedy decoding speed of a Llama-2-7B-shaped model: bf16 against our int4.
 
 A `LlamaForCausalLM` with Llama-2-7B's shapes (32 layers, hidden 4096, intermediate 11008, vocab
-32000) and random bf16 weights; batch 1, a 32-token prompt, `--tokens` greedy new tokens through
-`model.generate` with a static cache (which makes generate compile the forward with CUDA graphs).
-tokens/s is measured on the second call (the first compiles). Variants:
+32000) and random bf16 weights; batch 1, a 32-token prompt, `--tokens` greedy new tokens with a
+static cache, the decoding steps compiled with CUDA graphs (torch.compile, mode
+"reduce-overhead"), through one or both of two harnesses (`--harness`):
+  - generate: `model.generate(cache_implementation="static")`, which compiles the forward itself
+              (the protocol of the peers' numbers in ../shared/bench/h100-e2e-decode.jsonl);
+  - loop:     the loop a server runs (`ServedLoop`): the prompt through the eager forward, then
+              one compiled step per token (forward and argmax in one CUDA graph), the tokens kept
+              on the GPU and read once at the end. generate's per-token Python (logits
+              processors, stopping criteria, a host sync) is a fixed cost that caps what faster
+              weights can show: on an H200 bf16 generate took 7.5 ms a token, of which the
+              matmuls, at the 3.2 TB/s bf16 cuBLAS streams at M = 1 (kernels.py), take about 4.2.
+tokens/s (prompt included, as generate counts it) is measured on the second call of each
+harness (the first compiles). Variants:
   - bf16:          the dense model;
   - int4:          every decoder Linear RTN-quantized to 4 bits, group 128, in our QuantLinear
                    format, prepacked at load; kernel "auto" picks per shape among our Triton
@@ -18,11 +28,13 @@ tokens/s is measured on the second call (the first compiles). Variants:
                    bits (group 128) in our SparseQuantLinear format (SparseGPT's joint format),
                    through our fused 2:4 + int4 kernels or dequantize + cuBLAS, chosen per shape.
 Before timing, every compressed model's logits through the chosen kernels are compared with the
-reference path.
+reference path; with both harnesses, `loop_tokens_as_generate` counts how many of the loop's new
+tokens equal generate's before the first difference (kernels that split K sum in a varying order,
+so a near-tie in random logits may flip one).
 One JSON line per variant on stdout.
 
-    python benchmarks/decode.py                        # all variants (about 4 minutes on an H100)
-    python benchmarks/decode.py --variants int4 --layers 4 --tokens 32
+    python benchmarks/decode.py                        # all variants, both harnesses
+    python benchmarks/decode.py --variants bf16 int4 --harness loop --layers 4 --tokens 32
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import gc
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -65,16 +78,22 @@ class TinyGemmLinear(nn.Module):
         return y.reshape(*x.shape[:-1], -1)
 
 
-def build(variant: str, layers: int, group_size: int, device: str = "cuda") -> nn.Module:
+def build(variant: str, layers: int, group_size: int, device: str = "cuda", shape: dict = LLAMA2_7B,
+          dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The model of `variant` with random weights (`shape`: LlamaConfig's sizes; the tests' are
+    small)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from compress.quant.rtn import RTNConfig
 
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **LLAMA2_7B)).eval()
-    torch.set_default_dtype(torch.float32)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **shape)).eval()
+    finally:
+        torch.set_default_dtype(default)
     if variant == "bf16":
         return model
     linears = [(name, m) for name, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]
@@ -84,7 +103,7 @@ def build(variant: str, layers: int, group_size: int, device: str = "cuda") -> n
 
         for name, linear in linears:
             keep = nm_mask(linear.weight.abs(), 2, 4)
-            sparse = SparseLinear.from_pruned(linear.weight, keep, "2:4", None, None, name).prepack(torch.bfloat16)
+            sparse = SparseLinear.from_pruned(linear.weight, keep, "2:4", None, None, name).prepack(dtype)
             model.model.layers.set_submodule(name, sparse)
         return model
     if variant == "sp24-int4":
@@ -97,11 +116,11 @@ def build(variant: str, layers: int, group_size: int, device: str = "cuda") -> n
             keep = nm_mask(w.abs(), 2, 4)
             grid = compute_grid(w * keep, 4, group_size, True)
             layer = SparseQuantLinear.from_codes(quantize(w, grid), keep, grid, "2:4", 0.5, None, "float16", name)
-            model.model.layers.set_submodule(name, layer.prepack(torch.bfloat16))
+            model.model.layers.set_submodule(name, layer.prepack(dtype))
         return model
     rtn = RTNConfig(bits=4, group_size=group_size, symmetric=True).build()
     for name, linear in linears:
-        q = rtn.compress(name, linear).prepack(torch.bfloat16)
+        q = rtn.compress(name, linear).prepack(dtype)
         model.model.layers.set_submodule(name, q if variant == "int4" else TinyGemmLinear(q))
     return model
 
@@ -128,25 +147,90 @@ def check_kernels(model: nn.Module, ids: torch.Tensor) -> float:
     return max(errors)
 
 
-def tokens_per_second(model: nn.Module, ids: torch.Tensor, tokens: int) -> tuple[float, float]:
-    """(seconds of the first, compiling call, tokens/s of the second)."""
+def generate(model: nn.Module, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+    """ids [1, P] and `tokens` greedy new ones [1, P + tokens] through `model.generate` (a static
+    cache; on CUDA it compiles the decoding forward with CUDA graphs)."""
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                              cache_implementation="static", pad_token_id=0)
+
+
+class ServedLoop:
+    """Greedy decoding as a server runs it: one static cache for the prompt and `tokens` new ones,
+    the prompt through the eager forward, then per token one call of a compiled step (forward at
+    that cache position, argmax), which CUDA graphs replay on CUDA. The new tokens stay on the
+    device until the end, so the host never waits for the GPU in between.
+
+    Build it once per model: the cache (whose tensors are the compiled graph's fixed addresses)
+    is reset, not replaced, between calls. `compile_options` go to torch.compile."""
+
+    def __init__(self, model: nn.Module, prompt: int, tokens: int, compile_options: dict) -> None:
+        import inspect
+
+        from transformers import StaticCache
+
+        self.model, self.prompt, self.tokens = model, prompt, tokens
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt + tokens)
+        params = inspect.signature(type(model).forward).parameters
+        # transformers 5.2x names the cache "cache" (before: past_key_values, now deprecated) and
+        # counts its tokens itself; earlier versions write where cache_position says
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.takes_cache_position = "cache_position" in params
+        self.step = torch.compile(self._step, **compile_options)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids [1, n] at positions [n] of the cache -> logits [1, n, vocab]."""
+        extra = {"cache_position": positions} if self.takes_cache_position else {}
+        return self.model(input_ids=ids, position_ids=positions[None], use_cache=True,
+                          **{self.cache_arg: self.cache}, **extra).logits
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """token [1, 1] at cache position [1] -> the next token [1, 1]."""
+        return self._forward(token, position)[:, -1].argmax(-1, keepdim=True)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, P] (P = `prompt`) -> [1, P + tokens]."""
+        if ids.shape != (1, self.prompt):
+            raise ValueError(f"ServedLoop was built for a prompt of shape (1, {self.prompt}), got {tuple(ids.shape)}")
+        self.cache.reset()
+        out = torch.empty(1, self.prompt + self.tokens, dtype=ids.dtype, device=ids.device)
+        out[:, :self.prompt] = ids
+        with torch.no_grad():
+            token = self._forward(ids, torch.arange(self.prompt, device=ids.device))[:, -1].argmax(-1, keepdim=True)
+            out[:, self.prompt] = token[:, 0]
+            position = torch.tensor([self.prompt], device=ids.device)
+            for i in range(1, self.tokens):
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's output was consumed
+                token = self.step(token, position).clone()  # a graph's output is overwritten by its next replay
+                out[:, self.prompt + i] = token[:, 0]
+                position += 1
+        return out
+
+
+def timed(run, ids: torch.Tensor, tokens: int) -> tuple[float, float, torch.Tensor]:
+    """(seconds of the first, compiling call, tokens/s of the second, its output)."""
     times = []
     for _ in range(2):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                                 cache_implementation="static", pad_token_id=0)
+        out = run(ids)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         assert out.shape[1] == ids.shape[1] + tokens
-    return times[0], tokens / times[1]
+    return times[0], tokens / times[1], out
+
+
+def same_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many leading entries of a and b [n] are equal."""
+    differ = (a != b).nonzero()
+    return int(differ[0, 0]) if len(differ) else len(a)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     variants = ["bf16", "int4", "int4-tinygemm", "sp24", "sp24-int4"]
     ap.add_argument("--variants", nargs="+", default=variants, choices=variants)
+    ap.add_argument("--harness", nargs="+", default=["loop", "generate"], choices=["loop", "generate"])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=32)
@@ -180,9 +264,21 @@ def main() -> None:
             sp24, bits = variant.startswith("sp24"), 16 if variant == "sp24" else 4  # tuner_key: [2] bits, [9] 2:4
             row["choices"] = {f"{k[5]}x{k[6]} M<={k[7]}": name for k, name in im.TUNER.choices().items()
                               if k[9] == sp24 and k[2] == bits}
-        first_s, tok_s = tokens_per_second(model, ids, args.tokens)
-        row.update(tok_s=round(tok_s, 1), warm_s=round(first_s, 1),
-                   mem_GB=round(torch.cuda.max_memory_allocated() / 1e9, 1))
+        outputs = {}
+        for harness in args.harness:
+            try:  # one harness failing (a transformers version it does not know) leaves the other's number
+                run = (ServedLoop(model, args.prompt, args.tokens, dict(mode="reduce-overhead", fullgraph=True))
+                       if harness == "loop" else lambda ids: generate(model, ids, args.tokens))
+                first_s, tok_s, outputs[harness] = timed(run, ids, args.tokens)
+                row.update({f"{harness}_tok_s": round(tok_s, 1), f"{harness}_warm_s": round(first_s, 1)})
+                del run
+            except Exception as e:  # reported in the row, the traceback on stderr
+                traceback.print_exc()
+                row[f"{harness}_error"] = f"{type(e).__name__}: {e}"[:300]
+        if len(outputs) == 2:
+            row["loop_tokens_as_generate"] = same_prefix(outputs["loop"][0, args.prompt:],
+                                                         outputs["generate"][0, args.prompt:])
+        row["mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
         print(json.dumps(row), flush=True)
         del model
 
