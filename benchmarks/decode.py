@@ -6,12 +6,13 @@ static cache, the decoding steps compiled with CUDA graphs (torch.compile, mode
 "reduce-overhead"), through one or both of two harnesses (`--harness`):
   - generate: `model.generate(cache_implementation="static")`, which compiles the forward itself
               (the protocol of the peers' numbers in ../shared/bench/h100-e2e-decode.jsonl);
-  - loop:     the loop a server runs (`ServedLoop`): the prompt through the eager forward, then
-              one compiled step per token (forward and argmax in one CUDA graph), the tokens kept
-              on the GPU and read once at the end. generate's per-token Python (logits
-              processors, stopping criteria, a host sync) is a fixed cost that caps what faster
-              weights can show: on an H200 bf16 generate took 7.5 ms a token, of which the
-              matmuls, at the 3.2 TB/s bf16 cuBLAS streams at M = 1 (kernels.py), take about 4.2.
+  - loop:     the loop a server runs (compress.static_decode.StaticDecoder, what `compress
+              generate --compile` runs): the prompt through the eager forward, then one compiled
+              step per token (forward and argmax in one CUDA graph), the tokens kept on the GPU
+              until the end. generate's per-token Python (logits processors, stopping criteria,
+              a host sync) is a fixed cost that caps what faster weights can show: on an H200
+              bf16 generate took 7.5 ms a token, of which the matmuls, at the 3.2 TB/s bf16
+              cuBLAS streams at M = 1 (kernels.py), take about 4.2.
 tokens/s (prompt included, as generate counts it) is measured on the second call of each
 harness (the first compiles). Variants:
   - bf16:          the dense model;
@@ -53,6 +54,8 @@ from torch import nn
 # Run as a script, this folder comes first on sys.path, and its kernels.py would shadow the
 # `kernels` package that transformers imports where it is installed
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from compress.static_decode import StaticDecoder  # noqa: E402 (after the path fix above)
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                  vocab_size=32000, max_position_embeddings=4096)
@@ -155,58 +158,6 @@ def generate(model: nn.Module, ids: torch.Tensor, tokens: int) -> torch.Tensor:
                               cache_implementation="static", pad_token_id=0)
 
 
-class ServedLoop:
-    """Greedy decoding as a server runs it: one static cache for the prompt and `tokens` new ones,
-    the prompt through the eager forward, then per token one call of a compiled step (forward at
-    that cache position, argmax), which CUDA graphs replay on CUDA. The new tokens stay on the
-    device until the end, so the host never waits for the GPU in between.
-
-    Build it once per model: the cache (whose tensors are the compiled graph's fixed addresses)
-    is reset, not replaced, between calls. `compile_options` go to torch.compile."""
-
-    def __init__(self, model: nn.Module, prompt: int, tokens: int, compile_options: dict) -> None:
-        import inspect
-
-        from transformers import StaticCache
-
-        self.model, self.prompt, self.tokens = model, prompt, tokens
-        self.cache = StaticCache(config=model.config, max_cache_len=prompt + tokens)
-        params = inspect.signature(type(model).forward).parameters
-        # transformers 5.2x names the cache "cache" (before: past_key_values, now deprecated) and
-        # counts its tokens itself; earlier versions write where cache_position says
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.takes_cache_position = "cache_position" in params
-        self.step = torch.compile(self._step, **compile_options)
-
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """ids [1, n] at positions [n] of the cache -> logits [1, n, vocab]."""
-        extra = {"cache_position": positions} if self.takes_cache_position else {}
-        return self.model(input_ids=ids, position_ids=positions[None], use_cache=True,
-                          **{self.cache_arg: self.cache}, **extra).logits
-
-    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """token [1, 1] at cache position [1] -> the next token [1, 1]."""
-        return self._forward(token, position)[:, -1].argmax(-1, keepdim=True)
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [1, P] (P = `prompt`) -> [1, P + tokens]."""
-        if ids.shape != (1, self.prompt):
-            raise ValueError(f"ServedLoop was built for a prompt of shape (1, {self.prompt}), got {tuple(ids.shape)}")
-        self.cache.reset()
-        out = torch.empty(1, self.prompt + self.tokens, dtype=ids.dtype, device=ids.device)
-        out[:, :self.prompt] = ids
-        with torch.no_grad():
-            token = self._forward(ids, torch.arange(self.prompt, device=ids.device))[:, -1].argmax(-1, keepdim=True)
-            out[:, self.prompt] = token[:, 0]
-            position = torch.tensor([self.prompt], device=ids.device)
-            for i in range(1, self.tokens):
-                torch.compiler.cudagraph_mark_step_begin()  # the last step's output was consumed
-                token = self.step(token, position).clone()  # a graph's output is overwritten by its next replay
-                out[:, self.prompt + i] = token[:, 0]
-                position += 1
-        return out
-
-
 def timed(run, ids: torch.Tensor, tokens: int) -> tuple[float, float, torch.Tensor]:
     """(seconds of the first, compiling call, tokens/s of the second, its output)."""
     times = []
@@ -267,7 +218,7 @@ def main() -> None:
         outputs = {}
         for harness in args.harness:
             try:  # one harness failing (a transformers version it does not know) leaves the other's number
-                run = (ServedLoop(model, args.prompt, args.tokens, dict(mode="reduce-overhead", fullgraph=True))
+                run = (StaticDecoder(model, args.prompt, args.tokens, dict(mode="reduce-overhead", fullgraph=True))
                        if harness == "loop" else lambda ids: generate(model, ids, args.tokens))
                 first_s, tok_s, outputs[harness] = timed(run, ids, args.tokens)
                 row.update({f"{harness}_tok_s": round(tok_s, 1), f"{harness}_warm_s": round(first_s, 1)})

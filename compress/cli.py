@@ -478,6 +478,9 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Decode with a static cache and a compiled step per token (CUDA graphs on CUDA): "
+        "fast once compiled, which takes a while at first.")] = False,
     device: Device = "cpu",
     dtype: RunDtype = "float32",
     trust_remote_code: TrustRemote = False,
@@ -488,8 +491,10 @@ def generate(
     from .commands import generate as run_generate
 
     result = run_generate(model, prompt, max_new_tokens, chat, device, trust_remote_code, _progress(quiet or json_),
-                          dtype)
+                          dtype, compile)
     if json_:
         return _print_json(result)
     out.print(result["text"], highlight=False, markup=False)
-    err.print(f"[dim]{result['new_tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s[/]")
+    steady = result["steady_tokens_per_s"]
+    after = f", {steady:.1f} tokens/s once compiled" if steady is not None else ""
+    err.print(f"[dim]{result['new_tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s{after}[/]")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from . import checkpoint
+from .errors import CompressError
 from .evaluate import EvalConfig, EvalResult, evaluate
 from .loading import load_model
 from .models import is_checkpoint, resolve
@@ -54,8 +55,10 @@ def info(ref: str) -> dict[str, Any]:
 
 def generate(ref: str, prompt: str, max_new_tokens: int, chat: bool, device: str = "cpu",
              trust_remote_code: bool = False, progress: Progress = NullProgress(),
-             dtype: str = "float32") -> dict[str, Any]:
-    """Greedy continuation of `prompt` (wrapped in the model's chat template if `chat`)."""
+             dtype: str = "float32", compile: bool = False) -> dict[str, Any]:
+    """Greedy continuation of `prompt` (wrapped in the model's chat template if `chat`), through
+    `model.generate`, or with `compile` through a static cache and a compiled step per token
+    (static_decode.py: CUDA graphs on CUDA); both stop after an end-of-sequence token."""
     model, tokenizer, path = load_model(ref, dtype, device, trust_remote_code, progress=progress)
     if chat:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -64,12 +67,41 @@ def generate(ref: str, prompt: str, max_new_tokens: int, chat: bool, device: str
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     ids = ids.to(model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad)
-    seconds = time.perf_counter() - start
+    steady = None
+    if compile:
+        with progress.task("Compiling the decoding step, then decoding", total=None):
+            out, seconds, steady = _compiled_generate(model, ids, max_new_tokens, ref)
+    else:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+        seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
     return {"model": ref, "compressed": is_checkpoint(path), "prompt": prompt,
             "text": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": int(new.numel()),
-            "seconds": seconds, "tokens_per_s": new.numel() / seconds}
+            "seconds": seconds, "tokens_per_s": new.numel() / seconds, "compiled": compile,
+            "steady_tokens_per_s": steady}
+
+
+def _compiled_generate(model, ids: torch.Tensor, max_new_tokens: int,
+                       ref: str) -> tuple[torch.Tensor, float, float | None]:
+    """(prompt and new tokens [1, P + n], seconds in all, tokens/s after the steps that compile)
+    through static_decode.StaticDecoder; a model whose forward does not compile as one graph is
+    one clear error."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    from .static_decode import StaticDecoder
+
+    eos = model.generation_config.eos_token_id  # where generate stops too: None, one id or a list
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    try:
+        decoder = StaticDecoder(model, ids.shape[1], max_new_tokens, eos=eos)
+        out = decoder(ids)
+    except TorchDynamoException as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CompressError(f"--compile: the forward of {ref} does not compile as one graph ({first[:200]}); "
+                            "run without --compile") from None
+    t = decoder.timing
+    steady = t["steady_tokens"] / t["steady_seconds"] if t["steady_tokens"] else None
+    return out, t["seconds"], steady

@@ -1,7 +1,8 @@
-"""benchmarks/decode.py's served loop decodes what `model.generate` decodes: the same greedy tokens,
-and a static cache holding what one forward over the decoded sequence computes, with the whole
-step traced as one graph (our ops included). On the GPU it runs compiled with CUDA graphs; here
-dynamo traces it (fullgraph) and runs it eagerly."""
+"""benchmarks/decode.py's served loop (compress.static_decode.StaticDecoder) over the benchmark's
+models (dense, int4, 2:4, 2:4 + int4 layers) decodes what `model.generate` decodes: the same
+greedy tokens, and a static cache holding what one forward over the decoded sequence computes,
+with the whole step traced as one graph (our ops included). On the GPU it runs compiled with CUDA
+graphs; here dynamo traces it (fullgraph) and runs it eagerly."""
 
 from __future__ import annotations
 
@@ -26,12 +27,12 @@ def decode():
 
 
 @pytest.mark.parametrize("variant", ["bf16", "int4", "sp24", "sp24-int4"])
-def test_served_loop_decodes_as_generate(decode, variant):
+def test_static_decoder_decodes_as_generate(decode, variant):
     torch._dynamo.reset()
     model = decode.build(variant, 2, 32, "cpu", SHAPE, torch.float32)  # "bf16": the dense model, here in fp32
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 8), generator=torch.Generator().manual_seed(1))
     expected = decode.generate(model, ids, 12)
-    loop = decode.ServedLoop(model, 8, 12, dict(backend="eager", fullgraph=True))
+    loop = decode.StaticDecoder(model, 8, 12, dict(backend="eager", fullgraph=True))
     for _ in range(2):  # the second call resets and reuses the cache and the traced step
         out = loop(ids)
         assert out.shape == (1, 20)
@@ -43,17 +44,10 @@ def test_served_loop_decodes_as_generate(decode, variant):
     # the keys and values of one forward over the first 19 tokens (the last is never fed back)
     reference = StaticCache(config=model.config, max_cache_len=20)
     with torch.no_grad():
-        model(input_ids=out[:, :19], cache_position=torch.arange(19), use_cache=True, **{loop.cache_arg: reference})
+        model(input_ids=out[:, :19], use_cache=True, **{loop.cache_arg: reference})
     for got, want in zip(loop.cache.layers, reference.layers, strict=True):
         for a, b in ((got.keys, want.keys), (got.values, want.values)):  # [1, heads, 20, head_dim]
             torch.testing.assert_close(a[:, :, :19], b[:, :, :19], rtol=1e-4, atol=1e-5)
-
-
-def test_served_loop_takes_its_prompt_length_only(decode):
-    model = decode.build("bf16", 1, 32, "cpu", SHAPE, torch.float32)
-    loop = decode.ServedLoop(model, 8, 4, dict(backend="eager", fullgraph=True))
-    with pytest.raises(ValueError, match=r"prompt of shape \(1, 8\), got \(1, 6\)"):
-        loop(torch.zeros(1, 6, dtype=torch.long))
 
 
 def test_same_prefix(decode):
