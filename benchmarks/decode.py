@@ -32,7 +32,8 @@ Before timing, every compressed model's logits through the chosen kernels are co
 reference path; with both harnesses, `loop_tokens_as_generate` counts how many of the loop's new
 tokens equal generate's before the first difference (kernels that split K sum in a varying order,
 so a near-tie in random logits may flip one).
-One JSON line per variant on stdout.
+One JSON line per (variant, harness) on stdout, printed as each finishes; `cudagraph_skips` counts
+graphs inductor did not capture (their tokens/s are then not CUDA graphs').
 
     python benchmarks/decode.py                        # all variants, both harnesses
     python benchmarks/decode.py --variants bf16 int4 --harness loop --layers 4 --tokens 32
@@ -97,6 +98,7 @@ def build(variant: str, layers: int, group_size: int, device: str = "cuda", shap
             model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **shape)).eval()
     finally:
         torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = None  # random weights: no token ends a sequence
     if variant == "bf16":
         return model
     linears = [(name, m) for name, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)]
@@ -152,10 +154,11 @@ def check_kernels(model: nn.Module, ids: torch.Tensor) -> float:
 
 def generate(model: nn.Module, ids: torch.Tensor, tokens: int) -> torch.Tensor:
     """ids [1, P] and `tokens` greedy new ones [1, P + tokens] through `model.generate` (a static
-    cache; on CUDA it compiles the decoding forward with CUDA graphs)."""
+    cache; on CUDA it compiles the decoding forward with CUDA graphs). The models of `build` have
+    no EOS, so it decodes `tokens` by plain argmax, as the loop does."""
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                              cache_implementation="static", pad_token_id=0)
+        return model.generate(ids, max_new_tokens=tokens, do_sample=False, cache_implementation="static",
+                              pad_token_id=0)
 
 
 def timed(run, ids: torch.Tensor, tokens: int) -> tuple[float, float, torch.Tensor]:
@@ -190,6 +193,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA device")
     import transformers
+    from torch._dynamo.utils import counters
 
     print(json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                       "transformers": transformers.__version__}), flush=True)
@@ -216,21 +220,25 @@ def main() -> None:
             row["choices"] = {f"{k[5]}x{k[6]} M<={k[7]}": name for k, name in im.TUNER.choices().items()
                               if k[9] == sp24 and k[2] == bits}
         outputs = {}
-        for harness in args.harness:
+        for harness in args.harness:  # a row each, printed as it comes (a time box may end the next)
+            out = dict(row, harness=harness)
+            counters["inductor"].clear()
             try:  # one harness failing (a transformers version it does not know) leaves the other's number
                 run = (StaticDecoder(model, args.prompt, args.tokens, dict(mode="reduce-overhead", fullgraph=True))
                        if harness == "loop" else lambda ids: generate(model, ids, args.tokens))
                 first_s, tok_s, outputs[harness] = timed(run, ids, args.tokens)
-                row.update({f"{harness}_tok_s": round(tok_s, 1), f"{harness}_warm_s": round(first_s, 1)})
+                out.update(tok_s=round(tok_s, 1), warm_s=round(first_s, 1))
                 del run
             except Exception as e:  # reported in the row, the traceback on stderr
                 traceback.print_exc()
-                row[f"{harness}_error"] = f"{type(e).__name__}: {e}"[:300]
-        if len(outputs) == 2:
-            row["loop_tokens_as_generate"] = same_prefix(outputs["loop"][0, args.prompt:],
-                                                         outputs["generate"][0, args.prompt:])
-        row["mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
-        print(json.dumps(row), flush=True)
+                out["error"] = f"{type(e).__name__}: {e}"[:300]
+            # graphs inductor chose not to capture (each a reason logged): the tokens/s would not be CUDA graphs'
+            out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+            if len(outputs) == 2:
+                out["loop_tokens_as_generate"] = same_prefix(outputs["loop"][0, args.prompt:],
+                                                             outputs["generate"][0, args.prompt:])
+            out["mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 1)
+            print(json.dumps(out), flush=True)
         del model
 
 

@@ -432,6 +432,9 @@ def eval_cmd(
     windows: Annotated[int, typer.Option(help="Perplexity windows.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure prefill and decode tokens/s.")] = True,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Time decoding with a static cache and a compiled step per token (CUDA graphs on CUDA), "
+        "after one untimed call that compiles.")] = False,
     device: Device = "cpu",
     dtype: RunDtype = "float32",
     trust_remote_code: TrustRemote = False,
@@ -447,7 +450,7 @@ def eval_cmd(
     from .report import eval_table
 
     try:
-        config = EvalConfig(data=data, windows=windows, seq_len=seq_len, speed=speed)
+        config = EvalConfig(data=data, windows=windows, seq_len=seq_len, speed=speed, compile_decode=compile)
     except ValidationError as e:
         raise CompressError(f"eval options: {describe_error(e, EvalConfig)}") from None
     evals = eval_model(model, base, config, device, trust_remote_code, _progress(quiet or json_), dtype)

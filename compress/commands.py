@@ -61,16 +61,23 @@ def generate(ref: str, prompt: str, max_new_tokens: int, chat: bool, device: str
     (static_decode.py: CUDA graphs on CUDA); both stop after an end-of-sequence token."""
     model, tokenizer, path = load_model(ref, dtype, device, trust_remote_code, progress=progress)
     if chat:
+        if tokenizer.chat_template is None:
+            raise CompressError(f"--chat: the tokenizer of {ref} has no chat template; leave out --chat")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise CompressError("the prompt is empty once tokenized; give some text to continue")
     ids = ids.to(model.device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     steady = None
+    if compile and (changed := _token_changing_settings(model.generation_config)):
+        raise CompressError(f"--compile decodes by plain argmax, and the generation config of {ref} sets "
+                            f"{', '.join(changed)}, which generate applies; run without --compile")
     if compile:
         with progress.task("Compiling the decoding step, then decoding", total=None):
-            out, seconds, steady = _compiled_generate(model, ids, max_new_tokens, ref)
+            out, seconds, steady = _compiled_generate(model, ids, max_new_tokens)
     else:
         start = time.perf_counter()
         with torch.no_grad():
@@ -84,24 +91,31 @@ def generate(ref: str, prompt: str, max_new_tokens: int, chat: bool, device: str
             "steady_tokens_per_s": steady}
 
 
-def _compiled_generate(model, ids: torch.Tensor, max_new_tokens: int,
-                       ref: str) -> tuple[torch.Tensor, float, float | None]:
-    """(prompt and new tokens [1, P + n], seconds in all, tokens/s after the steps that compile)
-    through static_decode.StaticDecoder; a model whose forward does not compile as one graph is
-    one clear error."""
-    from torch._dynamo.exc import TorchDynamoException
+# Generation settings under which greedy `generate` picks other tokens than the argmax (beam
+# search; logits processors), compared with GenerationConfig's defaults
+TOKEN_CHANGING = ("num_beams", "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_length",
+                  "min_new_tokens", "suppress_tokens", "begin_suppress_tokens", "sequence_bias", "forced_bos_token_id",
+                  "forced_eos_token_id", "exponential_decay_length_penalty", "guidance_scale")
 
+
+def _token_changing_settings(config) -> list[str]:
+    """"name=value" of each TOKEN_CHANGING setting of a GenerationConfig away from its default."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    return [f"{name}={getattr(config, name)}" for name in TOKEN_CHANGING
+            if getattr(config, name, None) != getattr(default, name, None)]
+
+
+def _compiled_generate(model, ids: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, float, float | None]:
+    """(prompt and new tokens [1, P + n], seconds in all, tokens/s after the steps that compile)
+    through static_decode.StaticDecoder, stopping where generate would."""
     from .static_decode import StaticDecoder
 
     eos = model.generation_config.eos_token_id  # where generate stops too: None, one id or a list
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    try:
-        decoder = StaticDecoder(model, ids.shape[1], max_new_tokens, eos=eos)
-        out = decoder(ids)
-    except TorchDynamoException as e:
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise CompressError(f"--compile: the forward of {ref} does not compile as one graph ({first[:200]}); "
-                            "run without --compile") from None
+    decoder = StaticDecoder(model, ids.shape[1], max_new_tokens, eos=eos)
+    out = decoder(ids)
     t = decoder.timing
     steady = t["steady_tokens"] / t["steady_seconds"] if t["steady_tokens"] else None
     return out, t["seconds"], steady

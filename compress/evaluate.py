@@ -5,7 +5,9 @@
 - Fidelity: on the first `fidelity_windows` windows, mean KL(base || model) of the next-token
   distributions and top-1 agreement, against a reference taken from the base model first.
 - Speed: prefill tokens/s of one `seq_len` sequence and greedy decode tokens/s of `new_tokens`
-  tokens, median of `repeats` runs, on the device the model is on.
+  tokens, median of `repeats` runs, on the device the model is on; decoding through
+  `model.generate`, or with `compile_decode` through static_decode.StaticDecoder (a static cache
+  and a compiled step per token, CUDA graphs on CUDA) after one untimed call that compiles.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class EvalConfig(BaseModel):
     speed: bool = Field(True, description="Measure prefill and decode tokens/s.")
     new_tokens: int = Field(64, ge=1, description="Tokens generated per decode-speed run.")
     repeats: int = Field(3, ge=1, description="Speed runs; the median is reported.")
+    compile_decode: bool = Field(False, description="Time decoding with a static cache and a compiled step per "
+                                 "token (CUDA graphs on CUDA), after one untimed call that compiles.")
 
 
 @dataclass
@@ -54,6 +58,7 @@ class EvalResult:
     top1: float | None = None
     prefill_tps: float | None = None
     decode_tps: float | None = None
+    decode_compiled: bool = False  # decode_tps measured through a compiled step (EvalConfig.compile_decode)
     eval_seconds: float = 0.0
     device: str = "cpu"
 
@@ -105,6 +110,7 @@ def evaluate(
         result.kl, result.top1 = kl_sum / fid_count, agree / fid_count
     if config.speed:
         result.prefill_tps, result.decode_tps = measure_speed(model, tokenizer, windows[0], config, progress, label)
+        result.decode_compiled = config.compile_decode
     result.eval_seconds = time.perf_counter() - start
     return result, kept
 
@@ -116,18 +122,24 @@ def measure_speed(model: nn.Module, tokenizer, window: torch.Tensor, config: Eva
     prefill, decode = [], []
     prompt = window[None, :16]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if config.compile_decode:
+        from .static_decode import StaticDecoder
+
+        decoder = StaticDecoder(model, prompt.shape[1], config.new_tokens)  # no EOS: new_tokens each time
+        with progress.task(f"Compiling the decoding step of {label}", total=None):
+            decoder(prompt)
+
+        def run_decode():
+            return decoder(prompt)
+    else:
+        def run_decode():
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=config.new_tokens,
+                                  min_new_tokens=config.new_tokens, do_sample=False, pad_token_id=pad)
     with progress.task(f"Timing {label}", total=config.repeats) as advance:
         for _ in range(config.repeats):
             t = _timed(lambda: model(input_ids=window[None]), window.device)
             prefill.append(window.numel() / t)
-            t = _timed(
-                lambda: model.generate(
-                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=config.new_tokens,
-                    min_new_tokens=config.new_tokens, do_sample=False, pad_token_id=pad,
-                ),
-                window.device,
-            )
-            decode.append(config.new_tokens / t)
+            decode.append(config.new_tokens / _timed(run_decode, window.device))
             advance(1)
     return statistics.median(prefill), statistics.median(decode)
 

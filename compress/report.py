@@ -86,7 +86,8 @@ def eval_table(columns: list[tuple[str, EvalResult | None, int | None, float | N
         ("size on disk", lambda e, b, w: human_bytes(b)),
         ("bits/weight (compressed layers)", lambda e, b, w: _num(w, ".3f")),
         ("prefill tokens/s", lambda e, b, w: _num(e and e.prefill_tps, ".1f")),
-        ("decode tokens/s", lambda e, b, w: _num(e and e.decode_tps, ".2f")),
+        ("decode tokens/s" + (" (compiled)" if any(e and e.decode_compiled for _, e, *_ in columns) else ""),
+         lambda e, b, w: _num(e and e.decode_tps, ".2f")),
     ]
     for name, cell in rows:
         t.add_row(name, *(cell(e, b, w) for _, e, b, w in columns))

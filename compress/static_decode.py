@@ -19,6 +19,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .errors import CompressError
+
 EOS_EVERY = 16  # new tokens between looks for an end-of-sequence token (each look waits for the device)
 WARM_STEPS = 3  # steps that compile, warm up and record the CUDA graph (cudagraph trees) before it replays
 
@@ -35,7 +37,10 @@ class StaticDecoder:
     Build it once per model: its static cache, whose tensors the compiled step reads at fixed
     addresses, is reset, not replaced, between calls. After a call `timing` holds
     {"new_tokens", "seconds", "steady_tokens", "steady_seconds"}: the steady part is the steps
-    after the first WARM_STEPS, which compile (once per decoder) and record the graph."""
+    after the first WARM_STEPS, which compile (once per decoder) and record the graph. (Models
+    with sliding-window layers compile again once the window fills, inside the steady part.)
+    Tokens are the plain argmax: none of the generation config's logits processors (repetition
+    penalty and the like) apply."""
 
     def __init__(self, model: nn.Module, prompt: int, max_new_tokens: int, compile_options: dict | None = None,
                  eos: Iterable[int] = ()) -> None:
@@ -43,11 +48,19 @@ class StaticDecoder:
 
         if prompt < 1 or max_new_tokens < 1:
             raise ValueError(f"a static decoder needs a prompt and new tokens, not {prompt} and {max_new_tokens}")
+        name = type(model).__name__
+        if not getattr(model, "_can_compile_fullgraph", False):
+            raise CompressError(f"compiled decoding: transformers does not compile {name} as one graph with a static "
+                                "cache; decode without compiling (no --compile, eval.compile_decode: false)")
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and prompt + max_new_tokens > limit:
+            raise CompressError(f"compiled decoding: a prompt of {prompt} tokens and {max_new_tokens} new ones need "
+                                f"{prompt + max_new_tokens} positions, {name} has {limit}; ask for fewer new tokens")
         self.model, self.prompt, self.max_new_tokens, self.eos = model, prompt, max_new_tokens, sorted(set(eos))
         self.cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens)
         params = inspect.signature(type(model).forward).parameters
-        # transformers 5.2x names the cache "cache" (before: past_key_values, now deprecated) and
-        # counts its tokens itself; earlier versions write where cache_position says
+        # transformers 5.2x names the cache "cache" (5.1x: past_key_values); from 5.0 the cache
+        # counts its tokens itself, while 4.x forwards take cache_position and write there
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.takes_cache_position = "cache_position" in params
         device = next(model.parameters()).device
@@ -63,6 +76,20 @@ class StaticDecoder:
     def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """token [1, 1] at cache position [1] -> the next token [1, 1]."""
         return self._forward(token, position)[:, -1].argmax(-1, keepdim=True)
+
+    def _compiled_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """`step`, whose first call compiles; a forward that does not compile as one graph (or a
+        compiler that fails on it) is one clear error."""
+        from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+
+        try:
+            return self.step(token, position)
+        except (TorchDynamoException, FailOnRecompileLimitHit) as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            why = " ".join(lines[:2])[:200] or type(e).__name__  # what failed and why; then dynamo's boilerplate
+            raise CompressError(f"compiled decoding: the forward of this {type(self.model).__name__} failed to compile "
+                                f"as one graph ({why}); decode without compiling (no --compile, "
+                                "eval.compile_decode: false)") from None
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [1, P] (P = `prompt`) -> [1, P + n]: the prompt and n <= max_new_tokens new tokens,
@@ -86,7 +113,7 @@ class StaticDecoder:
                 if i % EOS_EVERY == 0 and _first_eos(out[0, p:p + i], eos) is not None:
                     break
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's output was consumed
-                token = self.step(token, position).clone()  # a graph's output is overwritten by its next replay
+                token = self._compiled_step(token, position).clone()  # a graph's output: overwritten by the next replay
                 out[:, p + i] = token[:, 0]
                 position += 1
                 steps += 1

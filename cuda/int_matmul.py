@@ -297,9 +297,18 @@ def tuner_key(x: torch.Tensor, w: IntWeight) -> tuple:
             _m_bucket(x.shape[0]), w.tinygemm is not None, w.positions is not None, w.cusparselt is not None)
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph capture is running on `device`'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def int_matmul(x: torch.Tensor, w: IntWeight) -> torch.Tensor:
     """x [M, K] (contiguous) -> [M, N], the fastest measured candidate for this shape (PyTorch's
     tinygemm or cuSPARSELt among them when `w` was prepared for them)."""
-    m = x.shape[0]
+    m, key = x.shape[0], tuner_key(x, w)
+    if key not in TUNER.chosen and _capturing(x.device):  # timing cannot run in a capture
+        raise RuntimeError(f"compress: no kernel was chosen yet for a {w.out_features} x {w.in_features} "
+                           f"{w.bits}-bit weight at M = {m} when CUDA graph capture began; run the model once "
+                           "outside the capture first (torch.compile's CUDA graphs do: they warm up before)")
     tg, sp24, cslt = w.tinygemm is not None, w.positions is not None, w.cusparselt is not None
-    return TUNER.run(tuner_key(x, w), lambda: candidates(m, x.dtype, w.group, w.bits, tg, sp24, cslt), x, w)
+    return TUNER.run(key, lambda: candidates(m, x.dtype, w.group, w.bits, tg, sp24, cslt), x, w)

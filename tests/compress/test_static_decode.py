@@ -78,14 +78,74 @@ def test_bad_prompts_are_refused(model):
         StaticDecoder(model, 6, 0, TRACED)
 
 
-def test_cli_generate_compiled_gives_the_same_text(ckpt):  # noqa: F811
-    plain = cli("generate", ckpt, "The fire", "--max-new-tokens", 8, "--json")
-    compiled = cli("generate", ckpt, "The fire", "--max-new-tokens", 8, "--json", "--compile")
+@pytest.fixture(scope="module")
+def varied_ckpt(tmp_path_factory):
+    """An int4 checkpoint of a tiny model whose greedy decoding does not repeat one token (the
+    shared tiny model's does)."""
+    from ..conftest import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("varied")
+    tok = tiny_tokenizer()
+    tiny_model(vocab_size=len(tok), initializer_range=0.3).save_pretrained(folder / "model")
+    tok.save_pretrained(folder / "model")
+    r = cli("quantize", folder / "model", "-o", folder / "int4", "--bits", 4, "--group-size", 32, "--quiet")
+    assert r.exit_code == 0, r.output
+    return folder / "int4"
+
+
+@pytest.fixture
+def eos_at_4(varied_ckpt, monkeypatch):
+    """The checkpoint loaded with an EOS list holding the 4th token greedy decoding gives (and an
+    id past the vocabulary): the token id."""
+    import compress.commands as commands
+
+    load = commands.load_model
+    model, tokenizer, _ = load(str(varied_ckpt), "float32")
+    ids = tokenizer("The fire", return_tensors="pt")["input_ids"]
+    model.generation_config.eos_token_id = None
+    new = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    eos = new[3]
+    assert eos not in new[:3], new
+
+    def load_with_eos(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        loaded[0].generation_config.eos_token_id = [eos, 100000]
+        return loaded
+
+    monkeypatch.setattr(commands, "load_model", load_with_eos)
+    return eos
+
+
+def test_cli_generate_compiled_gives_the_same_text(varied_ckpt, eos_at_4):
+    plain = cli("generate", varied_ckpt, "The fire", "--max-new-tokens", 8, "--json")
+    compiled = cli("generate", varied_ckpt, "The fire", "--max-new-tokens", 8, "--json", "--compile")
     assert plain.exit_code == 0 and compiled.exit_code == 0, compiled.output
     plain, compiled = json.loads(plain.stdout), json.loads(compiled.stdout)
     assert compiled["compiled"] and not plain["compiled"] and plain["steady_tokens_per_s"] is None
-    assert compiled["text"] == plain["text"] and compiled["new_tokens"] == plain["new_tokens"]
-    assert compiled["steady_tokens_per_s"] > 0
+    assert compiled["text"] == plain["text"] and compiled["new_tokens"] == plain["new_tokens"] == 4  # both stop at it
+    assert compiled["steady_tokens_per_s"] > 0  # 7 steps: its first look for an EOS comes after 16
+    assert_one_line_error(cli("generate", varied_ckpt, "The fire", "--chat"),
+                          r"--chat: the tokenizer of .* has no chat template; leave out --chat")
+
+
+def test_cli_generate_refuses_what_compiling_cannot_do(ckpt, monkeypatch):  # noqa: F811
+    assert_one_line_error(cli("generate", ckpt, "", "--max-new-tokens", 4), "the prompt is empty once tokenized")
+    assert_one_line_error(cli("generate", ckpt, "The fire", "--max-new-tokens", 1000, "--compile"),
+                          r"need 100\d positions, LlamaForCausalLM has 256; ask for fewer new tokens")
+    import compress.commands as commands
+
+    load = commands.load_model
+
+    def load_with_penalty(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        loaded[0].generation_config.repetition_penalty = 1.3
+        return loaded
+
+    monkeypatch.setattr(commands, "load_model", load_with_penalty)
+    assert_one_line_error(cli("generate", ckpt, "The fire", "--max-new-tokens", 4, "--compile"),
+                          r"--compile decodes by plain argmax, and the generation config of .* sets "
+                          r"repetition_penalty=1.3, which generate applies; run without --compile")
+    assert cli("generate", ckpt, "The fire", "--max-new-tokens", 4).exit_code == 0
 
 
 def test_cli_generate_compile_failure_is_one_line(ckpt, monkeypatch):  # noqa: F811
@@ -94,4 +154,19 @@ def test_cli_generate_compile_failure_is_one_line(ckpt, monkeypatch):  # noqa: F
 
     monkeypatch.setattr("compress.static_decode.default_compile_options", lambda device: dict(backend=refuse))
     r = cli("generate", ckpt, "The fire", "--max-new-tokens", 4, "--compile")
-    assert_one_line_error(r, r"--compile: the forward of .* does not compile as one graph .*run without --compile")
+    assert_one_line_error(r, r"compiled decoding: the forward of this LlamaForCausalLM failed to compile as one graph "
+                             r"\(backend='refuse' raised: RuntimeError: this backend compiles nothing\); decode "
+                             r"without compiling \(no --compile")
+
+
+def test_cli_eval_times_compiled_decoding(ckpt):  # noqa: F811
+    from compress.evaluate import EvalResult
+    from compress.report import eval_table
+
+    r = cli("eval", ckpt, "--windows", 1, "--seq-len", 32, "--compile", "--json")
+    assert r.exit_code == 0, r.output
+    (result,) = json.loads(r.stdout)
+    assert result["decode_compiled"] and result["decode_tps"] > 0
+    labels = [eval_table([("m", EvalResult(1.0, 1, decode_compiled=compiled), None, None)], "t").columns[0]._cells[-1]
+              for compiled in (False, True)]
+    assert labels == ["decode tokens/s", "decode tokens/s (compiled)"]

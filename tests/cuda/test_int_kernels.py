@@ -406,3 +406,20 @@ def test_tinygemm_candidate_matches_reference(symmetric):
     q3.prepack(torch.bfloat16)  # widened: the 4-bit words are its one derived copy, no tinygemm copy
     assert q3._tinygemm is None and q3._prepacked is not None
     assert rel_err(q3(x) - q3.bias, x.float() @ q3.dequantized_weight().T) < REL_TOL[torch.bfloat16]
+
+
+def test_untuned_shape_inside_a_cuda_graph_capture_is_a_clear_error(monkeypatch):
+    """Choosing a kernel times candidates, which a CUDA graph capture cannot hold: a shape first
+    seen during a capture is refused with what to do; a chosen one runs."""
+    w = make_weight(48, 64, 4, 32, True)
+    x = torch.randn(3, 64, device=DEVICE)
+    key = im.tuner_key(x, w)
+    im.TUNER.chosen.pop(key, None)
+    monkeypatch.setattr(im, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match=r"no kernel was chosen yet for a 48 x 64 4-bit weight at M = 3 when CUDA "
+                                           r"graph capture began; run the model once outside the capture first"):
+        im.int_matmul(x, w)
+    monkeypatch.undo()
+    im.int_matmul(x, w)  # chosen outside a capture
+    monkeypatch.setattr(im, "_capturing", lambda device: True)
+    assert rel_err(im.int_matmul(x, w), reference(x, w)) < 1e-4
