@@ -49,6 +49,7 @@ measured on an H200).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -124,10 +125,12 @@ def _int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zero
         library = None if kernel == "triton" or tinygemm_weight is None else (tinygemm_weight, tinygemm_scales)
         y = int_matmul(x2.contiguous(), IntWeight(words, scales, zeros, bits, group_size, in_features, library))
     else:
+        if _use_cpu_fused(x2, bits, group_size, in_features, kernel):  # [..., N] as x comes: no reshape (1.5 us)
+            y = _unless_failed(cpu_fused.matmul(x, words, scales, zeros, bits, group_size, in_features), kernel)
+            if y is not None:
+                return y
         y = None
-        if _use_cpu_fused(x2, bits, group_size, in_features, kernel):
-            y = _unless_failed(cpu_fused.matmul(x2, words, scales, zeros, bits, group_size, in_features), kernel)
-        if y is None and _use_cpu_dequantize(x.device, kernel, cpu_fused.applies(bits, group_size, in_features)):
+        if _use_cpu_dequantize(x.device, kernel, cpu_fused.applies(bits, group_size, in_features)):
             y = cpu_dequantize.int_linear(x2, words, scales, zeros, bits, group_size, in_features)
         if y is None:
             y = torch.nn.functional.linear(x2, dequantize_words(words, scales, zeros, bits, group_size, in_features,
@@ -175,11 +178,13 @@ def _sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tens
         y = int_matmul(x2.contiguous(), IntWeight(words, scales, zeros, bits, group_size, in_features,
                                                   positions=positions))
     else:
+        if _use_cpu_fused(x2, bits, group_size, in_features, kernel, sp24=True):  # [..., N] as x comes
+            y = _unless_failed(cpu_fused.sp24_matmul(x, words, positions, scales, zeros, bits, group_size,
+                                                     in_features), kernel)
+            if y is not None:
+                return y
         y = None
-        if _use_cpu_fused(x2, bits, group_size, in_features, kernel, sp24=True):
-            y = _unless_failed(cpu_fused.sp24_matmul(x2, words, positions, scales, zeros, bits, group_size,
-                                                            in_features), kernel)
-        if y is None and _use_cpu_dequantize(x.device, kernel, cpu_fused.sp24_applies(bits, group_size, in_features)):
+        if _use_cpu_dequantize(x.device, kernel, cpu_fused.sp24_applies(bits, group_size, in_features)):
             y = cpu_dequantize.sp24_int_linear(x2, words, positions, scales, zeros, bits, group_size, in_features)
         if y is None:
             y = torch.nn.functional.linear(x2, dequantize_sp24_words(words, positions, scales, zeros, bits,
@@ -267,10 +272,12 @@ def _sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
 
         y = int_matmul(x2.contiguous(), weight(values, positions, None if kernel == "triton" else cusparselt))
     else:
+        if _use_cpu_fused_sp24_values(x2, values, k, kernel):  # [..., N] as x comes
+            y = _unless_failed(cpu_fused.sp24_float_matmul(x, values, positions, k), kernel)
+            if y is not None:
+                return y
         y = None
-        if _use_cpu_fused_sp24_values(x2, values, k, kernel):
-            y = _unless_failed(cpu_fused.sp24_float_matmul(x2, values, positions, k), kernel)
-        if y is None and _use_cpu_dequantize(x.device, kernel, cpu_fused.sp24_float_applies(values.dtype, k)):
+        if _use_cpu_dequantize(x.device, kernel, cpu_fused.sp24_float_applies(values.dtype, k)):
             y = cpu_dequantize.sp24_float_linear(x2, values, positions, k)
         if y is None:
             y = torch.nn.functional.linear(x2, dense_sp24_values(values, positions, k, x.dtype))
@@ -300,13 +307,15 @@ dense_sp24 = define("dense_sp24(Tensor values, Tensor positions, ScalarType dtyp
 
 
 # Gradients through each op (the op's arguments after x as `a`): x's is grad @ the dense weight
-# from the op that dequantizes the format; trained scales or values get theirs through the reference
-differentiable(int_linear_op, lambda a, dtype: dequantize_int(*a[:6], dtype, a[6]),
-               lambda a, dtype: dequantize_words(*a[:6], dtype))
-differentiable(sp24_int_linear_op, lambda a, dtype: dequantize_sp24_int(*a[:7], dtype, a[7]),
-               lambda a, dtype: dequantize_sp24_words(*a[:7], dtype))
-differentiable(sp24_linear_op, lambda a, dtype: dense_sp24(a[0], a[1], dtype, a[2]),
-               lambda a, dtype: dense_sp24_values(a[0], a[1], a[0].shape[1] * 2, dtype))
+# from the op that dequantizes the format; trained scales or values get theirs through the
+# reference. Each returns the op's twin for calls without grad mode (no autograd kernel to pass).
+int_linear_no_grad = differentiable(int_linear_op, lambda a, dtype: dequantize_int(*a[:6], dtype, a[6]),
+                                    lambda a, dtype: dequantize_words(*a[:6], dtype))
+sp24_int_linear_no_grad = differentiable(sp24_int_linear_op,
+                                         lambda a, dtype: dequantize_sp24_int(*a[:7], dtype, a[7]),
+                                         lambda a, dtype: dequantize_sp24_words(*a[:7], dtype))
+sp24_linear_no_grad = differentiable(sp24_linear_op, lambda a, dtype: dense_sp24(a[0], a[1], dtype, a[2]),
+                                     lambda a, dtype: dense_sp24_values(a[0], a[1], a[0].shape[1] * 2, dtype))
 
 
 @dataclass(frozen=True)
@@ -336,7 +345,7 @@ def int_linear(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
                          "N % 16 == 0, or per-channel symmetric 5-8 bits with K % 16 == 0)")
     if cpu_packed_serves(kernel, cpu, x):
         return cpu_packed_linear(x, cpu, bits, group_size, in_features)
-    op = _int_linear if _direct(x, words, scales, *(tinygemm or ())) else int_linear_op
+    op = _route(_int_linear, int_linear_op, int_linear_no_grad, x, words, scales, *(tinygemm or ()))
     return op(x, words, scales, zeros, bits, group_size, in_features, kernel, *(tinygemm or (None, None)))
 
 
@@ -356,15 +365,25 @@ def sp24_int_linear(x: torch.Tensor, words: torch.Tensor, positions: torch.Tenso
                     zeros: torch.Tensor | None, bits: int, group_size: int, in_features: int,
                     kernel: str = "auto") -> torch.Tensor:
     """compress::sp24_int_linear (module docstring), the op's dispatch skipped where `_direct` allows."""
-    op = _sp24_int_linear if _direct(x, words, positions, scales) else sp24_int_linear_op
+    op = _route(_sp24_int_linear, sp24_int_linear_op, sp24_int_linear_no_grad, x, words, positions, scales)
     return op(x, words, positions, scales, zeros, bits, group_size, in_features, kernel)
 
 
 def sp24_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, kernel: str = "auto",
                 cusparselt: torch.Tensor | None = None) -> torch.Tensor:
     """compress::sp24_linear (module docstring), the op's dispatch skipped where `_direct` allows."""
-    op = _sp24_linear if _direct(x, values, positions, cusparselt) else sp24_linear_op
+    op = _route(_sp24_linear, sp24_linear_op, sp24_linear_no_grad, x, values, positions, cusparselt)
     return op(x, values, positions, kernel, cusparselt)
+
+
+def _route(impl: Callable, op: torch._ops.OpOverload, no_grad_op: torch._ops.OpOverload, x: torch.Tensor,
+           *weights: torch.Tensor | None) -> Callable:
+    """What a call runs: the op's implementation itself where `_direct` allows; else the op, or
+    without grad mode its twin that has no autograd kernel to pass (op_library.differentiable;
+    under torch.compile, grad mode is guarded, so a graph traced under no_grad holds the twin)."""
+    if _direct(x, *weights):
+        return impl
+    return op if torch.is_grad_enabled() else no_grad_op
 
 
 def _direct(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:

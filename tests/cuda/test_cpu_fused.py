@@ -395,7 +395,8 @@ def test_it_runs_inside_a_compiled_model(monkeypatch):
 def test_eager_calls_skip_the_ops_dispatch_where_no_gradient_is_recorded(monkeypatch):
     """The three layers' eager no-grad calls run the ops' implementations as plain functions (the
     same result); calls that record a gradient, compiled, traced (make_fx) or vmapped ones go
-    through the op, where the C++ kernels' raw pointers cannot bypass the tracer."""
+    through the op (without grad mode its no-grad twin), where the C++ kernels' raw pointers
+    cannot bypass the tracer."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from compress.cuda import ops
@@ -410,10 +411,12 @@ def test_eager_calls_skip_the_ops_dispatch_where_no_gradient_is_recorded(monkeyp
               "sp24_linear_op": SparseLinear.from_pruned(weight_, keep, "2:4", None, None, "l").prepack()}
     calls = []
     for name in layers:
-        op = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _op=op, _name=name: calls.append(_name) or _op(*a))
+        for attr in (name, name.removesuffix("_op") + "_no_grad"):
+            op = getattr(ops, attr)
+            monkeypatch.setattr(ops, attr, lambda *a, _op=op, _attr=attr: calls.append(_attr) or _op(*a))
     x = torch.randn(2, 64, requires_grad=True)
     for name, layer in layers.items():
+        twin = name.removesuffix("_op") + "_no_grad"
         with torch.no_grad():
             direct = layer(x)
         assert calls == []
@@ -426,9 +429,9 @@ def test_eager_calls_skip_the_ops_dispatch_where_no_gradient_is_recorded(monkeyp
         with torch.no_grad():
             assert torch.allclose(compiled(x), direct, atol=1e-5, rtol=1e-5)
             traced = make_fx(layer)(x.detach())
-            assert f"compress.{name.removesuffix('_op')}" in str(traced.graph), traced.graph
+            assert f"compress.{twin}" in str(traced.graph), traced.graph
             assert torch.allclose(torch.vmap(layer)(x.unsqueeze(1)).squeeze(1), direct, atol=1e-5, rtol=1e-5)
-        assert calls == [name] * 4, name
+        assert calls == [name] + [twin] * 3, name
         calls.clear()
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from compress.cuda import int_matmul as im
 from compress.cuda.layout import dequantize_words, unpack_words, words_of
-from compress.cuda.ops import dequantize_int, int_linear, int_linear_op
+from compress.cuda.ops import dequantize_int, int_linear, int_linear_no_grad, int_linear_op
 from compress.cuda.tuning import Candidate, Tuner
 from compress.quant import layers as quant_layers
 from compress.quant.packing import pack_codes
@@ -240,6 +240,7 @@ def test_ops_pass_pytorch_opcheck():
     w = make_weight(16, 64, 4, 32, False)
     x = torch.randn(3, 64, device=DEVICE, requires_grad=True)
     for op, args in ((int_linear_op, (x, w.words, w.scales, w.zeros, 4, 32, 64, "reference", None, None)),
+                     (int_linear_no_grad, (x.detach(), w.words, w.scales, w.zeros, 4, 32, 64, "reference", None, None)),
                      (dequantize_int, (w.words, w.scales, w.zeros, 4, 32, 64, torch.float32, "triton"))):
         results = torch.library.opcheck(op, args)
         assert {"test_schema", "test_faketensor", "test_aot_dispatch_dynamic"} <= set(results), results
@@ -423,3 +424,21 @@ def test_untuned_shape_inside_a_cuda_graph_capture_is_a_clear_error(monkeypatch)
     im.int_matmul(x, w)  # chosen outside a capture
     monkeypatch.setattr(im, "_capturing", lambda device: True)
     assert rel_err(im.int_matmul(x, w), reference(x, w)) < 1e-4
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_calls_without_grad_mode_take_the_op_without_an_autograd_kernel(grad):
+    """A compiled graph traced under no_grad calls compress::int_linear_no_grad, which skips the
+    Python autograd kernel (op_library.differentiable); with grad mode, the op that has it."""
+    layer = RTNConfig(bits=4, group_size=32).build().compress("l", nn.Linear(64, 16)).prepack()
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    x = torch.randn(2, 64, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        y = torch.compile(layer, backend=backend, fullgraph=True)(x)
+    assert ("compress.int_linear.default" in seen, "compress.int_linear_no_grad.default" in seen) == (grad, not grad)
+    assert torch.allclose(y, layer(x), atol=1e-6) and y.requires_grad == grad

@@ -10,7 +10,8 @@ import torch
 
 from compress.cuda import int_matmul as im
 from compress.cuda.layout import dense_sp24_values, dequantize_sp24_words, words_of
-from compress.cuda.ops import dense_sp24, dequantize_sp24_int, sp24_int_linear, sp24_int_linear_op, sp24_linear_op
+from compress.cuda.ops import (dense_sp24, dequantize_sp24_int, sp24_int_linear, sp24_int_linear_no_grad,
+                               sp24_int_linear_op, sp24_linear_no_grad, sp24_linear_op)
 from compress.quant.packing import pack_codes
 from compress.quant.quantize import compute_grid, quantize
 from compress.quant.rtn import RTNConfig
@@ -157,12 +158,19 @@ def test_sp24_tensor_core_kernels(spec, dtype, kernel, m, config):
     assert y.shape == (m, w.out_features) and rel_err(y, reference(x, w)) < REL_TOL[dtype]
 
 
-def test_sp24_linear_op_passes_pytorch_opcheck():
+def test_sp24_ops_pass_pytorch_opcheck():
+    """The 2:4 float op and the no-grad twins of both 2:4 ops (the ops themselves with gradients:
+    test_compressed_layers_pass_gradients_eager_and_compiled)."""
     w = make_sp24_values(16, 64, torch.float16)
     x = torch.randn(3, 64, device=DEVICE, dtype=torch.float16)
-    results = torch.library.opcheck(sp24_linear_op, (x, w.words, w.positions, "reference", None))
-    assert {"test_schema", "test_faketensor", "test_aot_dispatch_dynamic"} <= set(results), results
-    assert set(results.values()) == {"SUCCESS"}, results
+    q = make_sp24(16, 64, 4, 32, True)
+    xq = torch.randn(3, 64, device=DEVICE)
+    for op, args in ((sp24_linear_op, (x, w.words, w.positions, "reference", None)),
+                     (sp24_linear_no_grad, (x, w.words, w.positions, "reference", None)),
+                     (sp24_int_linear_no_grad, (xq, q.words, q.positions, q.scales, q.zeros, 4, 32, 64, "reference"))):
+        results = torch.library.opcheck(op, args)
+        assert {"test_schema", "test_faketensor", "test_aot_dispatch_dynamic"} <= set(results), results
+        assert set(results.values()) == {"SUCCESS"}, (op, results)
 
 
 def test_sparse_linear_runs_the_op_and_its_kernels_as_its_reference():
