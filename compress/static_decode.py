@@ -59,8 +59,8 @@ class StaticDecoder:
         self.model, self.prompt, self.max_new_tokens, self.eos = model, prompt, max_new_tokens, sorted(set(eos))
         self.cache = StaticCache(config=model.config, max_cache_len=prompt + max_new_tokens)
         params = inspect.signature(type(model).forward).parameters
-        # transformers 5.2x names the cache "cache" (5.1x: past_key_values); from 5.0 the cache
-        # counts its tokens itself, while 4.x forwards take cache_position and write there
+        # transformers 5.25 names the cache "cache" (5.17: past_key_values); in both the cache
+        # counts its tokens itself, while 4.56's forward takes cache_position and writes there
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.takes_cache_position = "cache_position" in params
         device = next(model.parameters()).device
