@@ -26,6 +26,9 @@ import torch
 from torch import nn
 
 from compress.cuda import cpu_fused, cpu_packed, tinygemm
+from compress.cuda.cpu_fp8 import FusedFp8
+from compress.cuda.fp8_ops import KERNELS as FP8_KERNELS
+from compress.cuda.fp8_ops import fp8_linear
 from compress.cuda.layout import KERNEL_BITS, kernel_bits, unpack_words, widen_codes, words_of
 from compress.cuda.ops import KERNELS, CpuPacked, cpu_packed_linear, cpu_packed_serves, fused_linear, int_linear
 from compress.cuda.prepacked import DerivedLayouts
@@ -262,7 +265,7 @@ class QuantLinear(DerivedLayouts, GridBuffers, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.describe()}"
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(DerivedLayouts, nn.Module):
     """A Linear layer whose weight is stored in float8 e4m3 with one scale per output channel.
 
     State:
@@ -270,10 +273,14 @@ class FP8Linear(nn.Module):
         scales      scale_dtype [out, 1]      per-output-channel absmax / 448
         bias        [out] (optional)
 
-    Forward is the reference path: upcast, rescale in fp32, cast to the activation dtype, matmul.
+    Forward runs compress::fp8_linear (cuda/fp8_ops.py), whose reference upcasts, rescales in
+    fp32, casts to the activation dtype and multiplies; on CPU its C++ kernels decode the codes
+    in the matmul (cuda/cpu_fp8.py), which `prepack` checks once for the calls that take them
+    directly.
     """
 
     E4M3_MAX = 448.0
+    DERIVED = ("_fused",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scale_dtype: str = "float32",
                  bias_dtype: str = "float32", device: torch.device | str | None = None) -> None:
@@ -287,6 +294,9 @@ class FP8Linear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=_DTYPES[bias_dtype], device=device))
         else:
             self.bias = None
+        self.kernel = "auto"
+        self._drop_prepacked()
+        self._fused: FusedFp8 | None  # the weight checked for the fused CPU matmul
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, scale_dtype: str) -> FP8Linear:
@@ -307,9 +317,24 @@ class FP8Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight_fp8.float() * self.scales.float()).to(dtype)
 
+    def set_kernel(self, kernel: str) -> FP8Linear:
+        if kernel not in FP8_KERNELS:
+            raise ValueError(f"unknown kernel '{kernel}'; choose one of {', '.join(FP8_KERNELS)}")
+        self.kernel = kernel
+        return self
+
+    def _derive_layouts(self, dtype: torch.dtype | None) -> None:
+        """prepack: on CPU, the weight checked once for the fused C++ matmul (DerivedLayouts)."""
+        fits = self.weight_fp8.is_cpu and cpu_fused.available()
+        self._fused = FusedFp8(self.weight_fp8, self.scales) if fits else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+        self._check_layouts()
+        y = fused_linear(x, self._fused, self.kernel, cpu_fused.ACTIVATION_DTYPES)  # a decoded token's call
+        if y is None:
+            y = fp8_linear(x, self.weight_fp8, self.scales, self.kernel)
+        return y if bias is None else y + bias
 
     def format_spec(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,

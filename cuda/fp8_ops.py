@@ -1,0 +1,94 @@
+"""FP8 (e4m3) weights with one scale per output row (quant/layers.py: FP8Linear) as
+`torch.library` ops, like the integer formats' (ops.py): traceable by torch.compile (fake
+implementations), x's gradient passed on (op_library.differentiable), calls without grad mode
+through a twin without an autograd kernel, eager CPU calls without the op's dispatch.
+
+    compress::fp8_linear(x, weight, scales, kernel)
+        x [..., K] @ (weight.float() * scales).to(x.dtype).T -> [..., N] in x's dtype;
+        weight float8_e4m3fn [N, K], scales [N, 1] (fp32, fp16 or bf16)
+    compress::dequantize_fp8(weight, scales, dtype, kernel)
+        the dense weight [N, K] in `dtype`
+
+`kernel`: "reference" (PyTorch's conversion, then a matmul: the semantics); "cpu_fused" (the
+fused C++ matmul, cpu_fp8.py; CPU activations); "auto": on CPU the fused matmul up to
+cpu_fp8.MAX_M rows of x, beyond that the weight dequantized in C++ a block of rows at a time and
+PyTorch's matmul, elsewhere the reference (on CUDA, PyTorch converts e4m3 in one elementwise
+kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_fp8, cpu_fused
+from .op_library import define, differentiable
+from .ops import _route
+
+KERNELS = ("auto", "reference", "cpu_fused")
+
+
+def reference_weight(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [N, K]: each e4m3 value times its row's scale in fp32, then `dtype`."""
+    return (weight.float() * scales.float().reshape(-1, 1)).to(dtype)
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"fp8 weights run kernel {', '.join(map(repr, KERNELS))}, not '{kernel}'")
+
+
+def _cpu_auto(device: torch.device, kernel: str) -> bool:
+    """Whether "auto" runs the C++ kernels here: CPU tensors, the kernels built."""
+    return kernel == "auto" and device.type == "cpu" and cpu_fused.available()
+
+
+def _fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, kernel: str) -> torch.Tensor:
+    _check_kernel(kernel)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    if kernel == "cpu_fused":
+        if not x.is_cpu:
+            raise ValueError(f"kernel 'cpu_fused' takes CPU activations, not {x.device.type} ones; use kernel 'auto'")
+        y = cpu_fp8.matmul(x, weight, scales)
+        if y is None:
+            raise ValueError(f"kernel 'cpu_fused' could not be built ({cpu_fused.failure()}); use kernel 'auto'")
+        return y
+    y = None
+    if _cpu_auto(x.device, kernel) and x.dtype in cpu_fused.ACTIVATION_DTYPES:
+        if x2.shape[0] <= cpu_fp8.MAX_M:
+            y = cpu_fp8.matmul(x, weight, scales)
+            if y is not None:
+                return y  # [..., N] as x comes
+        else:
+            y = cpu_fp8.linear(x2, weight, scales)
+    if y is None:
+        y = torch.nn.functional.linear(x2, reference_weight(weight, scales, x.dtype))
+    return y.reshape(*x.shape[:-1], n)
+
+
+fp8_linear_op = define("fp8_linear(Tensor x, Tensor weight, Tensor scales, str kernel) -> Tensor", _fp8_linear,
+                       lambda x, weight, *_: x.new_empty(*x.shape[:-1], weight.shape[0]))
+
+
+def _dequantize_fp8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, kernel: str) -> torch.Tensor:
+    _check_kernel(kernel)
+    w = cpu_fp8.dequantize(weight, scales, dtype) if _cpu_auto(weight.device, kernel) else None
+    return reference_weight(weight, scales, dtype) if w is None else w
+
+
+dequantize_fp8 = define("dequantize_fp8(Tensor weight, Tensor scales, ScalarType dtype, str kernel) -> Tensor",
+                        _dequantize_fp8, lambda weight, scales, dtype, kernel: weight.new_empty(weight.shape,
+                                                                                                dtype=dtype))
+
+# x's gradient is grad @ the dense weight from the op above; trained scales get theirs through
+# the reference.
+fp8_linear_no_grad = differentiable(fp8_linear_op, lambda a, dtype: dequantize_fp8(a[0], a[1], dtype, a[2]),
+                                    lambda a, dtype: reference_weight(a[0], a[1], dtype))
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """compress::fp8_linear (module docstring), the op's dispatch skipped where ops._direct allows."""
+    op = _route(_fp8_linear, fp8_linear_op, fp8_linear_no_grad, x, weight, scales)
+    return op(x, weight, scales, kernel)
