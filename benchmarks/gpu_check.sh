@@ -27,7 +27,10 @@ stamp "w4 kernels"
 timeout 190 $py benchmarks/decode.py --variants bf16 int4 --harness loop generate > "$out/decode.jsonl" \
     2> "$out/decode.err"
 stamp "decode bf16, int4"
-timeout 40 $py benchmarks/kernels.py --kernels sp24 --shapes 11008x4096 4096x11008 \
+timeout 20 $py benchmarks/kernels.py --kernels fp8 --shapes 11008x4096 4096x11008 8192x8192 14336x4096 \
+    --ms 1 16 256 >> "$out/kernels.jsonl" 2> "$out/kernels_fp8.err"
+stamp "fp8 kernels"
+timeout 35 $py benchmarks/kernels.py --kernels sp24 --shapes 11008x4096 4096x11008 \
     --ms 1 16 256 4096 >> "$out/kernels.jsonl" 2> "$out/kernels_sp24.err"
 stamp "2:4 bf16 kernels"
 timeout 35 $py benchmarks/kernels.py --kernels sp24w4g128 --shapes 11008x4096 4096x11008 \
@@ -36,14 +39,14 @@ stamp "2:4 + int4 kernels"
 timeout 90 $py benchmarks/decode.py --variants sp24 sp24-int4 --harness loop >> "$out/decode.jsonl" \
     2> "$out/decode_sp24.err"
 stamp "decode 2:4"
-# the GPU-only tests first (large layers, nothing rejected by the tuner, inductor + CUDA graphs,
-# cuSPARSELt), then the kernels' interpreter tests compiled for this GPU in fp16 and bf16
+# the GPU-only tests first (large layers, FP8 ones too, nothing rejected by the tuner, inductor +
+# CUDA graphs, cuSPARSELt), then the kernels' interpreter tests compiled for this GPU in fp16 and bf16
 timeout 45 $py -m pytest -q tests/cuda tests/sparsity/test_layers.py -p no:cacheprovider -m gpu \
     -k "not replays_cuda_graphs" > "$out/tests.log" 2>&1
 timeout 25 $py -m pytest -q tests/cuda -p no:cacheprovider -m "not gpu" -k "choice or mma or sp24" \
     > "$out/tests_kernels.log" 2>&1
 # the static decoder through CUDA graphs on small models (decode.py ran it at full size above)
-timeout 40 $py -m pytest -q tests/cuda/test_decode_benchmark.py -p no:cacheprovider -m gpu \
+timeout 30 $py -m pytest -q tests/cuda/test_decode_benchmark.py -p no:cacheprovider -m gpu \
     > "$out/tests_decoder.log" 2>&1
 stamp "tests"
 tail -3 "$out/tests.log" "$out/tests_kernels.log" "$out/tests_decoder.log"

@@ -28,6 +28,12 @@ of SparseGPT with joint quantization (SparseQuantLinear): our fused kernels (kep
 positions decompressed in registers) or dequantize + cuBLAS, chosen per shape as for the dense
 formats, beside the dense int4 choice and cuSPARSELt on the same weight dequantized to bf16.
 
+`fp8`: an e4m3 weight with one scale per row (FP8Linear): `ours` (compress.cuda.triton_fp8: our
+GEMV or our dequantization + cuBLAS, chosen per shape), `reference` (what FP8Linear ran before:
+PyTorch's conversion to fp32, the scales, the cast, then cuBLAS) and, where the GPU has fp8
+tensor cores, PyTorch's `_scaled_mm` with x quantized to e4m3 per row on every call (W8A8: other
+numerics, `scaled_mm_relerr`), against the dequantized weight in bf16 through cuBLAS.
+
     python benchmarks/kernels.py                       # the full table (a few minutes on an H100)
     python benchmarks/kernels.py --kernels w4g128 --ms 1 16 --shapes 11008x4096
 """
@@ -49,6 +55,7 @@ KERNELS = {  # name -> (bits, group_size, symmetric)
     "w8g128": (8, 128, True),
     "sp24": None,  # 2:4 sparse bf16, PyTorch's semi-structured kernels
     "sp24w4g128": None,  # 2:4 + 4-bit group 128, ours
+    "fp8": None,  # e4m3, one scale per row (FP8Linear)
 }
 
 
@@ -224,6 +231,46 @@ def sparse_int_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tens
     return row
 
 
+def fp8_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tensor) -> dict:
+    """One `fp8` row: our choice, FP8Linear's former reference path and `_scaled_mm` (W8A8) against
+    the dequantized weight through bf16 cuBLAS."""
+    from compress.cuda import triton_fp8 as tf
+    from compress.cuda.fp8_ops import reference_weight
+
+    weight = (torch.randn(n, k, device="cuda") * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scales = torch.rand(n, 1, device="cuda") * 0.01 + 1e-4
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    dense = reference_weight(weight, scales, dtype)
+    ref = x.float() @ dense.float().T
+    row = {"kernel": "fp8", "N": n, "K": k, "M": m}
+    y = tf.fp8_matmul(x, weight, scales)  # first call: measures the candidates, keeps the fastest
+    row["relerr"] = round(((y.float() - ref).norm() / ref.norm()).item(), 5)
+    row["choice"] = tf.TUNER.choices()[tf.tuner_key(x, weight)]
+    bf16_graph, bf16_cold = time_both(lambda: torch.nn.functional.linear(x, dense), flush)
+    row.update(bf16_us_graph=round(bf16_graph, 2), bf16_us_cold=round(bf16_cold, 2))
+    contenders = {"ours": lambda: tf.fp8_matmul(x, weight, scales),
+                  "reference": lambda: torch.nn.functional.linear(x, reference_weight(weight, scales, dtype))}
+    row_scales = scales.reshape(1, n).float()
+
+    def scaled_mm():
+        x_scale = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 448.0  # [M, 1]
+        x8 = (x.float() / x_scale).to(torch.float8_e4m3fn)
+        return torch._scaled_mm(x8, weight.T, scale_a=x_scale, scale_b=row_scales, out_dtype=dtype)
+
+    try:
+        row["scaled_mm_relerr"] = round(((scaled_mm().float() - ref).norm() / ref.norm()).item(), 5)
+        contenders["scaled_mm"] = scaled_mm
+    except (RuntimeError, NotImplementedError) as e:  # no fp8 tensor cores, or this PyTorch's limits
+        row["scaled_mm_error"] = str(e).splitlines()[0][:120]
+    for label, fn in contenders.items():
+        graph, cold = time_both(fn, flush)
+        row.update({f"{label}_us_graph": round(graph, 2), f"{label}_us_cold": round(cold, 2),
+                    f"{label}_speedup_graph": round(bf16_graph / graph, 2),
+                    f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
+    row["ours_TBps_cold"] = round((weight.numel() + scales.numel() * 4) / (row["ours_us_cold"] * 1e-6) / 1e12, 2)
+    return row
+
+
 def graph_us(body, reps: int) -> float:
     """Microseconds per repetition of `body` captured `reps` times in one CUDA graph (median of 5)."""
     graph = torch.cuda.CUDAGraph()
@@ -273,8 +320,8 @@ def main() -> None:
     print(json.dumps({"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
                       "dtype": args.dtype}), flush=True)
     for name in args.kernels:
-        if name in ("sp24", "sp24w4g128"):
-            make_row = sparse_row if name == "sp24" else sparse_int_row
+        if name in ("sp24", "sp24w4g128", "fp8"):
+            make_row = {"sp24": sparse_row, "sp24w4g128": sparse_int_row, "fp8": fp8_row}[name]
             for shape in args.shapes:
                 for m in args.ms:
                     print(json.dumps(make_row(*map(int, shape.split("x")), m, dtype, flush)), flush=True)

@@ -10,10 +10,11 @@ through a twin without an autograd kernel, eager CPU calls without the op's disp
         the dense weight [N, K] in `dtype`
 
 `kernel`: "reference" (PyTorch's conversion, then a matmul: the semantics); "cpu_fused" (the
-fused C++ matmul, cpu_fp8.py; CPU activations); "auto": on CPU the fused matmul up to
-cpu_fp8.MAX_M rows of x, beyond that the weight dequantized in C++ a block of rows at a time and
-PyTorch's matmul, elsewhere the reference (on CUDA, PyTorch converts e4m3 in one elementwise
-kernel).
+fused C++ matmul, cpu_fp8.py; CPU activations); "triton" (triton_fp8.py: the fastest of our GEMV
+and our dequantization + cuBLAS for the shape, measured once; CUDA, or the CPU interpreter under
+TRITON_INTERPRET=1); "auto": on CUDA "triton", on CPU the fused matmul up to cpu_fp8.MAX_M rows
+of x, beyond that the weight dequantized in C++ a block of rows at a time and PyTorch's matmul,
+elsewhere the reference.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import torch
 from . import cpu_fp8, cpu_fused
 from .op_library import define, differentiable
 from .ops import _route
+from .tuning import interpreting
 
-KERNELS = ("auto", "reference", "cpu_fused")
+KERNELS = ("auto", "reference", "triton", "cpu_fused")
 
 
 def reference_weight(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -35,6 +37,13 @@ def reference_weight(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 def _check_kernel(kernel: str) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"fp8 weights run kernel {', '.join(map(repr, KERNELS))}, not '{kernel}'")
+
+
+def _use_triton(device: torch.device, kernel: str) -> bool:
+    """Whether the Triton kernels run: "auto" on CUDA, or forced (an error where they cannot)."""
+    if kernel == "triton" and device.type != "cuda" and not interpreting():
+        raise ValueError("kernel 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use kernel 'auto'")
+    return kernel == "triton" or kernel == "auto" and device.type == "cuda"
 
 
 def _cpu_auto(device: torch.device, kernel: str) -> bool:
@@ -56,7 +65,11 @@ def _fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ker
             raise ValueError(f"kernel 'cpu_fused' could not be built ({cpu_fused.failure()}); use kernel 'auto'")
         return y
     y = None
-    if _cpu_auto(x.device, kernel) and x.dtype in cpu_fused.ACTIVATION_DTYPES:
+    if _use_triton(x.device, kernel):
+        from .triton_fp8 import fp8_matmul  # imports triton: only where a kernel runs
+
+        y = fp8_matmul(x2.contiguous(), weight, scales)
+    elif _cpu_auto(x.device, kernel) and x.dtype in cpu_fused.ACTIVATION_DTYPES:
         if x2.shape[0] <= cpu_fp8.MAX_M:
             y = cpu_fp8.matmul(x, weight, scales)
             if y is not None:
@@ -74,6 +87,10 @@ fp8_linear_op = define("fp8_linear(Tensor x, Tensor weight, Tensor scales, str k
 
 def _dequantize_fp8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, kernel: str) -> torch.Tensor:
     _check_kernel(kernel)
+    if _use_triton(weight.device, kernel):
+        from .triton_fp8 import dequantize
+
+        return dequantize(weight, scales, dtype)
     w = cpu_fp8.dequantize(weight, scales, dtype) if _cpu_auto(weight.device, kernel) else None
     return reference_weight(weight, scales, dtype) if w is None else w
 

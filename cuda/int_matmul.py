@@ -249,9 +249,9 @@ DEQUANT_MATMUL = Candidate("dequant+matmul", lambda x, w: torch.nn.functional.li
 
 def _library(fn):
     """A library call as a candidate: its refusal of a shape rules it out instead of failing the call."""
-    def run(x: torch.Tensor, w: IntWeight) -> torch.Tensor:
+    def run(*args) -> torch.Tensor:  # (x, weight...) as the candidates take them
         try:
-            return fn(x, w)
+            return fn(*args)
         except torch.cuda.OutOfMemoryError:
             raise
         except RuntimeError as e:

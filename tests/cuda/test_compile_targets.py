@@ -2,7 +2,8 @@
 
 Triton's compiler runs on the CPU (its bundled ptxas included), so CI checks that every kernel,
 for each weight width, zero-point mode, density (dense or 2:4) and, for the swapped-operand
-kernel, activation type, and for 2:4 float weights (BITS 16, the values themselves), lowers
+kernel, activation type, for 2:4 float weights (BITS 16, the values themselves) and for FP8
+weights (the GEMV and the dequantization, each activation type), lowers
 through PTX to a cubin for both targets. The
 check runs in a subprocess: this process has TRITON_INTERPRET=1, under which kernels are
 interpreted and never compiled."""
@@ -20,6 +21,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from compress.cuda import triton_fp8 as tf
 from compress.cuda import triton_int as ti
 
 KERNELS = {  # kernel -> (pointer/int arguments in order, constexprs)
@@ -41,7 +43,7 @@ def build(fn, types, consts, arch):
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in consts.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "enable_fp_fusion": True})
     assert kernel.asm["cubin"], (fn.__name__, arch, consts)
-    print(fn.__name__, arch, consts["BITS"], consts["HAS_ZEROS"], consts.get("SP24", types[0]), "ok")
+    print(fn.__name__, arch, consts.get("BITS"), consts.get("HAS_ZEROS"), consts.get("SP24", types[0]), "ok")
 
 
 for arch in map(int, sys.argv[1:]):
@@ -66,6 +68,12 @@ for arch in map(int, sys.argv[1:]):
         build(fn, types[:at] + ["*bf16"] + types[at + 1:], values | dict(SP24=True, **blocks), arch)
     for act in ("*bf16", "*fp16"):
         build(ti._mma_kernel, [act, act] + MMA[0][1:], values | dict(SP24=True, BF16_CODES=False, **MMA[1]), arch)
+    for act in ("*bf16", "*fp16"):  # FP8 weights (triton_fp8.py): the GEMV and the dequantization,
+        for hw in (False, True) if arch >= 89 else (False,):  # by the bits, or by the GPU's conversion
+            build(tf._fp8_gemv_kernel, [act, "*u8", "*fp32", act] + ["i32"] * 5,
+                  dict(BLOCK_N=16, BLOCK_K=256, HW_FP8=hw), arch)
+            build(tf._fp8_dequant_kernel, ["*u8", "*fp16", act] + ["i32"] * 3,
+                  dict(BLOCK_N=32, BLOCK_K=128, HW_FP8=hw), arch)
 """
 
 
@@ -76,5 +84,6 @@ def test_kernels_compile_for_sm80_and_sm90():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # per target: 3 widths x 2 zero modes x (dense and 2:4 dot and dequantize + dense and 2:4 GEMV
-    # with and without a K tail + 2 activation types x dense and 2:4 mma), then 3 + 2 for 2:4 float values
-    assert proc.stdout.count(" ok") == 2 * (3 * 2 * (2 * 2 + 2 * 2 + 2 * 2) + 3 + 2)
+    # with and without a K tail + 2 activation types x dense and 2:4 mma), then 3 + 2 for 2:4 float values,
+    # then 2 activation types x 2 FP8 kernels by the bits, and on sm_90 by the conversion too
+    assert proc.stdout.count(" ok") == 2 * (3 * 2 * (2 * 2 + 2 * 2 + 2 * 2) + 3 + 2 + 2 * 2) + 2 * 2

@@ -178,8 +178,9 @@ def test_the_ops_trace_compile_and_pass_gradients():
 
 def test_unknown_kernels_are_refused():
     weight, scales = fp8_weight(8, 64)
-    with pytest.raises(ValueError, match="fp8 weights run kernel 'auto', 'reference', 'cpu_fused', not 'triton'"):
-        fp8_linear(torch.randn(1, 64), weight, scales, "triton")
+    with pytest.raises(ValueError, match="fp8 weights run kernel 'auto', 'reference', 'triton', 'cpu_fused', not "
+                                         "'tinygemm'"):
+        fp8_linear(torch.randn(1, 64), weight, scales, "tinygemm")
     with pytest.raises(ValueError, match="unknown kernel 'cpu_packed'"):
         FP8Linear.from_weight(torch.randn(8, 64), None, "float32").set_kernel("cpu_packed")
 
