@@ -27,13 +27,13 @@ stamp "w4 kernels"
 timeout 190 $py benchmarks/decode.py --variants bf16 int4 --harness loop generate > "$out/decode.jsonl" \
     2> "$out/decode.err"
 stamp "decode bf16, int4"
-timeout 20 $py benchmarks/kernels.py --kernels fp8 --shapes 11008x4096 4096x11008 8192x8192 14336x4096 \
+timeout 30 $py benchmarks/kernels.py --kernels fp8 --shapes 11008x4096 4096x11008 8192x8192 \
     --ms 1 16 256 >> "$out/kernels.jsonl" 2> "$out/kernels_fp8.err"
 stamp "fp8 kernels"
 timeout 35 $py benchmarks/kernels.py --kernels sp24 --shapes 11008x4096 4096x11008 \
     --ms 1 16 256 4096 >> "$out/kernels.jsonl" 2> "$out/kernels_sp24.err"
 stamp "2:4 bf16 kernels"
-timeout 35 $py benchmarks/kernels.py --kernels sp24w4g128 --shapes 11008x4096 4096x11008 \
+timeout 30 $py benchmarks/kernels.py --kernels sp24w4g128 --shapes 11008x4096 4096x11008 \
     --ms 1 16 256 4096 >> "$out/kernels.jsonl" 2> "$out/kernels_sp24w4.err"
 stamp "2:4 + int4 kernels"
 timeout 90 $py benchmarks/decode.py --variants sp24 sp24-int4 --harness loop >> "$out/decode.jsonl" \

@@ -34,9 +34,19 @@ def reference_weight(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     return (weight.float() * scales.float().reshape(-1, 1)).to(dtype)
 
 
-def _check_kernel(kernel: str) -> None:
+def _check(kernel: str, weight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor | None = None) -> None:
+    """One line for what the ops cannot take: an unknown kernel, a weight other than
+    float8_e4m3fn [N, K], other than N scales on its device, x other than [..., K] there."""
     if kernel not in KERNELS:
         raise ValueError(f"fp8 weights run kernel {', '.join(map(repr, KERNELS))}, not '{kernel}'")
+    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
+        raise ValueError(f"the fp8 ops take a float8_e4m3fn weight [N, K], not {weight.dtype} {tuple(weight.shape)}")
+    if scales.numel() != weight.shape[0] or scales.device != weight.device:
+        raise ValueError(f"the fp8 ops take one scale per row of the {tuple(weight.shape)} weight on its device "
+                         f"({weight.device}), not {scales.numel()} scales on {scales.device}")
+    if x is not None and (x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.device != weight.device):
+        raise ValueError(f"fp8_linear takes activations [..., {weight.shape[1]}] on {weight.device}, not "
+                         f"{tuple(x.shape)} on {x.device}")
 
 
 def _use_triton(device: torch.device, kernel: str) -> bool:
@@ -46,13 +56,14 @@ def _use_triton(device: torch.device, kernel: str) -> bool:
     return kernel == "triton" or kernel == "auto" and device.type == "cuda"
 
 
-def _cpu_auto(device: torch.device, kernel: str) -> bool:
-    """Whether "auto" runs the C++ kernels here: CPU tensors, the kernels built."""
-    return kernel == "auto" and device.type == "cpu" and cpu_fused.available()
+def _cpu_auto(weight: torch.Tensor, kernel: str) -> bool:
+    """Whether "auto" runs the C++ kernels on this weight: on the CPU with rows contiguous, the
+    kernels built."""
+    return kernel == "auto" and weight.is_cpu and weight.stride(1) == 1 and cpu_fused.available()
 
 
 def _fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, kernel: str) -> torch.Tensor:
-    _check_kernel(kernel)
+    _check(kernel, weight, scales, x)
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:
@@ -69,7 +80,7 @@ def _fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ker
         from .triton_fp8 import fp8_matmul  # imports triton: only where a kernel runs
 
         y = fp8_matmul(x2.contiguous(), weight, scales)
-    elif _cpu_auto(x.device, kernel) and x.dtype in cpu_fused.ACTIVATION_DTYPES:
+    elif _cpu_auto(weight, kernel) and x.dtype in cpu_fused.ACTIVATION_DTYPES:
         if x2.shape[0] <= cpu_fp8.MAX_M:
             y = cpu_fp8.matmul(x, weight, scales)
             if y is not None:
@@ -86,12 +97,12 @@ fp8_linear_op = define("fp8_linear(Tensor x, Tensor weight, Tensor scales, str k
 
 
 def _dequantize_fp8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, kernel: str) -> torch.Tensor:
-    _check_kernel(kernel)
+    _check(kernel, weight, scales)
     if _use_triton(weight.device, kernel):
         from .triton_fp8 import dequantize
 
         return dequantize(weight, scales, dtype)
-    w = cpu_fp8.dequantize(weight, scales, dtype) if _cpu_auto(weight.device, kernel) else None
+    w = cpu_fp8.dequantize(weight, scales, dtype) if _cpu_auto(weight, kernel) else None
     return reference_weight(weight, scales, dtype) if w is None else w
 
 

@@ -281,6 +281,7 @@ class FP8Linear(DerivedLayouts, nn.Module):
 
     E4M3_MAX = 448.0
     DERIVED = ("_fused",)
+    kernel = "auto"  # also for modules pickled before layers had one
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scale_dtype: str = "float32",
                  bias_dtype: str = "float32", device: torch.device | str | None = None) -> None:

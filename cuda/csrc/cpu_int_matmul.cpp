@@ -1086,7 +1086,9 @@ inline float e4m3_value(uint8_t b) {
   const uint32_t em = b & 0x7fu, sign = uint32_t(b & 0x80u) << 24;
   if (em == 0x7fu) return __builtin_nanf("");
   const float v = em < 8u ? float(em) * (1.f / 131072.f) : bits_to_float((em << 20) + ((127u - 7u - 8u) << 23));
-  return bits_to_float(sign | (uint32_t&)v);
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return bits_to_float(sign | bits);
 }
 
 // FP8_LANES codes at p -> their values times 2**-8 in fp32, exact. AVX-512 (BW, VL): 16 codes

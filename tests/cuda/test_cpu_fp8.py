@@ -185,6 +185,43 @@ def test_unknown_kernels_are_refused():
         FP8Linear.from_weight(torch.randn(8, 64), None, "float32").set_kernel("cpu_packed")
 
 
+def test_the_ops_refuse_what_they_cannot_take_in_one_line():
+    weight, scales = fp8_weight(8, 64)
+    cases = [((torch.randn(1, 64), weight.float(), scales), r"float8_e4m3fn weight \[N, K\], not torch.float32"),
+             ((torch.randn(1, 64), weight.view(torch.float8_e5m2), scales), "not torch.float8_e5m2"),
+             ((torch.randn(1, 64), weight, scales[:1]), r"one scale per row of the \(8, 64\) weight.*not 1 scales"),
+             ((torch.randn(3, 2, 32), weight, scales), r"activations \[\.\.\., 64\] on cpu, not \(3, 2, 32\)")]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fp8_linear(*args)
+    with pytest.raises(ValueError, match="not 7 scales"):
+        dequantize_fp8(weight, scales[:7], torch.float32, "auto")
+
+
+def test_weights_the_kernels_cannot_read_run_the_reference():
+    """A transposed (column-major) weight view and strided scales: the reference's values, no error."""
+    weight, scales = fp8_weight(64, 48)
+    weight_t = weight.T  # [48, 64], rows not contiguous
+    wide = torch.cat([scales, scales], 1)[:48, :1]  # [48, 1] with a row stride of 2
+    x = torch.randn(2, 64)
+    ref = nn.functional.linear(x, reference_weight(weight_t, wide, torch.float32))
+    assert torch.equal(fp8_linear(x, weight_t, wide), ref)
+    assert torch.equal(dequantize_fp8(weight_t, wide, torch.float32, "auto"), reference_weight(weight_t, wide,
+                                                                                               torch.float32))
+    contiguous = weight_t.contiguous()  # the kernels' path, with the strided scales made contiguous
+    assert rel_err(fp8_linear(x, contiguous, wide), ref) < REL_TOL[torch.float32]
+
+
+def test_a_layer_pickled_before_layers_had_a_kernel_still_runs():
+    layer = fp8_layer()
+    state = layer.__getstate__()
+    del state["kernel"]
+    restored = FP8Linear.__new__(FP8Linear)
+    restored.__setstate__(state)
+    x = torch.randn(1, 96)
+    assert restored.kernel == "auto" and torch.equal(restored(x), layer(x))
+
+
 def fp8_layer(n: int = 48, k: int = 96, bias: bool = True) -> FP8Linear:
     torch.manual_seed(0)
     linear = nn.Linear(k, n, bias=bias)

@@ -85,6 +85,17 @@ def test_nan_codes_make_their_rows_nan():
     assert not tf._agrees(ref.masked_fill(nan_rows, float("nan")), ref)
 
 
+def test_the_tuner_accepts_a_gemv_that_differs_by_rounding_the_weight():
+    """In bf16 the GEMV's exact weight and the reference's rounded one differ by ~3e-3 (relative):
+    a usable candidate; a wrong one is off by ~1."""
+    ref = torch.randn(16, 256)
+    off = (ref * (1 + 4e-3 * torch.randn(16, 256))).to(torch.bfloat16)
+    assert tf._agrees(off, ref.to(torch.bfloat16)) and not tf._agrees(ref.flip(1).to(torch.bfloat16),
+                                                                      ref.to(torch.bfloat16))
+    assert not tf._agrees(off.float(), ref) and tf._agrees(ref * (1 + 1e-5), ref)  # fp32: 1e-3
+    assert not tf._agrees(ref[:8], ref)
+
+
 @pytest.mark.parametrize("m", [1, 5, tf.GEMV_MAX_M + 1])
 def test_the_op_runs_our_kernels(m):
     """kernel "triton" (or "auto" on CUDA): a GEMV up to GEMV_MAX_M rows of x (the interpreter
