@@ -1,5 +1,5 @@
 """Build and load the C++ CPU kernels (csrc/cpu_int_matmul.cpp: the fused matmuls and the
-dequantization, of integer codes and of FP8 weights) with the machine's C++ compiler.
+dequantization, of integer codes, FP8 and NF4 weights) with the machine's C++ compiler.
 
 The source ships inside the package; the first call in a fresh cache compiles it (8 s on a 2-core
 machine) into
@@ -119,6 +119,11 @@ def load(source: bytes) -> ctypes.CDLL:
     lib.fp8_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_int64, c.c_void_p,
                                c.c_int, c.c_void_p, c.c_int]
     lib.fp8_dequantize.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int, c.c_int64, c.c_void_p,
+                                   c.c_int]
+    lib.nf4_matmul.restype = lib.nf4_dequantize.restype = None
+    lib.nf4_matmul.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p,
+                               c.c_int64, c.c_void_p, c.c_int]
+    lib.nf4_dequantize.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p,
                                    c.c_int]
     return lib
 

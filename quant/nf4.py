@@ -14,7 +14,7 @@ metadata tensor (`quant_state.bitsandbytes__nf4`, a JSON blob whose length depen
 of a float) is not stored: its fields live in the module spec, and the nested offset in a float32
 buffer, so every buffer's shape follows from the spec.
 
-bitsandbytes is imported only when a weight is quantized, dequantized or multiplied.
+bitsandbytes is imported only when a weight is quantized, dequantized, multiplied or prepacked on CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from compress.cuda import cpu_fused
+from compress.cuda.cpu_nf4 import MAX_M, FusedNf4, absmax_fp32, applies
+from compress.cuda.ops import _direct
+from compress.cuda.prepacked import DerivedLayouts
 from compress.errors import CompressError
 from compress.interfaces import MethodConfig
 
@@ -86,7 +90,7 @@ class NF4Compressor:
         return NF4Linear.from_weight(w, module.bias, c.quant_type, c.block_size, c.double_quant)
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(DerivedLayouts, nn.Module):
     """A Linear layer whose weight is stored as bitsandbytes NF4/FP4 codes.
 
     State (n = in * out, blocks = ceil(n / block_size)):
@@ -100,11 +104,16 @@ class NF4Linear(nn.Module):
         bias              [out] (optional), kept in its dtype
 
     `weight_dtype` is the dtype the weight had, which bitsandbytes dequantizes to.
-    Forward: on CUDA bitsandbytes' `matmul_4bit` (kernel="auto"); elsewhere, or with
-    kernel="reference", dequantize, cast to the activation dtype, `F.linear`.
+    Forward: on CUDA bitsandbytes' `matmul_4bit` (kernel="auto"); on CPU, once prepacked (the
+    loader does), C++ kernels (cuda/cpu_nf4.py: up to MAX_M rows of x the matmul with the codes
+    decoded in it, beyond that bitsandbytes' weight dequantized a block of rows at a time) for
+    eager calls that record no gradient; elsewhere, or with kernel="reference", bitsandbytes'
+    dequantization, a cast to the activation dtype, `F.linear`.
     """
 
     KERNELS = ("auto", "reference")
+    DERIVED = ("_fused",)
+    kernel = "auto"  # also for modules pickled before prepack existed
 
     def __init__(
         self,
@@ -144,6 +153,8 @@ class NF4Linear(nn.Module):
             buf("bias", (out_features,), _DTYPES[bias_dtype])
         else:
             self.bias = None
+        self._drop_prepacked()
+        self._fused: FusedNf4 | None  # the weight checked for the C++ CPU kernels (prepack)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, quant_type: str, block_size: int,
@@ -199,10 +210,32 @@ class NF4Linear(nn.Module):
         w = _bnb().functional.dequantize_4bit(self.weight_packed, self.quant_state())
         return w.to(dtype)
 
+    def _derive_layouts(self, dtype: torch.dtype | None) -> None:
+        """prepack: on CPU, the codes, levels and each block's fp32 absmax checked once for the C++
+        kernels, where they read the layout (DerivedLayouts)."""
+        fits = self.weight_packed.is_cpu and cpu_fused.available() and applies(self.in_features, self.block_size)
+        self._fused = FusedNf4(self.weight_packed, self.quant_map.float(), absmax_fp32(self.quant_state()),
+                               self.block_size, self.out_features, self.in_features) if fits else None
+
+    def _cpu_kernels(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [..., K] @ W.T through the C++ kernels where they serve this call (eager, CPU, no
+        gradient recorded, prepacked), else None."""
+        if (self._fused is None or self.kernel != "auto" or x.dtype not in cpu_fused.ACTIVATION_DTYPES
+                or x.shape[-1] != self.in_features or x.numel() == 0 or not _direct(x)):
+            return None
+        if x.numel() <= MAX_M * self.in_features:
+            return self._fused(x)
+        y = self._fused.linear(x.reshape(-1, self.in_features), _DTYPES[self.weight_dtype])
+        return None if y is None else y.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel not in self.KERNELS:
             raise ValueError(f"kernel must be one of {self.KERNELS}, got {self.kernel!r}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        self._check_layouts()
+        y = self._cpu_kernels(x)
+        if y is not None:
+            return y if bias is None else y + bias
         if self.kernel == "auto" and x.is_cuda:
             return _bnb().matmul_4bit(x, self.weight_packed.t(), quant_state=self.quant_state(), bias=bias)
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)

@@ -1183,6 +1183,82 @@ void fp8_block(const float* x, int64_t k, const uint8_t* w, int64_t n, int64_t r
   }
 }
 
+// --- NF4 / FP4 weights of bitsandbytes (quant/nf4.py: NF4Linear; cuda/cpu_nf4.py) ----------
+//   w[n, k] = level[code] * absmax[block],   block = (n * K + k) / BLOCK (K a multiple of BLOCK)
+// Codes two a byte, the first (even k) in the high nibble, as bitsandbytes packs them; its CPU
+// path rebuilt the whole fp32 weight with PyTorch indexing on every call (an NF4 smollm2-135m
+// decoded 2.7 tokens/s against the float model's ~20). With AVX-512 a block's 16 levels times
+// its absmax are one vector (the weight bitsandbytes computes, bit for bit) and 16 codes become
+// their weights by one permute: 8 bytes, each doubled, widened to 32-bit lanes, the even lanes
+// shifted right by 4 (the permute reads a lane's low 4 bits only). Elsewhere a code at a time.
+#if defined(__AVX512F__)
+inline __m512i nf4_indices(const uint8_t* p) {  // 16 codes from 8 bytes, in their lanes' low 4 bits
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m512i doubled = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(raw, raw));
+  return _mm512_srlv_epi32(doubled, _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4));
+}
+#endif
+
+inline uint32_t nf4_code(const uint8_t* row, int64_t k) { return k & 1 ? row[k >> 1] & 15u : row[k >> 1] >> 4; }
+
+// sums[r] = sum_k w[k] * x[r * k_len + k] for a row's codes `row` (k_len / 2 bytes) and its
+// blocks' absmax, MR rows of x; U independent sums per row at few rows.
+template <int MR>
+inline void nf4_row_dot(const float* x, int64_t k_len, const uint8_t* row, const float* absmax, const float* levels,
+                        int64_t block, float* sums) {
+#if defined(__AVX512F__)
+  constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+  typedef Vec<16>::f vf;
+  vf acc[MR][U] = {};
+  vf base;
+  std::memcpy(&base, levels, sizeof(base));
+  for (int64_t b0 = 0, b = 0; b0 < k_len; b0 += block, ++b) {
+    const __m512 table = (__m512)(base * absmax[b]);
+    int64_t k = b0;
+    for (; k + 16 * U <= b0 + block; k += 16 * U)
+      for (int u = 0; u < U; ++u) {
+        const vf w = (vf)_mm512_permutexvar_ps(nf4_indices(row + (k + 16 * u) / 2), table);
+        for (int r = 0; r < MR; ++r) {
+          vf xv;
+          std::memcpy(&xv, x + r * k_len + k + 16 * u, sizeof(xv));
+          acc[r][u] += w * xv;
+        }
+      }
+    for (; k < b0 + block; k += 16) {
+      const vf w = (vf)_mm512_permutexvar_ps(nf4_indices(row + k / 2), table);
+      for (int r = 0; r < MR; ++r) {
+        vf xv;
+        std::memcpy(&xv, x + r * k_len + k, sizeof(xv));
+        acc[r][0] += w * xv;
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    vf total = acc[r][0];
+    for (int u = 1; u < U; ++u) total += acc[r][u];
+    sums[r] = lane_sum(total);
+  }
+#else
+  float acc[MR] = {};
+  for (int64_t k = 0; k < k_len; ++k) {
+    const float w = levels[nf4_code(row, k)] * absmax[k / block];
+    for (int r = 0; r < MR; ++r) acc[r] += w * x[r * k_len + k];
+  }
+  for (int r = 0; r < MR; ++r) sums[r] = acc[r];
+#endif
+}
+
+template <int MR>
+void nf4_block(const float* x, int64_t k, const uint8_t* codes, int64_t n, const float* absmax, const float* levels,
+               int64_t block, float* y, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < n; ++r) {
+    float sums[MR];
+    nf4_row_dot<MR>(x, k, codes + r * (k / 2), absmax + r * (k / block), levels, block, sums);
+    for (int m = 0; m < MR; ++m) y[m * n + r] = sums[m];
+  }
+}
+
 }  // namespace
 
 // y fp32 [m_rows, n] = x fp32 [m_rows, k] @ dequantize(words, scales, zeros).T; k and span are
@@ -1331,5 +1407,49 @@ extern "C" void fp8_dequantize(const uint8_t* w, int64_t n, int64_t row_bytes, c
     for (; j < k; ++j) o[j] = e4m3_value(row[j]) * s;
     if (nan)  // flagged NaN codes (the vector kernels decode them as 1.875)
       for (int64_t c = 0; c < k; ++c) o[c] = (row[c] & 0x7fu) == 0x7fu ? __builtin_nanf("") : o[c];
+  }
+}
+
+// y fp32 [m_rows, n] = x fp32 [m_rows, k] @ w.T for bitsandbytes' 4-bit codes [n * k / 2] (two a
+// byte, high nibble first), their 16 levels and each block's fp32 absmax [n * k / block]; k a
+// multiple of the block, the block of 16 (cuda/cpu_nf4.py checks them); up to 8 rows of x share
+// each decoded row.
+extern "C" void nf4_matmul(const float* x, int64_t m_rows, int64_t k, const uint8_t* codes, int64_t n,
+                           const float* absmax, const float* levels, int64_t block, float* y, int threads) {
+  for (int64_t m0 = 0; m0 < m_rows && n > 0; m0 += 8) {
+    const float* xs = x + m0 * k;
+    float* ys = y + m0 * n;
+    switch (std::min<int64_t>(8, m_rows - m0)) {
+      case 1: nf4_block<1>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
+      case 2: nf4_block<2>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
+      case 3: nf4_block<3>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
+      case 4: nf4_block<4>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
+      case 5: nf4_block<5>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
+      case 6: nf4_block<6>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
+      case 7: nf4_block<7>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
+      default: nf4_block<8>(xs, k, codes, n, absmax, levels, block, ys, threads);
+    }
+  }
+}
+
+// out fp32 [n, k] = level[code] * absmax[block], bitsandbytes' dequantize_4bit in fp32 bit for bit.
+extern "C" void nf4_dequantize(const uint8_t* codes, int64_t n, int64_t k, const float* absmax, const float* levels,
+                               int64_t block, float* out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < n; ++r) {
+    const uint8_t* row = codes + r * (k / 2);
+    const float* a = absmax + r * (k / block);
+    float* o = out + r * k;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    Vec<16>::f base;
+    std::memcpy(&base, levels, sizeof(base));
+    for (int64_t b = 0; b < k / block; ++b) {
+      const __m512 table = (__m512)(base * a[b]);
+      for (j = b * block; j < (b + 1) * block; j += 16)
+        _mm512_storeu_ps(o + j, _mm512_permutexvar_ps(nf4_indices(row + j / 2), table));
+    }
+#endif
+    for (; j < k; ++j) o[j] = levels[nf4_code(row, j)] * a[j / block];
   }
 }
