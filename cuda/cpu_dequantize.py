@@ -76,19 +76,21 @@ def sp24_float_dense(values: torch.Tensor, positions: torch.Tensor, in_features:
 BLOCK_FLOATS = 1 << 21
 
 
-def blocked_linear(x: torch.Tensor, n: int, in_features: int, rows) -> torch.Tensor | None:
-    """x [M, K] @ W.T -> [M, N] in x's dtype, with `rows(n0, n1)` the weight's rows [n1 - n0, K]
-    in x's dtype (None where the kernels could not be built: then None)."""
+def blocked_linear(x: torch.Tensor, n: int, in_features: int, rows,
+                   bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [M, K] @ W.T (+ bias [N], added by the matmul as F.linear adds it) -> [M, N] in x's dtype,
+    with `rows(n0, n1)` the weight's rows [n1 - n0, K] in x's dtype (None where the kernels could
+    not be built: then None)."""
     step = max(16, BLOCK_FLOATS // max(in_features, 1))
     if step >= n:
         w = rows(0, n)
-        return None if w is None else torch.nn.functional.linear(x, w)
+        return None if w is None else torch.nn.functional.linear(x, w, bias)
     y = x.new_empty(x.shape[0], n)
     for n0 in range(0, n, step):
         w = rows(n0, min(n0 + step, n))
         if w is None:
             return None
-        y[:, n0:n0 + step] = torch.nn.functional.linear(x, w)
+        y[:, n0:n0 + step] = torch.nn.functional.linear(x, w, None if bias is None else bias[n0:n0 + step])
     return y
 
 

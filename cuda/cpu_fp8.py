@@ -12,10 +12,10 @@ byte a weight where the float model reads four:
     y[m, n] = scale[n] * sum_k e4m3(w[n, k]) * x[m, k]            in fp32
 
 the reference's values up to the order of the sums with fp32 activations (with 16-bit ones the
-reference also rounds the weight to their dtype: about 3e-3 relative in bf16); the dequantized
-weight is the reference's bit for bit. Scales above 2**120 would overflow the 2**8 they are
-multiplied by (FP8Linear's are absmax / 448). NaN codes (0x7f, 0xff; FP8Linear never writes them) make their rows NaN, as in the
-reference.
+reference also rounds the weight to their dtype, so the ops give those the dequantized weight,
+which is the reference's bit for bit). Scales above 2**120 would overflow the 2**8 they are
+multiplied by (FP8Linear's are absmax / 448). NaN codes (0x7f, 0xff; FP8Linear never writes
+them) make their rows NaN, as in the reference.
 """
 
 from __future__ import annotations

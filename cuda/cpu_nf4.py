@@ -11,8 +11,10 @@ its double-quantized absmax first): an NF4 smollm2-135m decoded 2.7 tokens/s on 
 
 With AVX-512 a block's 16 levels times its absmax are one vector, so the weights are
 bitsandbytes' fp32 weight bit for bit (the dequantization returns exactly that) and the matmul
-differs from its result by the order of the sums only (with 16-bit activations or weight dtypes,
-bitsandbytes also rounds the weight to 16 bits first: about 3e-3 relative in bf16).
+differs from its result by the order of the sums only. With 16-bit activations or weight dtypes
+bitsandbytes rounds the weight to them first, so NF4Linear gives those calls the dequantized
+weight, rounded the same way, at every M. A prepacked layer holds each block's absmax in fp32
+beside the stored 8-bit codes: 0.5 bit per weight at blocks of 64.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ MAX_M = 16
 
 def applies(in_features: int, block_size: int) -> bool:
     """Whether the kernels read this layout: blocks of whole 16-code vectors inside rows."""
-    return block_size % 16 == 0 and in_features % block_size == 0
+    return block_size > 0 and block_size % 16 == 0 and in_features % block_size == 0
 
 
 def absmax_fp32(state) -> torch.Tensor:
@@ -89,12 +91,13 @@ class FusedNf4(Fused):
                                self.block_size, w.data_ptr(), torch.get_num_threads())
         return w
 
-    def linear(self, x: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor | None:
-        """x [M, K] @ W.T -> [M, N] in x's dtype, the weight dequantized a block of rows at a time and
-        rounded as bitsandbytes rounds it (to `weight_dtype`, then x's dtype); None where the
-        kernels could not be built."""
+    def linear(self, x: torch.Tensor, weight_dtype: torch.dtype,
+               bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """x [M, K] @ W.T (+ bias, as F.linear adds it) -> [M, N] in x's dtype, the weight dequantized
+        a block of rows at a time and rounded as bitsandbytes rounds it (to `weight_dtype`, then x's
+        dtype); None where the kernels could not be built."""
         def rows(n0: int, n1: int) -> torch.Tensor | None:
             w = self.rows(n0, n1)
             return None if w is None else w.to(weight_dtype).to(x.dtype)
 
-        return blocked_linear(x, self.out_features, self.in_features, rows)
+        return blocked_linear(x, self.out_features, self.in_features, rows, bias)

@@ -10,11 +10,12 @@ through a twin without an autograd kernel, eager CPU calls without the op's disp
         the dense weight [N, K] in `dtype`
 
 `kernel`: "reference" (PyTorch's conversion, then a matmul: the semantics); "cpu_fused" (the
-fused C++ matmul, cpu_fp8.py; CPU activations); "triton" (triton_fp8.py: the fastest of our GEMV
+fused C++ matmul, cpu_fp8.py; CPU activations, which with 16-bit activations skips the
+reference's rounding of the weight to their dtype); "triton" (triton_fp8.py: the fastest of our GEMV
 and our dequantization + cuBLAS for the shape, measured once; CUDA, or the CPU interpreter under
-TRITON_INTERPRET=1); "auto": on CUDA "triton", on CPU the fused matmul up to cpu_fp8.MAX_M rows
-of x, beyond that the weight dequantized in C++ a block of rows at a time and PyTorch's matmul,
-elsewhere the reference.
+TRITON_INTERPRET=1); "auto": on CUDA "triton", on CPU the fused matmul for up to cpu_fp8.MAX_M
+rows of fp32 x, else the weight dequantized in C++ a block of rows at a time, rounded to x's dtype
+as the reference rounds it, and PyTorch's matmul; elsewhere the reference.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, ker
 
         y = fp8_matmul(x2.contiguous(), weight, scales)
     elif _cpu_auto(weight, kernel) and x.dtype in cpu_fused.ACTIVATION_DTYPES:
-        if x2.shape[0] <= cpu_fp8.MAX_M:
+        if x2.shape[0] <= cpu_fp8.MAX_M and x.dtype == torch.float32:  # 16-bit x: the reference rounds W to it
             y = cpu_fp8.matmul(x, weight, scales)
             if y is not None:
                 return y  # [..., N] as x comes

@@ -332,7 +332,7 @@ class FP8Linear(DerivedLayouts, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         self._check_layouts()
-        y = fused_linear(x, self._fused, self.kernel, cpu_fused.ACTIVATION_DTYPES)  # a decoded token's call
+        y = fused_linear(x, self._fused, self.kernel)  # a decoded token's fp32 call (fp8_ops: 16-bit x)
         if y is None:
             y = fp8_linear(x, self.weight_fp8, self.scales, self.kernel)
         return y if bias is None else y + bias

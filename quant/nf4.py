@@ -113,7 +113,6 @@ class NF4Linear(DerivedLayouts, nn.Module):
 
     KERNELS = ("auto", "reference")
     DERIVED = ("_fused",)
-    kernel = "auto"  # also for modules pickled before prepack existed
 
     def __init__(
         self,
@@ -214,18 +213,27 @@ class NF4Linear(DerivedLayouts, nn.Module):
         """prepack: on CPU, the codes, levels and each block's fp32 absmax checked once for the C++
         kernels, where they read the layout (DerivedLayouts)."""
         fits = self.weight_packed.is_cpu and cpu_fused.available() and applies(self.in_features, self.block_size)
-        self._fused = FusedNf4(self.weight_packed, self.quant_map.float(), absmax_fp32(self.quant_state()),
-                               self.block_size, self.out_features, self.in_features) if fits else None
+        if not fits:
+            self._fused = None
+            return
+        levels = _bnb().functional.get_4bit_type(self.quant_type, device="cpu")  # the table its dequantization reads
+        self._fused = FusedNf4(self.weight_packed, levels, absmax_fp32(self.quant_state()), self.block_size,
+                               self.out_features, self.in_features)
 
-    def _cpu_kernels(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [..., K] @ W.T through the C++ kernels where they serve this call (eager, CPU, no
-        gradient recorded, prepacked), else None."""
+    def _cpu_kernels(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """x [..., K] @ W.T + bias through the C++ kernels where they serve this call (eager, CPU, no
+        gradient recorded, prepacked), else None. The fused matmul multiplies by the fp32 weight:
+        it serves fp32 activations of an fp32 weight only, where bitsandbytes rounds nothing;
+        others take the dequantized weight rounded as bitsandbytes rounds it, and the bias added
+        by the matmul as F.linear adds it, at every M: bitsandbytes' output exactly."""
         if (self._fused is None or self.kernel != "auto" or x.dtype not in cpu_fused.ACTIVATION_DTYPES
                 or x.shape[-1] != self.in_features or x.numel() == 0 or not _direct(x)):
             return None
-        if x.numel() <= MAX_M * self.in_features:
-            return self._fused(x)
-        y = self._fused.linear(x.reshape(-1, self.in_features), _DTYPES[self.weight_dtype])
+        exact = x.dtype == torch.float32 and self.weight_dtype == "float32"
+        if exact and x.numel() <= MAX_M * self.in_features:
+            y = self._fused(x)
+            return y if y is None or bias is None else y + bias
+        y = self._fused.linear(x.reshape(-1, self.in_features), _DTYPES[self.weight_dtype], bias)
         return None if y is None else y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,9 +241,9 @@ class NF4Linear(DerivedLayouts, nn.Module):
             raise ValueError(f"kernel must be one of {self.KERNELS}, got {self.kernel!r}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         self._check_layouts()
-        y = self._cpu_kernels(x)
+        y = self._cpu_kernels(x, bias)
         if y is not None:
-            return y if bias is None else y + bias
+            return y
         if self.kernel == "auto" and x.is_cuda:
             return _bnb().matmul_4bit(x, self.weight_packed.t(), quant_state=self.quant_state(), bias=bias)
         return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)

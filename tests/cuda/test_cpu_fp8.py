@@ -157,6 +157,16 @@ def test_the_op_runs_the_fused_matmul_up_to_max_m_then_the_dequantization(m, mon
     assert calls == []
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_activations_take_the_weight_rounded_as_the_reference_rounds_it(dtype):
+    """The reference rounds the weight to x's dtype: the op gives 16-bit x the C++ weight so rounded
+    (the fused matmul would skip it) at every M, the reference's output exactly."""
+    weight, scales = fp8_weight(40, 96)
+    for m in (1, 20):
+        x = torch.randn(m, 96).to(dtype)
+        assert torch.equal(fp8_linear(x, weight, scales), fp8_linear(x, weight, scales, "reference")), m
+
+
 def test_the_ops_trace_compile_and_pass_gradients():
     weight, scales = fp8_weight(32, 64)
     x = torch.randn(2, 64, dtype=torch.float64)

@@ -88,21 +88,45 @@ def test_layouts_and_sizes_it_cannot_read_are_refused():
                          128)
 
 
-@pytest.mark.parametrize("m", [1, cpu_nf4.MAX_M, cpu_nf4.MAX_M + 1, 70])
-def test_nf4_linear_runs_the_kernels_once_prepacked(m, monkeypatch):
+@pytest.mark.parametrize("shape", [(1, 128), (cpu_nf4.MAX_M, 128), (2, 8, 128), (cpu_nf4.MAX_M + 1, 128), (2, 35, 128)])
+def test_nf4_linear_runs_the_kernels_once_prepacked(shape, monkeypatch):
     """Eager calls without a gradient: the fused matmul up to MAX_M rows of x, beyond that the C++
     weight in blocks of rows (16 rows here: several) through PyTorch's matmul; bitsandbytes'
     dequantization runs in neither, and each gives its result."""
     monkeypatch.setattr("compress.cuda.cpu_dequantize.BLOCK_FLOATS", 16 * 128)
-    layer = nf4_layer(40, 128, bias=True, seed=m)
-    x = torch.randn(2, m, 128)
+    layer = nf4_layer(40, 128, bias=True, seed=shape[-2])
+    x = torch.randn(shape)
     ref = nn.functional.linear(x.double(), layer.dequantized_weight().double(), layer.bias.double())
     layer.prepack(torch.float32)
     assert isinstance(layer._fused, cpu_nf4.FusedNf4)
+    calls = []
     monkeypatch.setattr(NF4Linear, "dequantized_weight", lambda *a: pytest.fail("bitsandbytes dequantized"))
+    for name in ("__call__", "linear"):
+        real = getattr(cpu_nf4.FusedNf4, name)
+        monkeypatch.setattr(cpu_nf4.FusedNf4, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     with torch.no_grad():
         y = layer(x)
-    assert y.shape == (2, m, 40) and rel_err(y, ref) < REL_TOL
+    assert y.shape == (*shape[:-1], 40) and rel_err(y, ref) < REL_TOL
+    assert calls == (["__call__"] if x.numel() <= cpu_nf4.MAX_M * 128 else ["linear"])
+
+
+@pytest.mark.parametrize("weight_dtype,x_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                                  (torch.float16, torch.float32)])
+def test_16_bit_weights_or_activations_round_as_bitsandbytes(weight_dtype, x_dtype):
+    """bitsandbytes rounds the weight to its dtype, then to x's: the kernels' path takes the
+    dequantized weight rounded so at every M (the fused matmul would skip it), so it gives the
+    reference's output exactly."""
+    torch.manual_seed(0)
+    layer = NF4Config().build().compress("l", nn.Linear(128, 24, dtype=weight_dtype)).prepack(x_dtype)
+    assert layer.weight_dtype == str(weight_dtype).removeprefix("torch.") and layer._fused is not None
+    for m in (1, 20):
+        x = torch.randn(m, 128).to(x_dtype)
+        with torch.no_grad():
+            y = layer(x)
+            layer.kernel = "reference"
+            ref = layer(x)
+            layer.kernel = "auto"
+        assert y.dtype == x_dtype and torch.equal(y, ref), (m, (y.float() - ref.float()).abs().max())
 
 
 def test_calls_the_kernels_do_not_serve_run_bitsandbytes():
@@ -127,5 +151,7 @@ def test_a_failed_build_and_layer_copies(monkeypatch):
     x = torch.randn(1, 128)
     assert rel_err(layer(x), x.double() @ layer.dequantized_weight().double().T) < REL_TOL
     assert torch.equal(twin(x), nn.functional.linear(x, twin.dequantized_weight())) and twin._fused is None
+    monkeypatch.setattr(cpu_fused, "library", lambda: None)  # a prepacked layer whose kernels are gone
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.dequantized_weight()))
     monkeypatch.setattr(cpu_fused, "available", lambda: False)
     assert layer.prepack(torch.float32)._fused is None
