@@ -169,9 +169,7 @@ def sparse_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tensor) 
     row.update(bf16_us_graph=round(bf16_graph, 2), bf16_us_cold=round(bf16_cold, 2))
     for label, fn in (("ours", lambda: im.int_matmul(x, ours)), ("auto", lambda: im.int_matmul(x, auto))):
         graph, cold = time_both(fn, flush)
-        row.update({f"{label}_us_graph": round(graph, 2), f"{label}_us_cold": round(cold, 2),
-                    f"{label}_speedup_graph": round(bf16_graph / graph, 2),
-                    f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
+        record(row, label, graph, cold, bf16_graph, bf16_cold)
     weight_bytes = values.numel() * values.element_size() + indices.numel()
     row["ours_TBps_cold"] = round(weight_bytes / (row["ours_us_cold"] * 1e-6) / 1e12, 2)
     backends = (("cutlass", SparseSemiStructuredTensorCUTLASS), ("cusparselt", SparseSemiStructuredTensorCUSPARSELT))
@@ -184,9 +182,7 @@ def sparse_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tensor) 
         except (RuntimeError, ValueError, NotImplementedError) as e:  # no such backend in this build, or shape
             row[f"{label}_error"] = str(e).splitlines()[0][:120]
             continue
-        row.update({f"{label}_us_graph": round(graph, 2), f"{label}_us_cold": round(cold, 2),
-                    f"{label}_speedup_graph": round(bf16_graph / graph, 2),
-                    f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
+        record(row, label, graph, cold, bf16_graph, bf16_cold)
     return row
 
 
@@ -223,9 +219,7 @@ def sparse_int_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tens
         row["cusparselt_error"] = str(e).splitlines()[0][:120]
     for label, fn in contenders.items():
         graph, cold = time_both(fn, flush)
-        row.update({f"{label}_us_graph": round(graph, 2), f"{label}_us_cold": round(cold, 2),
-                    f"{label}_speedup_graph": round(bf16_graph / graph, 2),
-                    f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
+        record(row, label, graph, cold, bf16_graph, bf16_cold)
     weight_bytes = w.words.numel() * 4 + w.positions.numel() * 4 + w.scales.numel() * 2
     row["ours_TBps_cold"] = round(weight_bytes / (row["ours_us_cold"] * 1e-6) / 1e12, 2)
     return row
@@ -264,11 +258,16 @@ def fp8_row(n: int, k: int, m: int, dtype: torch.dtype, flush: torch.Tensor) -> 
         row["scaled_mm_error"] = str(e).splitlines()[0][:120]
     for label, fn in contenders.items():
         graph, cold = time_both(fn, flush)
-        row.update({f"{label}_us_graph": round(graph, 2), f"{label}_us_cold": round(cold, 2),
-                    f"{label}_speedup_graph": round(bf16_graph / graph, 2),
-                    f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
+        record(row, label, graph, cold, bf16_graph, bf16_cold)
     row["ours_TBps_cold"] = round((weight.numel() + scales.numel() * 4) / (row["ours_us_cold"] * 1e-6) / 1e12, 2)
     return row
+
+
+def record(row: dict, label: str, graph: float, cold: float, bf16_graph: float, bf16_cold: float) -> None:
+    """A contender's times (warm and cold L2, microseconds) and its speedups over bf16 cuBLAS, in `row`."""
+    row.update({f"{label}_us_graph": round(graph, 2), f"{label}_us_cold": round(cold, 2),
+                f"{label}_speedup_graph": round(bf16_graph / graph, 2),
+                f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
 
 
 def graph_us(body, reps: int) -> float:
@@ -355,9 +354,7 @@ def main() -> None:
                     except (RuntimeError, NotImplementedError) as e:  # a peer without this shape/dtype
                         row[f"{label}_error"] = str(e).splitlines()[0][:120]
                         continue
-                    row.update({f"{label}_us_graph": round(graph, 2), f"{label}_us_cold": round(cold, 2),
-                                f"{label}_speedup_graph": round(bf16_graph / graph, 2),
-                                f"{label}_speedup_cold": round(bf16_cold / cold, 2)})
+                    record(row, label, graph, cold, bf16_graph, bf16_cold)
                 row["ours_TBps_cold"] = round(weight_bytes / (row["ours_us_cold"] * 1e-6) / 1e12, 2)
                 print(json.dumps(row), flush=True)
             del w, w_auto, codes, dense

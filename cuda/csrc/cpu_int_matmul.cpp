@@ -1069,6 +1069,25 @@ void sp24_dequantize(const Weight& wt, const int32_t* positions, int64_t pos_row
   }
 }
 
+// f(std::integral_constant<int, MR>(), m0) for each chunk of up to 8 rows of x from row m0 on, MR
+// its row count: the FP8 and NF4 matmuls' kernels take the rows sharing each decoded row as a
+// compile-time count.
+template <class F>
+inline void for_row_chunks(int64_t m_rows, F f) {
+  for (int64_t m0 = 0; m0 < m_rows; m0 += 8) {
+    switch (std::min<int64_t>(8, m_rows - m0)) {
+      case 1: f(std::integral_constant<int, 1>(), m0); break;
+      case 2: f(std::integral_constant<int, 2>(), m0); break;
+      case 3: f(std::integral_constant<int, 3>(), m0); break;
+      case 4: f(std::integral_constant<int, 4>(), m0); break;
+      case 5: f(std::integral_constant<int, 5>(), m0); break;
+      case 6: f(std::integral_constant<int, 6>(), m0); break;
+      case 7: f(std::integral_constant<int, 7>(), m0); break;
+      default: f(std::integral_constant<int, 8>(), m0);
+    }
+  }
+}
+
 // --- FP8 e4m3 weights, one scale per row (quant/layers.py: FP8Linear; cuda/cpu_fp8.py) --------
 //   y[m, n] = scale[n] * sum_k e4m3(w[n, k]) * x[m, k]
 // PyTorch converts e4m3 to fp32 a value at a time (2.5 ms for a 1536 x 576 weight on this
@@ -1372,20 +1391,10 @@ extern "C" void sp24_float_dense(const void* values, int value_kind, int64_t val
 // share each decoded row.
 extern "C" void fp8_matmul(const float* x, int64_t m_rows, int64_t k, const uint8_t* w, int64_t n, int64_t row_bytes,
                            const void* scales, int scale_kind, float* y, int threads) {
-  for (int64_t m0 = 0; m0 < m_rows && n > 0; m0 += 8) {
-    const float* xs = x + m0 * k;
-    float* ys = y + m0 * n;
-    switch (std::min<int64_t>(8, m_rows - m0)) {
-      case 1: fp8_block<1>(xs, k, w, n, row_bytes, scales, scale_kind, ys, threads); break;
-      case 2: fp8_block<2>(xs, k, w, n, row_bytes, scales, scale_kind, ys, threads); break;
-      case 3: fp8_block<3>(xs, k, w, n, row_bytes, scales, scale_kind, ys, threads); break;
-      case 4: fp8_block<4>(xs, k, w, n, row_bytes, scales, scale_kind, ys, threads); break;
-      case 5: fp8_block<5>(xs, k, w, n, row_bytes, scales, scale_kind, ys, threads); break;
-      case 6: fp8_block<6>(xs, k, w, n, row_bytes, scales, scale_kind, ys, threads); break;
-      case 7: fp8_block<7>(xs, k, w, n, row_bytes, scales, scale_kind, ys, threads); break;
-      default: fp8_block<8>(xs, k, w, n, row_bytes, scales, scale_kind, ys, threads);
-    }
-  }
+  if (n == 0) return;
+  for_row_chunks(m_rows, [&](auto mr, int64_t m0) {
+    fp8_block<decltype(mr)::value>(x + m0 * k, k, w, n, row_bytes, scales, scale_kind, y + m0 * n, threads);
+  });
 }
 
 // out fp32 [n, k] = e4m3 w [n, k] * scales[n] (quant/layers.py: FP8Linear.dequantized_weight in
@@ -1416,20 +1425,10 @@ extern "C" void fp8_dequantize(const uint8_t* w, int64_t n, int64_t row_bytes, c
 // each decoded row.
 extern "C" void nf4_matmul(const float* x, int64_t m_rows, int64_t k, const uint8_t* codes, int64_t n,
                            const float* absmax, const float* levels, int64_t block, float* y, int threads) {
-  for (int64_t m0 = 0; m0 < m_rows && n > 0; m0 += 8) {
-    const float* xs = x + m0 * k;
-    float* ys = y + m0 * n;
-    switch (std::min<int64_t>(8, m_rows - m0)) {
-      case 1: nf4_block<1>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
-      case 2: nf4_block<2>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
-      case 3: nf4_block<3>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
-      case 4: nf4_block<4>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
-      case 5: nf4_block<5>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
-      case 6: nf4_block<6>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
-      case 7: nf4_block<7>(xs, k, codes, n, absmax, levels, block, ys, threads); break;
-      default: nf4_block<8>(xs, k, codes, n, absmax, levels, block, ys, threads);
-    }
-  }
+  if (n == 0) return;
+  for_row_chunks(m_rows, [&](auto mr, int64_t m0) {
+    nf4_block<decltype(mr)::value>(x + m0 * k, k, codes, n, absmax, levels, block, y + m0 * n, threads);
+  });
 }
 
 // out fp32 [n, k] = level[code] * absmax[block], bitsandbytes' dequantize_4bit in fp32 bit for bit.

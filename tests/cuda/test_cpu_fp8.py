@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import copy
 import platform
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from compress.cuda import cpu_fp8, cpu_fused, cpu_native, fp8_ops
+from compress.cuda import cpu_fp8, cpu_fused, fp8_ops
 from compress.cuda.fp8_ops import dequantize_fp8, fp8_linear, reference_weight
 from compress.quant.layers import FP8Linear
 
-from .test_cpu_fused import _compiler_found, _cpu_flags
+from .test_cpu_fused import _compiler_found, build_for
 
 pytestmark = pytest.mark.skipif(not _compiler_found(), reason="no C++ compiler: the CPU kernels cannot be built")
 
@@ -102,12 +101,7 @@ def test_nan_codes_make_their_rows_nan():
 def test_other_instruction_sets_compute_the_same(march, needs, monkeypatch):
     """The kernels as CPUs without AVX-512 run them, built here with -march=...: AVX2 + F16C decode
     8 codes a vector by the same conversion, SSE2 4 by the bits' formula (NaN lanes NaN)."""
-    if needs not in _cpu_flags():
-        pytest.skip(f"this CPU lacks {needs}")
-    monkeypatch.setattr(cpu_native, "_FLAGS", (cpu_native._FLAGS[0], [f"-march={march}", "-fopenmp"],
-                                                [f"-march={march}"]))
-    source = (Path(cpu_native.__file__).parent / "csrc" / cpu_native.SOURCE).read_bytes()
-    monkeypatch.setattr(cpu_native, "_library", cpu_native.load(source))
+    build_for(march, needs, monkeypatch)
     codes = torch.stack([EVERY_CODE.roll(r) for r in range(3)])[:, :253]
     weight, scales = codes.view(torch.float8_e4m3fn), torch.tensor([[1.0], [0.5], [2.0]])
     assert same_or_both_nan(cpu_fp8.dequantize(weight, scales, torch.float32),

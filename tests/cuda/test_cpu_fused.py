@@ -127,6 +127,17 @@ def _cpu_flags() -> set[str]:
     return set(line.split(":", 1)[1].split())
 
 
+def build_for(march: str, needs: str, monkeypatch) -> None:
+    """The kernels built with -march=`march` (as on a CPU without AVX-512) and loaded for this
+    test; skipped where this CPU lacks `needs`."""
+    if needs not in _cpu_flags():
+        pytest.skip(f"this CPU lacks {needs}")
+    monkeypatch.setattr(cpu_native, "_FLAGS", (cpu_native._FLAGS[0], [f"-march={march}", "-fopenmp"],
+                                                [f"-march={march}"]))
+    source = (Path(cpu_native.__file__).parent / "csrc" / cpu_native.SOURCE).read_bytes()
+    monkeypatch.setattr(cpu_native, "_library", cpu_native.load(source))
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction set levels")
 @pytest.mark.parametrize("march,needs", [("x86-64", "sse2"), ("x86-64-v3", "avx2")])
 def test_other_instruction_sets_compute_the_same(march, needs, monkeypatch):
@@ -134,12 +145,7 @@ def test_other_instruction_sets_compute_the_same(march, needs, monkeypatch):
     -march=...: vectors of 8 (AVX2) or 4 words where AVX-512 takes 16 (a group at a time, its last
     words one by one), fp16 scales converted one by one or 8 at a time, the 2:4 float values' slots
     a part of a position word, the dequantization a code at a time."""
-    if needs not in _cpu_flags():
-        pytest.skip(f"this CPU lacks {needs}")
-    monkeypatch.setattr(cpu_native, "_FLAGS", (cpu_native._FLAGS[0], [f"-march={march}", "-fopenmp"],
-                                                [f"-march={march}"]))
-    source = (Path(cpu_native.__file__).parent / "csrc" / cpu_native.SOURCE).read_bytes()
-    monkeypatch.setattr(cpu_native, "_library", cpu_native.load(source))
+    build_for(march, needs, monkeypatch)
     for bits, group_size, symmetric, k in ((4, 64, True, 576), (4, 128, False, 576), (4, 32, False, 608),
                                            (2, 64, True, 608), (8, 1 << 30, False, 576), (8, 16, True, 608),
                                            (4, 48, True, 576)):

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import copy
 import platform
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from compress.cuda import cpu_fused, cpu_native, cpu_nf4
+from compress.cuda import cpu_fused, cpu_nf4
 from compress.quant.nf4 import NF4Config, NF4Linear
 
-from .test_cpu_fused import _compiler_found, _cpu_flags
+from .test_cpu_fused import _compiler_found, build_for
 
 pytest.importorskip("bitsandbytes.functional")
 pytestmark = pytest.mark.skipif(not _compiler_found(), reason="no C++ compiler: the CPU kernels cannot be built")
@@ -64,12 +63,7 @@ def test_fused_matmul_matches_bitsandbytes(m, block_size, k):
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction set levels")
 def test_without_avx512_a_code_at_a_time_computes_the_same(monkeypatch):
-    if "sse2" not in _cpu_flags():
-        pytest.skip("this CPU lacks sse2")
-    monkeypatch.setattr(cpu_native, "_FLAGS", (cpu_native._FLAGS[0], ["-march=x86-64-v3", "-fopenmp"],
-                                                ["-march=x86-64-v3"]))
-    source = (Path(cpu_native.__file__).parent / "csrc" / cpu_native.SOURCE).read_bytes()
-    monkeypatch.setattr(cpu_native, "_library", cpu_native.load(source))
+    build_for("x86-64-v3", "avx2", monkeypatch)
     layer = nf4_layer(24, 1024, block_size=128)
     weights = fused(layer)
     assert torch.equal(weights.rows(0, 24), layer.dequantized_weight())
