@@ -104,11 +104,12 @@ class NF4Linear(DerivedLayouts, nn.Module):
         bias              [out] (optional), kept in its dtype
 
     `weight_dtype` is the dtype the weight had, which bitsandbytes dequantizes to.
-    Forward: on CUDA bitsandbytes' `matmul_4bit` (kernel="auto"); on CPU, once prepacked (the
-    loader does), C++ kernels (cuda/cpu_nf4.py: up to MAX_M rows of x the matmul with the codes
-    decoded in it, beyond that bitsandbytes' weight dequantized a block of rows at a time) for
-    eager calls that record no gradient; elsewhere, or with kernel="reference", bitsandbytes'
-    dequantization, a cast to the activation dtype, `F.linear`.
+    Forward: on CUDA bitsandbytes' `matmul_4bit` (kernel="auto"); on CPU, for eager calls that
+    record no gradient, C++ kernels (cuda/cpu_nf4.py: up to MAX_M rows of x the matmul with the
+    codes decoded in it, beyond that bitsandbytes' weight dequantized a block of rows at a time),
+    their layout checked once by `prepack` (the loader calls it; without it, derived per call);
+    elsewhere, or with kernel="reference", bitsandbytes' dequantization, a cast to the activation
+    dtype, `F.linear`.
     """
 
     KERNELS = ("auto", "reference")
@@ -212,13 +213,16 @@ class NF4Linear(DerivedLayouts, nn.Module):
     def _derive_layouts(self, dtype: torch.dtype | None) -> None:
         """prepack: on CPU, the codes, levels and each block's fp32 absmax checked once for the C++
         kernels, where they read the layout (DerivedLayouts)."""
+        self._fused = self._fused_layout()
+
+    def _fused_layout(self) -> FusedNf4 | None:
+        """The weight as the C++ kernels read it, where they can (CPU, built, blocks inside rows)."""
         fits = self.weight_packed.is_cpu and cpu_fused.available() and applies(self.in_features, self.block_size)
         if not fits:
-            self._fused = None
-            return
+            return None
         levels = _bnb().functional.get_4bit_type(self.quant_type, device="cpu")  # the table its dequantization reads
-        self._fused = FusedNf4(self.weight_packed, levels, absmax_fp32(self.quant_state()), self.block_size,
-                               self.out_features, self.in_features)
+        return FusedNf4(self.weight_packed, levels, absmax_fp32(self.quant_state()), self.block_size,
+                        self.out_features, self.in_features)
 
     def _cpu_kernels(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """x [..., K] @ W.T + bias through the C++ kernels where they serve this call (eager, CPU, no
@@ -226,14 +230,18 @@ class NF4Linear(DerivedLayouts, nn.Module):
         it serves fp32 activations of an fp32 weight only, where bitsandbytes rounds nothing;
         others take the dequantized weight rounded as bitsandbytes rounds it, and the bias added
         by the matmul as F.linear adds it, at every M: bitsandbytes' output exactly."""
-        if (self._fused is None or self.kernel != "auto" or x.dtype not in cpu_fused.ACTIVATION_DTYPES
+        if (self.kernel != "auto" or not x.is_cpu or x.dtype not in cpu_fused.ACTIVATION_DTYPES
                 or x.shape[-1] != self.in_features or x.numel() == 0 or not _direct(x)):
+            return None
+        # not prepacked: derived for this call, so that a call's result never depends on prepack
+        fused = self._fused if self._prepack_dtype is not None else self._fused_layout()
+        if fused is None:
             return None
         exact = x.dtype == torch.float32 and self.weight_dtype == "float32"
         if exact and x.numel() <= MAX_M * self.in_features:
-            y = self._fused(x)
+            y = fused(x)
             return y if y is None or bias is None else y + bias
-        y = self._fused.linear(x.reshape(-1, self.in_features), _DTYPES[self.weight_dtype], bias)
+        y = fused.linear(x.reshape(-1, self.in_features), _DTYPES[self.weight_dtype], bias)
         return None if y is None else y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
