@@ -4,7 +4,9 @@
 A derived layout is a function of the buffers and the device: moving the module or loading new
 buffers drops it, and so does a call after a buffer was replaced, changed in place or made to
 require a gradient (trained; the module then derives what a call needs per call, until
-prepacked again). Pickling (torch.save of a whole model, copy.deepcopy) stores only the
+prepacked again). Buffers made under `torch.inference_mode()` (a model loaded there) have no
+version counter: only their replacement is seen, not in-place changes made inside inference mode
+(outside it PyTorch refuses those). Pickling (torch.save of a whole model, copy.deepcopy) stores only the
 buffers and derives again on unpickling. Pickling the layouts themselves failed: they hold views
 of a buffer's storage under another dtype (e.g. int32 words viewing uint8 codes), which
 torch.save refuses.
@@ -15,6 +17,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """t's version counter (bumped by every in-place change), None for an inference tensor, which
+    keeps none."""
+    return None if t.is_inference() else t._version
 
 
 class DerivedLayouts:
@@ -29,8 +37,8 @@ class DerivedLayouts:
         for name in self.DERIVED:
             setattr(self, name, None)
         self._prepack_dtype: tuple[torch.dtype | None] | None = None  # (dtype,) once prepacked, else None
-        # (its dict, name, tensor, version) of each buffer or Parameter the layouts came from
-        self._derived_from: tuple[tuple[dict, str, torch.Tensor, int], ...] = ()
+        # (its dict, name, tensor, version or None) of each buffer or Parameter the layouts came from
+        self._derived_from: tuple[tuple[dict, str, torch.Tensor, int | None], ...] = ()
 
     def prepack(self, dtype: torch.dtype | None = None):
         """Derive the kernels' layout once, on the module's current device, for activations of
@@ -38,7 +46,7 @@ class DerivedLayouts:
         with torch.no_grad():  # copies for the kernels, never part of a graph (even of a trained buffer)
             self._derive_layouts(dtype)
         self._prepack_dtype = (dtype,)
-        self._derived_from = tuple((held, name, t, t._version) for held in (self._buffers, self._parameters)
+        self._derived_from = tuple((held, name, t, _version(t)) for held in (self._buffers, self._parameters)
                                    for name, t in held.items() if t is not None and name != "bias")  # added after
         return self
 
@@ -50,7 +58,7 @@ class DerivedLayouts:
         checks all but versions, which dynamo cannot read). 0.5 us a call."""
         traced = torch.compiler.is_compiling()  # dynamo cannot read version counters
         for held, name, t, version in self._derived_from:
-            if held.get(name) is not t or t.requires_grad or not traced and t._version != version:
+            if held.get(name) is not t or t.requires_grad or not traced and _version(t) != version:
                 self._drop_prepacked()
                 return
 
