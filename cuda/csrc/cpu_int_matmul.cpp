@@ -1124,6 +1124,16 @@ inline Vec<16>::f e4m3_vector(const uint8_t* p, uint32_t& nan) {
   const __m256i h = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(raw), 7), _mm256_set1_epi16(-0x4001));
   return (Vec<16>::f)_mm512_cvtph_ps(h);
 }
+// 32 codes at p -> lo (the first 16) and hi, as e4m3_vector: one widening, shift and and for both
+// halves (one extract more), FP8_PAIR_STEP codes a call.
+constexpr int FP8_PAIR_STEP = 32;
+inline void e4m3_pair(const uint8_t* p, uint32_t& nan, Vec<16>::f& lo, Vec<16>::f& hi) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  nan |= _mm256_cmpeq_epi8_mask(_mm256_or_si256(raw, _mm256_set1_epi8(char(0x80))), _mm256_set1_epi8(char(0xff)));
+  const __m512i h = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(raw), 7), _mm512_set1_epi16(-0x4001));
+  lo = (Vec<16>::f)_mm512_cvtph_ps(_mm512_castsi512_si256(h));
+  hi = (Vec<16>::f)_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+}
 #elif defined(__AVX2__) && defined(__F16C__)
 constexpr int FP8_LANES = 8;
 inline Vec<8>::f e4m3_vector(const uint8_t* p, uint32_t& nan) {
@@ -1149,6 +1159,13 @@ inline Vec<NARROW>::f e4m3_vector(const uint8_t* p, uint32_t&) {
 }
 #endif
 typedef Vec<FP8_LANES>::f Fp8Vec;
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
+constexpr int FP8_PAIR_STEP = 2 * FP8_LANES;
+inline void e4m3_pair(const uint8_t* p, uint32_t& nan, Fp8Vec& lo, Fp8Vec& hi) {  // two vectors, one by one
+  lo = e4m3_vector(p, nan);
+  hi = e4m3_vector(p + FP8_LANES, nan);
+}
+#endif
 
 inline float lane_sum(Vec<16>::f v) {
   return lane_sum(Vec<8>::f(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -1157,21 +1174,29 @@ inline float lane_sum(Vec<16>::f v) {
 
 // sums[r] = sum_k e4m3(row[k]) * 2**-8 * x[r * k_len + k] for MR rows of x (NaN where the row holds
 // a NaN code): each decoded vector meets MR rows; U independent sums per row hide the multiply-
-// adds' latency at few rows.
+// adds' latency at few rows. Where U is even, codes are decoded two vectors at a time (e4m3_pair:
+// 13-14% less time at one or two rows of x with AVX-512; at 3-8 rows U = 1, as two sums per row
+// there took 2-9% more).
 template <int MR>
 inline void fp8_row_dot(const float* x, int64_t k_len, const uint8_t* row, float* sums) {
-  constexpr int L = FP8_LANES, U = (MR == 1 ? 4 : MR == 2 ? 2 : 1) * (16 / L);
+  constexpr int L = FP8_LANES, U = (MR == 1 ? 4 : MR == 2 ? 2 : 1) * (16 / L), P = U % 2 == 0 ? 2 : 1;
+  static_assert(FP8_PAIR_STEP == 2 * L, "a pair is two vectors");
   Fp8Vec acc[MR][U] = {};
   uint32_t nan = 0;
   int64_t k = 0;
   for (; k + L * U <= k_len; k += L * U)
-    for (int u = 0; u < U; ++u) {
-      const Fp8Vec w = e4m3_vector(row + k + L * u, nan);
-      for (int r = 0; r < MR; ++r) {
-        Fp8Vec xv;
-        std::memcpy(&xv, x + r * k_len + k + L * u, sizeof(xv));
-        acc[r][u] += w * xv;
-      }
+    for (int u = 0; u < U; u += P) {
+      Fp8Vec w[P];
+      if constexpr (P == 2)
+        e4m3_pair(row + k + L * u, nan, w[0], w[1]);
+      else
+        w[0] = e4m3_vector(row + k + L * u, nan);
+      for (int h = 0; h < P; ++h)
+        for (int r = 0; r < MR; ++r) {
+          Fp8Vec xv;
+          std::memcpy(&xv, x + r * k_len + k + L * (u + h), sizeof(xv));
+          acc[r][u + h] += w[h] * xv;
+        }
     }
   for (; k + L <= k_len; k += L) {
     const Fp8Vec w = e4m3_vector(row + k, nan);

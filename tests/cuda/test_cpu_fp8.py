@@ -84,14 +84,16 @@ def test_scale_and_activation_dtypes(scale_dtype, dtype):
 
 def test_nan_codes_make_their_rows_nan():
     """A NaN code anywhere in a row (a vector's lane or the tail) makes that row's outputs NaN, as
-    the reference's NaN weight does, and leaves the other rows alone."""
+    the reference's NaN weight does, and leaves the other rows alone; at 1 and 2 rows of x (codes
+    decoded 32 at a time) and 3 (16 at a time)."""
     weight, scales = fp8_weight(4, 300)
     codes = weight.view(torch.uint8)
     codes[1, 17], codes[2, 299] = 0x7F, 0xFF
-    x = torch.randn(3, 300)
-    y, ref = cpu_fp8.matmul(x, weight, scales), x @ reference_weight(weight, scales, torch.float32).T
-    assert torch.equal(y.isnan(), ref.isnan()) and bool(y[:, 1:3].isnan().all())
-    assert rel_err(y[:, [0, 3]], ref[:, [0, 3]]) < REL_TOL[torch.float32]
+    for m in (1, 2, 3):
+        x = torch.randn(m, 300)
+        y, ref = cpu_fp8.matmul(x, weight, scales), x @ reference_weight(weight, scales, torch.float32).T
+        assert torch.equal(y.isnan(), ref.isnan()) and bool(y[:, 1:3].isnan().all()), m
+        assert rel_err(y[:, [0, 3]], ref[:, [0, 3]]) < REL_TOL[torch.float32]
     assert same_or_both_nan(cpu_fp8.dequantize(weight, scales, torch.float32),
                             reference_weight(weight, scales, torch.float32))
 
