@@ -403,6 +403,20 @@ def _direct(x: torch.Tensor, *weights: torch.Tensor | None) -> bool:
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *weights))
 
 
+def autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x as nn.Linear's matmul takes it under autocast: a floating x (not fp64) in the autocast
+    dtype where autocast is on for x's device, else x itself. Compressed layers call this first,
+    so that under autocast they compute in, and return, the autocast dtype as nn.Linear does, at
+    every M and kernel: without it, fp32 activations ran the fused matmuls and GEMVs in fp32 but
+    the dequantize + matmul paths in the autocast dtype (a result dtype and rounding that changed
+    with the number of rows)."""
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return x
+    dtype = torch.get_autocast_dtype(device)
+    return x.to(dtype) if x.is_floating_point() and x.dtype not in (dtype, torch.float64) else x
+
+
 def cpu_packed_serves(kernel: str, cpu: CpuPacked | None, x: torch.Tensor, words_held: bool = True) -> bool:
     """Whether `int_linear` runs PyTorch's packed CPU matmul for x (then the words go unread):
     forced, or under "auto" for x of the packed weight's dtype, up to cpu_packed.MAX_M rows of x

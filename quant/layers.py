@@ -30,7 +30,8 @@ from compress.cuda.cpu_fp8 import FusedFp8
 from compress.cuda.fp8_ops import KERNELS as FP8_KERNELS
 from compress.cuda.fp8_ops import fp8_linear
 from compress.cuda.layout import KERNEL_BITS, kernel_bits, unpack_words, widen_codes, words_of
-from compress.cuda.ops import KERNELS, CpuPacked, cpu_packed_linear, cpu_packed_serves, fused_linear, int_linear
+from compress.cuda.ops import (KERNELS, CpuPacked, autocast_input, cpu_packed_linear, cpu_packed_serves, fused_linear,
+                               int_linear)
 from compress.cuda.prepacked import DerivedLayouts
 
 from .packing import pack_codes, packed_row_bytes, unpack_codes
@@ -219,6 +220,7 @@ class QuantLinear(DerivedLayouts, GridBuffers, nn.Module):
         self._fused = cpu_fused.FusedWeight(*self._prepacked, kb, self.group_size, k) if reads else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)  # under autocast: its dtype, as nn.Linear
         bias = None if self.bias is None else self.bias.to(x.dtype)
         self._check_layouts()
         y = fused_linear(x, self._fused, self.kernel)  # a decoded token's call: checked at prepack
@@ -330,6 +332,7 @@ class FP8Linear(DerivedLayouts, nn.Module):
         self._fused = FusedFp8(self.weight_fp8, self.scales) if fits else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)  # under autocast: its dtype, as nn.Linear
         bias = None if self.bias is None else self.bias.to(x.dtype)
         self._check_layouts()
         y = fused_linear(x, self._fused, self.kernel)  # a decoded token's fp32 call (fp8_ops: 16-bit x)

@@ -27,7 +27,7 @@ from torch import nn
 
 from compress.cuda import cpu_fused
 from compress.cuda.cpu_nf4 import MAX_M, FusedNf4, absmax_fp32, applies
-from compress.cuda.ops import _direct
+from compress.cuda.ops import _direct, autocast_input
 from compress.cuda.prepacked import DerivedLayouts
 from compress.errors import CompressError
 from compress.interfaces import MethodConfig
@@ -245,6 +245,7 @@ class NF4Linear(DerivedLayouts, nn.Module):
         return None if y is None else y.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)  # under autocast: its dtype, as nn.Linear
         if self.kernel not in self.KERNELS:
             raise ValueError(f"kernel must be one of {self.KERNELS}, got {self.kernel!r}")
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -32,7 +32,7 @@ from torch import nn
 
 from compress.cuda import cpu_fused, cusparselt
 from compress.cuda.layout import words_of
-from compress.cuda.ops import SP24_KERNELS, fused_linear, sp24_linear, sp24_values_supported
+from compress.cuda.ops import SP24_KERNELS, autocast_input, fused_linear, sp24_linear, sp24_values_supported
 from compress.cuda.prepacked import DerivedLayouts
 from compress.errors import CompressError
 
@@ -169,6 +169,7 @@ class SparseLinear(DerivedLayouts, nn.Module):
             self._prepacked = (values, words_of(self.indices), packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)  # under autocast: its dtype, as nn.Linear
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.runs_sp24_op:
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)

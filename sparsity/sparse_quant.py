@@ -38,7 +38,7 @@ from torch import nn
 
 from compress.cuda import cpu_fused
 from compress.cuda.layout import words_of
-from compress.cuda.ops import SP24_INT_KERNELS, fused_linear, sp24_int_linear
+from compress.cuda.ops import SP24_INT_KERNELS, autocast_input, fused_linear, sp24_int_linear
 from compress.cuda.prepacked import DerivedLayouts
 from compress.errors import CompressError
 from compress.quant.layers import GridBuffers
@@ -162,6 +162,7 @@ class SparseQuantLinear(DerivedLayouts, GridBuffers, nn.Module):
         self._fused = cpu_fused.FusedSp24Weight(*self._prepacked, kb, self.group_size, k) if reads else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)  # under autocast: its dtype, as nn.Linear
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.runs_sp24_op:
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
