@@ -7,7 +7,8 @@ guards against dynamo): 9.0 us a call of a trivial op on this project's 2-core C
 us for an op defined on a `torch.library.Library` with one Python kernel, and a compressed
 model calls one op per layer per token. Here each op gets its schema (pt2-compliant), a fake
 implementation for tracing, one implementation for every backend (CompositeExplicitAutograd:
-the ops pick their kernels by device themselves) and, for the ops computing x @ W.T, a lean
+the ops pick their kernels by device themselves; on CUDA run with their tensors' device current)
+and, for the ops computing x @ W.T, a lean
 Autograd kernel (`differentiable`): without a gradient to record it redispatches below autograd
 at once (4.6 us a trivial call in all; calls without grad mode take a twin op that has none);
 otherwise an autograd.Function gives x the gradient
@@ -35,8 +36,20 @@ def define(schema: str, impl: Callable, fake: Callable) -> torch._ops.OpOverload
     LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
     torch.library.register_fake(f"compress::{name}", fake, lib=LIBRARY)
     LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
+    LIBRARY.impl(name, _on_device_of_first_tensor(impl), "CUDA")
     _DEFINED[name] = (schema, impl, fake)
     return getattr(torch.ops.compress, name).default
+
+
+def _on_device_of_first_tensor(impl: Callable) -> Callable:
+    """`impl` run with its first tensor's CUDA device current, as ATen's CUDA kernels run under a
+    device guard: Triton kernels launch on the current device and its stream, so a layer on
+    cuda:1 called while cuda:0 was current (a model split over GPUs) ran its kernels on cuda:0."""
+    def run(*args):
+        with torch.cuda.device(next(a.device for a in args if isinstance(a, torch.Tensor))):
+            return impl(*args)
+
+    return run
 
 
 class _Gradients(torch.autograd.Function):

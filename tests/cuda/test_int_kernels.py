@@ -374,6 +374,21 @@ def test_large_layer_on_gpu(dtype, m):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_layer_on_the_second_gpu_runs_its_kernels_there():
+    """A model split over GPUs calls a layer on cuda:1 while cuda:0 is current; the ops run with
+    their tensors' device current (op_library), as ATen's do, so Triton launches there."""
+    torch.manual_seed(0)
+    q = RTNConfig(bits=4, group_size=128).build().compress("l", nn.Linear(1024, 512)).to("cuda:1")
+    for m in (1, 64):
+        x = torch.randn(m, 1024, device="cuda:1", dtype=torch.bfloat16)
+        with torch.cuda.device(0):
+            y = q(x)
+        assert y.device == x.device
+        assert rel_err(y, x.float() @ q.dequantized_weight().T) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("library", [False, True])
 def test_module_under_inductor_and_cuda_graphs(library):
