@@ -1125,8 +1125,7 @@ inline Vec<16>::f e4m3_vector(const uint8_t* p, uint32_t& nan) {
   return (Vec<16>::f)_mm512_cvtph_ps(h);
 }
 // 32 codes at p -> lo (the first 16) and hi, as e4m3_vector: one widening, shift and and for both
-// halves (one extract more), FP8_PAIR_STEP codes a call.
-constexpr int FP8_PAIR_STEP = 32;
+// halves (one extract more).
 inline void e4m3_pair(const uint8_t* p, uint32_t& nan, Vec<16>::f& lo, Vec<16>::f& hi) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   nan |= _mm256_cmpeq_epi8_mask(_mm256_or_si256(raw, _mm256_set1_epi8(char(0x80))), _mm256_set1_epi8(char(0xff)));
@@ -1160,7 +1159,6 @@ inline Vec<NARROW>::f e4m3_vector(const uint8_t* p, uint32_t&) {
 #endif
 typedef Vec<FP8_LANES>::f Fp8Vec;
 #if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__))
-constexpr int FP8_PAIR_STEP = 2 * FP8_LANES;
 inline void e4m3_pair(const uint8_t* p, uint32_t& nan, Fp8Vec& lo, Fp8Vec& hi) {  // two vectors, one by one
   lo = e4m3_vector(p, nan);
   hi = e4m3_vector(p + FP8_LANES, nan);
@@ -1180,7 +1178,6 @@ inline float lane_sum(Vec<16>::f v) {
 template <int MR>
 inline void fp8_row_dot(const float* x, int64_t k_len, const uint8_t* row, float* sums) {
   constexpr int L = FP8_LANES, U = (MR == 1 ? 4 : MR == 2 ? 2 : 1) * (16 / L), P = U % 2 == 0 ? 2 : 1;
-  static_assert(FP8_PAIR_STEP == 2 * L, "a pair is two vectors");
   Fp8Vec acc[MR][U] = {};
   uint32_t nan = 0;
   int64_t k = 0;

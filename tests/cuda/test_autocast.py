@@ -10,26 +10,27 @@ import torch
 from torch import nn
 
 from compress.quant.fp8 import FP8Config
+from compress.quant.nf4 import NF4Config
 from compress.quant.rtn import RTNConfig
 
 from .test_cpu_fused import sparse_layer, sparse_quant_layer
 
 BOUND = 1e-2  # relative error against nn.Linear of the same weight under autocast: measured up to 3.6e-3
 
+BUILDERS = {  # kind -> a CPU layer of that kind, K = 256, with a bias
+    "int4": lambda dense: RTNConfig(bits=4, group_size=64).build().compress("l", dense),
+    "int3 asym": lambda dense: RTNConfig(bits=3, group_size=64, symmetric=False).build().compress("l", dense),
+    "fp8": lambda dense: FP8Config().build().compress("l", dense),
+    "nf4": lambda dense: NF4Config().build().compress("l", dense),
+    "2:4": lambda _: sparse_layer(48, 256),
+    "2:4 int4": lambda _: sparse_quant_layer(256, 4, 64),
+}
 
-def layers() -> dict[str, nn.Module]:
-    """One prepacked CPU layer of each compressed kind, K = 256, with a bias."""
+
+def layer_of(kind: str) -> nn.Module:
+    """A prepacked layer of `kind` (BUILDERS)."""
     torch.manual_seed(0)
-    dense = nn.Linear(256, 48)
-    out = {"int4": RTNConfig(bits=4, group_size=64).build().compress("l", dense),
-           "int3 asym": RTNConfig(bits=3, group_size=64, symmetric=False).build().compress("l", dense),
-           "fp8": FP8Config().build().compress("l", dense),
-           "2:4": sparse_layer(48, 256), "2:4 int4": sparse_quant_layer(256, 4, 64)}
-    if pytest.importorskip("bitsandbytes"):
-        from compress.quant.nf4 import NF4Config
-
-        out["nf4"] = NF4Config().build().compress("l", dense)
-    return {name: layer.prepack() for name, layer in out.items()}
+    return BUILDERS[kind](nn.Linear(256, 48)).prepack()
 
 
 def as_linear(layer: nn.Module) -> nn.Linear:
@@ -49,9 +50,9 @@ def use(layer: nn.Module, kernel: str) -> None:
         layer.kernel = kernel
 
 
-@pytest.mark.parametrize("kind", ["int4", "int3 asym", "fp8", "2:4", "2:4 int4", "nf4"])
+@pytest.mark.parametrize("kind", list(BUILDERS))
 def test_layers_under_autocast_give_its_dtype_at_every_m_and_kernel(kind):
-    layer = layers()[kind]
+    layer = layer_of(kind)
     dense = as_linear(layer)
     for kernel in ("auto", "reference"):
         use(layer, kernel)
@@ -70,7 +71,7 @@ def test_layers_under_autocast_give_its_dtype_at_every_m_and_kernel(kind):
 def test_training_through_a_layer_under_autocast_gives_fp32_gradients():
     """AMP training of something before a frozen compressed layer (an adapter, a prompt): x's
     gradient reaches the fp32 leaf in its dtype, as through nn.Linear."""
-    layer = layers()["int4"]
+    layer = layer_of("int4")
     dense = as_linear(layer)
     grads = []
     for module in (layer, dense):
@@ -84,7 +85,7 @@ def test_training_through_a_layer_under_autocast_gives_fp32_gradients():
 
 
 def test_compiled_layers_under_autocast_give_its_dtype():
-    layer = layers()["int4"]
+    layer = layer_of("int4")
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     x = torch.randn(40, 256)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -100,7 +101,7 @@ def test_cuda_layers_under_autocast_give_its_dtype_and_the_tuner_rejects_nothing
     the two and could reject the GEMV. Now every candidate sees bf16 x."""
     from compress.cuda import int_matmul, triton_fp8
 
-    layer = layers()[kind]
+    layer = layer_of(kind)
     dense = as_linear(layer).cuda()
     layer.cuda().prepack(torch.bfloat16)
     for m in (1, 16, 64):
